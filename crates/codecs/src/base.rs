@@ -1,0 +1,207 @@
+//! Hot-tier base codecs: `q4` and `q8` group quantizers.
+//!
+//! A matrix of `rows × cols` elements is quantized row by row in groups of
+//! `group` consecutive elements (the last group of a row may be shorter).
+//! Each group becomes one *block*: a little-endian f16 scale `d` followed by
+//! the group's integer codes.
+//!
+//! - `q4`: codes are 4-bit, `q ∈ [-8, 7]` stored as `q + 8`, two per byte,
+//!   element `2i` in the low nibble and `2i + 1` in the high nibble. `d` is
+//!   the group's element of largest magnitude divided by −8, so that element
+//!   maps exactly to code −8 and the full range is used.
+//! - `q8`: codes are `i8` in `[-127, 127]`, `d = max|x| / 127`.
+//!
+//! The dequantized value of code `q` is `q × d`. Non-finite inputs do not
+//! take part in choosing `d`; NaN quantizes to 0 and ±Inf to the extreme
+//! codes. (The exact residual in the cold tier restores every bit pattern
+//! regardless of what the base predicts.)
+//!
+//! [`quantize_reference`] is the plain per-element definition; [`quantize`]
+//! is the fast path used by the pipeline and must agree with it bit for bit.
+
+use crate::float::FloatDtype;
+use half::f16;
+pub use tpde_format::{BaseCodec, BaseLayout};
+
+/// Plain definition of the group scale: the f16 of `m / -8` (q4) or
+/// `max|x| / 127` (q8), where `m` is the finite element of largest
+/// magnitude (first one on ties), clamped to the finite f16 range.
+pub fn group_scale(codec: BaseCodec, values: impl Iterator<Item = f32>) -> f16 {
+    let mut m = 0.0f32;
+    for v in values {
+        if v.is_finite() && v.abs() > m.abs() {
+            m = v;
+        }
+    }
+    let d = match codec {
+        BaseCodec::Q4 => m / -8.0,
+        BaseCodec::Q8 => m.abs() / 127.0,
+    };
+    f16::from_f32(d.clamp(-f16::MAX.to_f32(), f16::MAX.to_f32()))
+}
+
+/// Plain definition of the code of `x` under scale `d`.
+#[inline]
+pub fn quantize_value(codec: BaseCodec, x: f32, d: f16) -> i32 {
+    let d = d.to_f32();
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let r = (x * inv).round();
+    // NaN compares false on both sides and maps to 0.
+    if r >= codec.q_max() as f32 {
+        codec.q_max()
+    } else if r <= codec.q_min() as f32 {
+        codec.q_min()
+    } else if r.is_nan() {
+        0
+    } else {
+        r as i32
+    }
+}
+
+/// Reads code `i` of a block payload.
+#[inline]
+pub fn block_code(codec: BaseCodec, payload: &[u8], i: usize) -> i32 {
+    match codec {
+        BaseCodec::Q4 => {
+            let b = payload[i / 2];
+            let nib = if i % 2 == 0 { b & 0x0F } else { b >> 4 };
+            nib as i32 - 8
+        }
+        BaseCodec::Q8 => payload[i] as i8 as i32,
+    }
+}
+
+/// Reads the scale of a block.
+#[inline]
+pub fn block_scale(block: &[u8]) -> f16 {
+    f16::from_bits(u16::from_le_bytes([block[0], block[1]]))
+}
+
+/// Scalar reference quantizer: `src` holds whole rows of `dtype` elements,
+/// `out` receives `rows × row_bytes` bytes.
+pub fn quantize_reference(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], out: &mut [u8]) {
+    let rows = src.len() / dtype.width() / layout.cols;
+    assert_eq!(rows * layout.cols * dtype.width(), src.len());
+    assert_eq!(out.len(), rows * layout.row_bytes());
+    out.fill(0);
+    for r in 0..rows {
+        let row_out = &mut out[r * layout.row_bytes()..(r + 1) * layout.row_bytes()];
+        layout.for_each_group(|col, len, off| {
+            let at = |i: usize| dtype.bits_to_f32(dtype.load_bits(src, r * layout.cols + col + i));
+            let d = group_scale(layout.codec, (0..len).map(at));
+            row_out[off..off + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+            let payload = &mut row_out[off + 2..off + layout.block_bytes(len)];
+            for i in 0..len {
+                let q = quantize_value(layout.codec, at(i), d);
+                match layout.codec {
+                    BaseCodec::Q4 => payload[i / 2] |= ((q + 8) as u8) << (4 * (i % 2)),
+                    BaseCodec::Q8 => payload[i] = q as i8 as u8,
+                }
+            }
+        });
+    }
+}
+
+/// Fast quantizer (the one the pipeline uses); bit-identical to
+/// [`quantize_reference`]. Widens each group to f32 once, then quantizes
+/// with one reciprocal per group.
+pub fn quantize(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], out: &mut [u8]) {
+    let w = dtype.width();
+    let rows = src.len() / w / layout.cols;
+    assert_eq!(rows * layout.cols * w, src.len());
+    assert_eq!(out.len(), rows * layout.row_bytes());
+    let rb = layout.row_bytes();
+    let mut vals = vec![0f32; layout.group];
+    let (qmin, qmax) = (layout.codec.q_min() as f32, layout.codec.q_max() as f32);
+    for (r, row_out) in out.chunks_exact_mut(rb).enumerate() {
+        let row_src = &src[r * layout.cols * w..(r + 1) * layout.cols * w];
+        layout.for_each_group(|col, len, off| {
+            let vals = &mut vals[..len];
+            widen_to_f32(dtype, &row_src[col * w..(col + len) * w], vals);
+            let mut m = 0.0f32;
+            for &v in vals.iter() {
+                if v.is_finite() && v.abs() > m.abs() {
+                    m = v;
+                }
+            }
+            let d = match layout.codec {
+                BaseCodec::Q4 => m / -8.0,
+                BaseCodec::Q8 => m.abs() / 127.0,
+            };
+            let d = f16::from_f32(d.clamp(-f16::MAX.to_f32(), f16::MAX.to_f32()));
+            row_out[off..off + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+            let df = d.to_f32();
+            let inv = if df != 0.0 { 1.0 / df } else { 0.0 };
+            let payload = &mut row_out[off + 2..off + layout.block_bytes(len)];
+            let q = |x: f32| -> i32 {
+                let r = (x * inv).round();
+                if r >= qmax {
+                    qmax as i32
+                } else if r <= qmin {
+                    qmin as i32
+                } else if r.is_nan() {
+                    0
+                } else {
+                    r as i32
+                }
+            };
+            match layout.codec {
+                BaseCodec::Q4 => {
+                    for (i, b) in payload.iter_mut().enumerate() {
+                        let lo = (q(vals[2 * i]) + 8) as u8;
+                        let hi = vals.get(2 * i + 1).map_or(0, |&x| (q(x) + 8) as u8);
+                        *b = lo | (hi << 4);
+                    }
+                }
+                BaseCodec::Q8 => {
+                    for (b, &x) in payload.iter_mut().zip(vals.iter()) {
+                        *b = q(x) as i8 as u8;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Widens little-endian elements of `dtype` to f32.
+#[inline]
+pub fn widen_to_f32(dtype: FloatDtype, src: &[u8], out: &mut [f32]) {
+    match dtype {
+        FloatDtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        FloatDtype::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        FloatDtype::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        FloatDtype::F64 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(8)) {
+                *o = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
+            }
+        }
+    }
+}
+
+/// Dequantizes whole rows of a base to f32 (`out.len() == rows × cols`).
+pub fn dequantize(layout: &BaseLayout, base: &[u8], out: &mut [f32]) {
+    let rb = layout.row_bytes();
+    assert_eq!(base.len() % rb, 0);
+    assert_eq!(out.len(), base.len() / rb * layout.cols);
+    for (row_in, row_out) in base.chunks_exact(rb).zip(out.chunks_exact_mut(layout.cols)) {
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row_in[off..]).to_f32();
+            let payload = &row_in[off + 2..off + layout.block_bytes(len)];
+            for i in 0..len {
+                row_out[col + i] = block_code(layout.codec, payload, i) as f32 * d;
+            }
+        });
+    }
+}

@@ -1,0 +1,512 @@
+//! The exact residual (`exact-v1`): what turns a quantized base back into the
+//! original bit patterns.
+//!
+//! For each element with base code `q` and group scale `d`, the base
+//! *predicts* the bit pattern `p = FloatDtype::predict_bits(q, d)`. The
+//! residual is the difference of order keys `r = key(orig) − key(p)`
+//! (wrapping, in the element's width), stored zigzagged. Because `key` is a
+//! bijection and the arithmetic wraps, `orig = key⁻¹(key(p) + r)` holds for
+//! every bit pattern: NaN payloads, ±Inf, −0 and subnormals included. It is
+//! exact by construction, not by floating-point luck.
+//!
+//! ## Chunk layout
+//!
+//! A chunk covers whole rows. Elements are split into *classes* by the
+//! magnitude of their base code (the residual's spread depends on it: code 0
+//! predicts 0, far from most values in key space; large codes predict
+//! closely), and each class into little-endian *byte planes*. Stream
+//! `(class c, plane p)` holds byte `p` of the zigzagged residual of every
+//! element of class `c`, in element order. The chunk is:
+//!
+//! ```text
+//! u32 le  compressed length of stream (0,0), (0,1), … (C−1, W−1)   (C × W entries)
+//! bytes   the non-empty streams, in the same order, each one zstd frame
+//! ```
+//!
+//! A class with no elements has an empty stream. A non-empty stream is
+//! exactly one zstd frame whose declared content size equals the number of
+//! elements of its class, which the decoder counts from the base before
+//! decompressing: nothing decompresses past its known size.
+
+use crate::base::{block_code, block_scale};
+use crate::float::FloatDtype;
+use crate::CodecError;
+use std::cell::RefCell;
+use tpde_format::{BaseCodec, BaseLayout, MAX_ZSTD_WINDOW_LOG};
+
+/// Number of residual classes of a codec.
+pub const fn class_count(codec: BaseCodec) -> usize {
+    match codec {
+        BaseCodec::Q4 => 9,
+        BaseCodec::Q8 => 8,
+    }
+}
+
+/// Class of a base code: `|q|` for q4, `0` or `1 + ⌊log2 |q|⌋` for q8.
+#[inline]
+pub fn class_of(codec: BaseCodec, q: i32) -> usize {
+    let a = q.unsigned_abs();
+    match codec {
+        BaseCodec::Q4 => a as usize,
+        BaseCodec::Q8 => {
+            if a == 0 {
+                0
+            } else {
+                (32 - a.leading_zeros()) as usize
+            }
+        }
+    }
+}
+
+/// Zigzag of a `bits`-wide two's-complement value.
+#[inline]
+pub fn zigzag(r: u64, bits: u32) -> u64 {
+    let s = ((r << (64 - bits)) as i64) >> (64 - bits);
+    (((s << 1) ^ (s >> 63)) as u64) & mask(bits)
+}
+
+/// Inverse of [`zigzag`].
+#[inline]
+pub fn unzigzag(z: u64, bits: u32) -> u64 {
+    ((z >> 1) ^ (z & 1).wrapping_neg()) & mask(bits)
+}
+
+#[inline]
+const fn mask(bits: u32) -> u64 {
+    if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+/// The residual of one element (zigzagged), by definition.
+#[inline]
+pub fn residual_of(dtype: FloatDtype, orig_bits: u64, pred_bits: u64) -> u64 {
+    let r = dtype.order_key(orig_bits).wrapping_sub(dtype.order_key(pred_bits)) & dtype.mask();
+    zigzag(r, dtype.bits())
+}
+
+/// The original bits from a prediction and a zigzagged residual.
+#[inline]
+pub fn apply_residual(dtype: FloatDtype, pred_bits: u64, z: u64) -> u64 {
+    let key = dtype.order_key(pred_bits).wrapping_add(unzigzag(z, dtype.bits())) & dtype.mask();
+    dtype.from_order_key(key)
+}
+
+fn check_shapes(dtype: FloatDtype, layout: &BaseLayout, src_len: usize, base_len: usize) -> Result<usize, CodecError> {
+    let rb = layout.row_bytes();
+    if layout.cols == 0 || rb == 0 || base_len % rb != 0 {
+        return Err(CodecError::Shape(format!("base of {base_len} bytes is not whole rows of {rb}")));
+    }
+    let rows = base_len / rb;
+    if rows.checked_mul(layout.cols).and_then(|e| e.checked_mul(dtype.width())) != Some(src_len) {
+        return Err(CodecError::Shape(format!(
+            "{src_len} original bytes do not match {rows} rows × {} {}",
+            layout.cols,
+            dtype.name()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Per-element zigzagged residuals and classes, by the plain definition.
+pub fn residuals_reference(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    src: &[u8],
+    base: &[u8],
+) -> Result<(Vec<u64>, Vec<u8>), CodecError> {
+    let rows = check_shapes(dtype, layout, src.len(), base.len())?;
+    let rb = layout.row_bytes();
+    let mut z = Vec::with_capacity(rows * layout.cols);
+    let mut class = Vec::with_capacity(rows * layout.cols);
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row[off..]);
+            let payload = &row[off + 2..];
+            for i in 0..len {
+                let q = block_code(layout.codec, payload, i);
+                let p = dtype.predict_bits(q, d);
+                let o = dtype.load_bits(src, r * layout.cols + col + i);
+                z.push(residual_of(dtype, o, p));
+                class.push(class_of(layout.codec, q) as u8);
+            }
+        });
+    }
+    Ok((z, class))
+}
+
+/// Builds the streams of a chunk from per-element residuals and classes.
+fn planes_from(dtype: FloatDtype, codec: BaseCodec, z: &[u64], class: &[u8]) -> Vec<Vec<u8>> {
+    let w = dtype.width();
+    let mut streams = vec![Vec::new(); class_count(codec) * w];
+    for (&v, &c) in z.iter().zip(class) {
+        for p in 0..w {
+            streams[c as usize * w + p].push((v >> (8 * p)) as u8);
+        }
+    }
+    streams
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses `data` into one zstd frame that records its content size.
+pub fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut comp = zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?;
+            comp.include_contentsize(true).map_err(CodecError::Zstd)?;
+            comp.include_checksum(false).map_err(CodecError::Zstd)?;
+            *c = Some((level, comp));
+        }
+        let (_, comp) = c.as_mut().expect("set above");
+        comp.compress(data).map_err(CodecError::Zstd)
+    })
+}
+
+/// Decompresses `frame`, which must be exactly one zstd frame declaring
+/// exactly `out.len()` bytes of content, into `out`.
+pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    match zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n == out.len() as u64 => {}
+        Ok(Some(n)) => {
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame declares {n} bytes, expected {}",
+                out.len()
+            )))
+        }
+        _ => return Err(CodecError::Corrupt("zstd frame without a valid content size".into())),
+    }
+    match zstd_safe::find_frame_compressed_size(frame) {
+        Ok(n) if n == frame.len() => {}
+        Ok(n) => {
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame is {n} bytes but its stream is {} (trailing bytes)",
+                frame.len()
+            )))
+        }
+        Err(_) => return Err(CodecError::Corrupt("truncated or invalid zstd frame".into())),
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            let mut dec = zstd::bulk::Decompressor::new().map_err(CodecError::Zstd)?;
+            dec.window_log_max(MAX_ZSTD_WINDOW_LOG).map_err(CodecError::Zstd)?;
+            *d = Some(dec);
+        }
+        let dec = d.as_mut().expect("set above");
+        let n = dec
+            .decompress_to_buffer(frame, out)
+            .map_err(|e| CodecError::Corrupt(format!("zstd: {e}")))?;
+        if n != out.len() {
+            return Err(CodecError::Corrupt(format!("zstd frame gave {n} bytes, expected {}", out.len())));
+        }
+        Ok(())
+    })
+}
+
+fn frame_streams(streams: &[Vec<u8>], level: i32) -> Result<Vec<u8>, CodecError> {
+    let mut table = Vec::with_capacity(streams.len() * 4);
+    let mut body = Vec::new();
+    for s in streams {
+        if s.is_empty() {
+            table.extend_from_slice(&0u32.to_le_bytes());
+        } else {
+            let f = zstd_compress(s, level)?;
+            let len = u32::try_from(f.len()).map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
+            table.extend_from_slice(&len.to_le_bytes());
+            body.extend_from_slice(&f);
+        }
+    }
+    table.extend_from_slice(&body);
+    Ok(table)
+}
+
+/// Reference encoder: the plain definition, element by element.
+pub fn encode_reference(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    src: &[u8],
+    base: &[u8],
+    level: i32,
+) -> Result<Vec<u8>, CodecError> {
+    let (z, class) = residuals_reference(dtype, layout, src, base)?;
+    frame_streams(&planes_from(dtype, layout.codec, &z, &class), level)
+}
+
+/// Fast encoder used by the pipeline; output identical to [`encode_reference`].
+pub fn encode(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    let rows = check_shapes(dtype, layout, src.len(), base.len())?;
+    let w = dtype.width();
+    let classes = class_count(layout.codec);
+    let counts = count_classes(layout, base, rows);
+    let mut streams: Vec<Vec<u8>> = (0..classes * w).map(|i| Vec::with_capacity(counts[i / w])).collect();
+    walk_predictions(dtype, layout, base, rows, |idx, class, pred| {
+        let z = residual_of(dtype, dtype.load_bits(src, idx), pred);
+        for p in 0..w {
+            streams[class * w + p].push((z >> (8 * p)) as u8);
+        }
+    });
+    frame_streams(&streams, level)
+}
+
+/// Counts elements per class in whole rows of a base.
+fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Vec<usize> {
+    let rb = layout.row_bytes();
+    let mut counts = vec![0usize; class_count(layout.codec)];
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        layout.for_each_group(|_, len, off| {
+            let payload = &row[off + 2..off + layout.block_bytes(len)];
+            match layout.codec {
+                BaseCodec::Q4 => {
+                    for (i, &b) in payload.iter().enumerate() {
+                        counts[((b & 15) as i32 - 8).unsigned_abs() as usize] += 1;
+                        if 2 * i + 1 < len {
+                            counts[((b >> 4) as i32 - 8).unsigned_abs() as usize] += 1;
+                        }
+                    }
+                }
+                BaseCodec::Q8 => {
+                    for &b in payload {
+                        counts[class_of(BaseCodec::Q8, b as i8 as i32)] += 1;
+                    }
+                }
+            }
+        });
+    }
+    counts
+}
+
+/// Calls `f(element_index, class, predicted_bits)` for every element in
+/// order. For q4, predictions come from a 16-entry table built per group.
+#[inline]
+fn walk_predictions(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    rows: usize,
+    mut f: impl FnMut(usize, usize, u64),
+) {
+    let rb = layout.row_bytes();
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        let row_start = r * layout.cols;
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row[off..]);
+            let payload = &row[off + 2..off + layout.block_bytes(len)];
+            let at = row_start + col;
+            match layout.codec {
+                BaseCodec::Q4 => {
+                    let mut table = [0u64; 16];
+                    for (n, t) in table.iter_mut().enumerate() {
+                        *t = dtype.predict_bits(n as i32 - 8, d);
+                    }
+                    for (i, &b) in payload.iter().enumerate() {
+                        let lo = (b & 15) as usize;
+                        f(at + 2 * i, (lo as i32 - 8).unsigned_abs() as usize, table[lo]);
+                        if 2 * i + 1 < len {
+                            let hi = (b >> 4) as usize;
+                            f(at + 2 * i + 1, (hi as i32 - 8).unsigned_abs() as usize, table[hi]);
+                        }
+                    }
+                }
+                BaseCodec::Q8 => {
+                    for (i, &b) in payload.iter().enumerate() {
+                        let q = b as i8 as i32;
+                        f(at + i, class_of(BaseCodec::Q8, q), dtype.predict_bits(q, d));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Splits a chunk into its streams after checking the stream table.
+fn split_streams<'a>(
+    chunk: &'a [u8],
+    n_streams: usize,
+    expected: impl Fn(usize) -> usize,
+) -> Result<Vec<&'a [u8]>, CodecError> {
+    let table_len = n_streams * 4;
+    if chunk.len() < table_len {
+        return Err(CodecError::Corrupt(format!(
+            "residual chunk of {} bytes is shorter than its stream table ({table_len})",
+            chunk.len()
+        )));
+    }
+    let mut at = table_len;
+    let mut out = Vec::with_capacity(n_streams);
+    for i in 0..n_streams {
+        let len = u32::from_le_bytes(chunk[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
+        if (len == 0) != (expected(i) == 0) {
+            return Err(CodecError::Corrupt(format!(
+                "stream {i} is {len} bytes but its class has {} elements",
+                expected(i)
+            )));
+        }
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= chunk.len())
+            .ok_or_else(|| CodecError::Corrupt(format!("stream {i} runs past the end of the chunk")))?;
+        out.push(&chunk[at..end]);
+        at = end;
+    }
+    if at != chunk.len() {
+        return Err(CodecError::Corrupt(format!(
+            "{} trailing bytes after the last stream",
+            chunk.len() - at
+        )));
+    }
+    Ok(out)
+}
+
+fn decompress_planes(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    rows: usize,
+    chunk: &[u8],
+) -> Result<Vec<Vec<u8>>, CodecError> {
+    let w = dtype.width();
+    let counts = count_classes(layout, base, rows);
+    let streams = split_streams(chunk, counts.len() * w, |i| counts[i / w])?;
+    streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut out = vec![0u8; counts[i / w]];
+            if !out.is_empty() {
+                zstd_decompress_exact(s, &mut out)?;
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Reference decoder: rebuilds the original bytes element by element.
+pub fn decode_reference(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    chunk: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let rows = check_shapes(dtype, layout, out.len(), base.len())?;
+    let planes = decompress_planes(dtype, layout, base, rows, chunk)?;
+    let w = dtype.width();
+    let mut cursor = vec![0usize; class_count(layout.codec)];
+    let rb = layout.row_bytes();
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row[off..]);
+            let payload = &row[off + 2..];
+            for i in 0..len {
+                let q = block_code(layout.codec, payload, i);
+                let c = class_of(layout.codec, q);
+                let mut z = 0u64;
+                for p in 0..w {
+                    z |= (planes[c * w + p][cursor[c]] as u64) << (8 * p);
+                }
+                cursor[c] += 1;
+                let bits = apply_residual(dtype, dtype.predict_bits(q, d), z);
+                dtype.store_bits(out, r * layout.cols + col + i, bits);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Fast decoder used by the pipeline; output identical to [`decode_reference`].
+pub fn decode(dtype: FloatDtype, layout: &BaseLayout, base: &[u8], chunk: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let rows = check_shapes(dtype, layout, out.len(), base.len())?;
+    let planes = decompress_planes(dtype, layout, base, rows, chunk)?;
+    match dtype {
+        FloatDtype::BF16 | FloatDtype::F16 => rebuild::<2>(dtype, layout, base, rows, &planes, out),
+        FloatDtype::F32 => rebuild::<4>(dtype, layout, base, rows, &planes, out),
+        FloatDtype::F64 => rebuild::<8>(dtype, layout, base, rows, &planes, out),
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rebuild<const W: usize>(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    rows: usize,
+    planes: &[Vec<u8>],
+    out: &mut [u8],
+) {
+    let classes = class_count(layout.codec);
+    let mut cursor = [0usize; 9];
+    let bits = (W * 8) as u32;
+    let sign = 1u64 << (bits - 1);
+    let m = mask(bits);
+    // Keys of the table entries are precomputed, so each element is a
+    // gather, an add and the inverse key.
+    walk_predictions_keys(dtype, layout, base, rows, |idx, c, pred_key| {
+        let k = cursor[c];
+        cursor[c] = k + 1;
+        let mut z = 0u64;
+        for p in 0..W {
+            // SAFETY-free bounds: counts came from the same base, so k < plane length.
+            z |= (planes[c * W + p][k] as u64) << (8 * p);
+        }
+        let key = pred_key.wrapping_add(unzigzag(z, bits)) & m;
+        let orig = if key & sign != 0 { key & !sign & m } else { !key & m };
+        out[idx * W..idx * W + W].copy_from_slice(&orig.to_le_bytes()[..W]);
+    });
+    debug_assert!(cursor[..classes].iter().enumerate().all(|(c, &n)| n == planes[c * W].len()));
+}
+
+/// Like `walk_predictions`, but hands out order keys of the predictions.
+#[inline(always)]
+fn walk_predictions_keys(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    rows: usize,
+    mut f: impl FnMut(usize, usize, u64),
+) {
+    let rb = layout.row_bytes();
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        let row_start = r * layout.cols;
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row[off..]);
+            let payload = &row[off + 2..off + layout.block_bytes(len)];
+            let at = row_start + col;
+            match layout.codec {
+                BaseCodec::Q4 => {
+                    let mut table = [0u64; 16];
+                    for (n, t) in table.iter_mut().enumerate() {
+                        *t = dtype.order_key(dtype.predict_bits(n as i32 - 8, d));
+                    }
+                    const CLASS: [usize; 16] = [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7];
+                    for (i, &b) in payload.iter().enumerate() {
+                        let lo = (b & 15) as usize;
+                        f(at + 2 * i, CLASS[lo], table[lo]);
+                        if 2 * i + 1 < len {
+                            let hi = (b >> 4) as usize;
+                            f(at + 2 * i + 1, CLASS[hi], table[hi]);
+                        }
+                    }
+                }
+                BaseCodec::Q8 => {
+                    for (i, &b) in payload.iter().enumerate() {
+                        let q = b as i8 as i32;
+                        f(at + i, class_of(BaseCodec::Q8, q), dtype.order_key(dtype.predict_bits(q, d)));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,255 @@
+//! Fast paths against their references, exactness on every special bit
+//! pattern, and corrupt residual chunks.
+
+use proptest::prelude::*;
+use tpde_codecs::{base, residual, BaseCodec, BaseLayout, FloatDtype};
+
+const DTYPES: [FloatDtype; 4] = [FloatDtype::F16, FloatDtype::BF16, FloatDtype::F32, FloatDtype::F64];
+const CODECS: [BaseCodec; 2] = [BaseCodec::Q4, BaseCodec::Q8];
+
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn normal_ish(&mut self) -> f64 {
+        // Sum of uniforms: weight-like bell shape.
+        (0..4).map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).sum::<f64>() * 0.05
+    }
+}
+
+/// Weight-like values with a sprinkling of every special pattern.
+fn weights(dtype: FloatDtype, n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SplitMix(seed);
+    let mut out = vec![0u8; n * dtype.width()];
+    let specials = special_patterns(dtype);
+    for i in 0..n {
+        let bits = if rng.next() % 17 == 0 {
+            specials[(rng.next() % specials.len() as u64) as usize]
+        } else {
+            let v = rng.normal_ish();
+            match dtype {
+                FloatDtype::F16 => half::f16::from_f64(v).to_bits() as u64,
+                FloatDtype::BF16 => half::bf16::from_f64(v).to_bits() as u64,
+                FloatDtype::F32 => (v as f32).to_bits() as u64,
+                FloatDtype::F64 => v.to_bits(),
+            }
+        };
+        dtype.store_bits(&mut out, i, bits);
+    }
+    out
+}
+
+/// NaNs with payloads (quiet and signalling, both signs), ±Inf, ±0,
+/// smallest and largest subnormals, largest finite, smallest normal.
+fn special_patterns(dtype: FloatDtype) -> Vec<u64> {
+    let s = dtype.sign_mask();
+    let (exp_mask, man_bits) = match dtype {
+        FloatDtype::F16 => (0x7C00u64, 10),
+        FloatDtype::BF16 => (0x7F80, 7),
+        FloatDtype::F32 => (0x7F80_0000, 23),
+        FloatDtype::F64 => (0x7FF0_0000_0000_0000, 52),
+    };
+    let man = (1u64 << man_bits) - 1;
+    let mut v = vec![
+        0,
+        s,
+        exp_mask,
+        exp_mask | s,
+        exp_mask | 1,
+        exp_mask | (1 << (man_bits - 1)) | 5,
+        exp_mask | man,
+        exp_mask | man | s,
+        1,
+        1 | s,
+        man,
+        man | s,
+        exp_mask - 1,
+        (exp_mask - 1) | s,
+        1 << man_bits,
+    ];
+    v.dedup();
+    v
+}
+
+fn layouts(cols: usize) -> Vec<BaseLayout> {
+    let mut v = vec![];
+    for codec in CODECS {
+        for group in [1, 7, 32, 64, 128] {
+            v.push(BaseLayout { codec, group, cols });
+        }
+    }
+    v
+}
+
+fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
+    let rows = src.len() / dtype.width() / layout.cols;
+    let mut hot = vec![0u8; rows * layout.row_bytes()];
+    let mut hot_ref = hot.clone();
+    base::quantize(dtype, layout, src, &mut hot);
+    base::quantize_reference(dtype, layout, src, &mut hot_ref);
+    assert_eq!(hot, hot_ref, "quantize fast != reference ({dtype:?} {layout:?})");
+    let cold = residual::encode(dtype, layout, src, &hot, 3).unwrap();
+    let cold_ref = residual::encode_reference(dtype, layout, src, &hot, 3).unwrap();
+    assert_eq!(cold, cold_ref, "encode fast != reference ({dtype:?} {layout:?})");
+    let mut out = vec![0u8; src.len()];
+    residual::decode(dtype, layout, &hot, &cold, &mut out).unwrap();
+    assert!(out == src, "decode not bit-exact ({dtype:?} {layout:?})");
+    let mut out_ref = vec![0xAAu8; src.len()];
+    residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref).unwrap();
+    assert!(out_ref == src, "reference decode not bit-exact ({dtype:?} {layout:?})");
+}
+
+#[test]
+fn fast_paths_match_references_and_round_trip_exactly() {
+    for dtype in DTYPES {
+        for cols in [1, 2, 7, 63, 64, 65, 130] {
+            for layout in layouts(cols) {
+                let src = weights(dtype, cols * 5, cols as u64 * 31 + layout.group as u64);
+                roundtrip(dtype, &layout, &src);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_16_bit_pattern_round_trips() {
+    for dtype in [FloatDtype::F16, FloatDtype::BF16] {
+        let src: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        for codec in CODECS {
+            // 256 columns: groups mix tiny, huge, NaN and Inf neighbours.
+            roundtrip(dtype, &BaseLayout { codec, group: 64, cols: 256 }, &src);
+        }
+    }
+}
+
+#[test]
+fn groups_of_only_special_values_round_trip() {
+    for dtype in DTYPES {
+        for &pat in &special_patterns(dtype) {
+            let mut src = vec![0u8; 64 * dtype.width()];
+            for i in 0..64 {
+                dtype.store_bits(&mut src, i, pat);
+            }
+            for codec in CODECS {
+                roundtrip(dtype, &BaseLayout { codec, group: 32, cols: 64 }, &src);
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_base_tracks_the_values() {
+    // The base is a usable model: q4 error is at most half a step, except
+    // on the side opposite the group's extreme, which code +7 clips to at
+    // most one step; the mean error stays near a quarter step.
+    let dtype = FloatDtype::F32;
+    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 256 };
+    let mut rng = SplitMix(9);
+    let vals: Vec<f32> = (0..1024).map(|_| rng.normal_ish() as f32).collect();
+    let src: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut hot = vec![0u8; 4 * layout.row_bytes()];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let mut deq = vec![0f32; 1024];
+    base::dequantize(&layout, &hot, &mut deq);
+    for (g, (a, b)) in vals.chunks(64).zip(deq.chunks(64)).enumerate() {
+        let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let step = amax / 8.0;
+        let mut sum = 0f32;
+        for (x, y) in a.iter().zip(b) {
+            let err = (x - y).abs();
+            let clipped = (y.abs() - 7.0 * step).abs() <= 0.01 * step;
+            let bound = if clipped { step } else { step * 0.5 } * 1.002;
+            assert!(err <= bound, "group {g}: {x} vs {y} (step {step})");
+            sum += err;
+        }
+        assert!(sum / 64.0 <= 0.3 * step, "group {g}: mean error {} steps", sum / 64.0 / step);
+    }
+}
+
+fn sample_chunk() -> (FloatDtype, BaseLayout, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let dtype = FloatDtype::BF16;
+    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 128 };
+    let src = weights(dtype, 128 * 8, 5);
+    let mut hot = vec![0u8; 8 * layout.row_bytes()];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    (dtype, layout, src, hot, cold)
+}
+
+#[test]
+fn corrupt_chunks_are_errors_not_panics() {
+    let (dtype, layout, src, hot, cold) = sample_chunk();
+    let mut out = vec![0u8; src.len()];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("shorter than table", cold[..10].to_vec()),
+        ("truncated by one", cold[..cold.len() - 1].to_vec()),
+        ("trailing byte", [cold.as_slice(), &[0]].concat()),
+        ("zeroed table", {
+            let mut c = cold.clone();
+            c[..36 * 2].fill(0);
+            c
+        }),
+        ("huge stream length", {
+            let mut c = cold.clone();
+            c[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+            c
+        }),
+    ];
+    for (what, c) in cases {
+        let e = residual::decode(dtype, &layout, &hot, &c, &mut out);
+        assert!(e.is_err(), "{what}: accepted");
+        let e = residual::decode_reference(dtype, &layout, &hot, &c, &mut out);
+        assert!(e.is_err(), "{what}: reference accepted");
+    }
+}
+
+#[test]
+fn a_frame_declaring_more_than_its_class_is_rejected() {
+    // Decompression bomb: a frame that declares more content than the class holds.
+    let frame = residual_bomb();
+    let mut out = vec![0u8; 16];
+    let e = residual::zstd_decompress_exact(&frame, &mut out).unwrap_err();
+    assert!(e.to_string().contains("declares"), "{e}");
+}
+
+fn residual_bomb() -> Vec<u8> {
+    residual::zstd_compress(&vec![0u8; 1 << 20], 3).unwrap()
+}
+
+#[test]
+fn random_bit_flips_never_panic() {
+    let (dtype, layout, src, hot, cold) = sample_chunk();
+    let mut rng = SplitMix(77);
+    let mut out = vec![0u8; src.len()];
+    for _ in 0..2000 {
+        let mut c = cold.clone();
+        let bit = (rng.next() % (c.len() as u64 * 8)) as usize;
+        c[bit / 8] ^= 1 << (bit % 8);
+        // Either an error or some output; never a panic. (The xxh3 of the
+        // chunk is what catches silent changes; that is the pipeline's job.)
+        let _ = residual::decode(dtype, &layout, &hot, &c, &mut out);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn arbitrary_bit_patterns_round_trip(
+        words in proptest::collection::vec(any::<u64>(), 1..300),
+        dt in 0usize..4, codec in 0usize..2, group in 1usize..80, cols in 1usize..40,
+    ) {
+        let dtype = DTYPES[dt];
+        let n = (words.len() / cols).max(1) * cols;
+        let mut src = vec![0u8; n * dtype.width()];
+        for i in 0..n {
+            dtype.store_bits(&mut src, i, words[i % words.len()] & dtype.mask());
+        }
+        roundtrip(dtype, &BaseLayout { codec: CODECS[codec], group, cols }, &src);
+    }
+}
