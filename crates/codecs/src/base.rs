@@ -40,12 +40,13 @@ pub fn group_scale(codec: BaseCodec, values: impl Iterator<Item = f32>) -> f16 {
     f16::from_f32(d.clamp(-f16::MAX.to_f32(), f16::MAX.to_f32()))
 }
 
-/// Plain definition of the code of `x` under scale `d`.
+/// Plain definition of the code of `x` under scale `d`: `x × (1/d)`
+/// rounded to nearest, ties to even, clamped to the codec's range.
 #[inline]
 pub fn quantize_value(codec: BaseCodec, x: f32, d: f16) -> i32 {
     let d = d.to_f32();
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let r = (x * inv).round();
+    let r = (x * inv).round_ties_even();
     // NaN compares false on both sides and maps to 0.
     if r >= codec.q_max() as f32 {
         codec.q_max()
@@ -133,17 +134,11 @@ pub fn quantize(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], out: &mut [u
             let df = d.to_f32();
             let inv = if df != 0.0 { 1.0 / df } else { 0.0 };
             let payload = &mut row_out[off + 2..off + layout.block_bytes(len)];
+            // Clamp first (NaN passes through and casts to 0), then round
+            // to nearest even with the 1.5 × 2^23 trick, exact for |v| < 2^22.
             let q = |x: f32| -> i32 {
-                let r = (x * inv).round();
-                if r >= qmax {
-                    qmax as i32
-                } else if r <= qmin {
-                    qmin as i32
-                } else if r.is_nan() {
-                    0
-                } else {
-                    r as i32
-                }
+                let v = (x * inv).clamp(qmin, qmax);
+                ((v + 12_582_912.0) - 12_582_912.0) as i32
             };
             match layout.codec {
                 BaseCodec::Q4 => {

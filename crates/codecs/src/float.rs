@@ -97,7 +97,7 @@ impl FloatDtype {
     pub fn predict_bits(self, q: i32, scale: f16) -> u64 {
         match self {
             FloatDtype::F16 => f16::from_f32(q as f32 * scale.to_f32()).to_bits() as u64,
-            FloatDtype::BF16 => bf16::from_f32(q as f32 * scale.to_f32()).to_bits() as u64,
+            FloatDtype::BF16 => bf16_bits_rne(q as f32 * scale.to_f32()) as u64,
             FloatDtype::F32 => (q as f32 * scale.to_f32()).to_bits() as u64,
             FloatDtype::F64 => (q as f64 * scale.to_f64()).to_bits(),
         }
@@ -142,9 +142,38 @@ impl FloatDtype {
     }
 }
 
+/// f32 → bf16 bit pattern, round to nearest even; NaN stays NaN (quieted).
+/// Identical to `half::bf16::from_f32` (tested), written out so it inlines.
+#[inline(always)]
+pub fn bf16_bits_rne(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        return ((b >> 16) | 0x0040) as u16;
+    }
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
+    #[test]
+    fn bf16_rounding_matches_half_on_edge_and_sampled_patterns() {
+        let mut x = 0x1234_5678u32;
+        let mut check = |b: u32| {
+            let f = f32::from_bits(b);
+            assert_eq!(super::bf16_bits_rne(f), half::bf16::from_f32(f).to_bits(), "{b:#x}");
+        };
+        for b in [0, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0001, 0x7F80_0001, 0x7F7F_FFFF, 0x0000_8000, 0x0001_8000, 0x3F80_8000, 0x3F81_8000] {
+            check(b);
+        }
+        for _ in 0..2_000_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            check(x);
+        }
+    }
+
+    use super::FloatDtype;
 
     #[test]
     fn order_key_is_a_bijection_on_16_bit_patterns() {

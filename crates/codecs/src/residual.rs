@@ -211,10 +211,11 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
     })
 }
 
-fn frame_streams(streams: &[Vec<u8>], level: i32) -> Result<Vec<u8>, CodecError> {
+fn frame_streams<S: AsRef<[u8]>>(streams: &[S], level: i32) -> Result<Vec<u8>, CodecError> {
     let mut table = Vec::with_capacity(streams.len() * 4);
     let mut body = Vec::new();
     for s in streams {
+        let s = s.as_ref();
         if s.is_empty() {
             table.extend_from_slice(&0u32.to_le_bytes());
         } else {
@@ -243,89 +244,188 @@ pub fn encode_reference(
 /// Fast encoder used by the pipeline; output identical to [`encode_reference`].
 pub fn encode(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
     let rows = check_shapes(dtype, layout, src.len(), base.len())?;
+    let counts = count_classes(layout, base, rows)?;
     let w = dtype.width();
-    let classes = class_count(layout.codec);
-    let counts = count_classes(layout, base, rows);
-    let mut streams: Vec<Vec<u8>> = (0..classes * w).map(|i| Vec::with_capacity(counts[i / w])).collect();
-    walk_predictions(dtype, layout, base, rows, |idx, class, pred| {
-        let z = residual_of(dtype, dtype.load_bits(src, idx), pred);
-        for p in 0..w {
-            streams[class * w + p].push((z >> (8 * p)) as u8);
-        }
-    });
+    let (offsets, total) = plane_offsets(&counts, w);
+    let mut planes = vec![0u8; total];
+    match dtype.width() {
+        2 => scatter::<2>(dtype, layout, src, base, rows, &offsets, &mut planes),
+        4 => scatter::<4>(dtype, layout, src, base, rows, &offsets, &mut planes),
+        _ => scatter::<8>(dtype, layout, src, base, rows, &offsets, &mut planes),
+    }
+    let streams: Vec<&[u8]> = (0..counts.len() * w)
+        .map(|i| &planes[offsets[i]..offsets[i] + counts[i / w]])
+        .collect();
     frame_streams(&streams, level)
 }
 
-/// Counts elements per class in whole rows of a base.
-fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Vec<usize> {
-    let rb = layout.row_bytes();
-    let mut counts = vec![0usize; class_count(layout.codec)];
-    for r in 0..rows {
-        let row = &base[r * rb..(r + 1) * rb];
-        layout.for_each_group(|_, len, off| {
-            let payload = &row[off + 2..off + layout.block_bytes(len)];
-            match layout.codec {
-                BaseCodec::Q4 => {
-                    for (i, &b) in payload.iter().enumerate() {
-                        counts[((b & 15) as i32 - 8).unsigned_abs() as usize] += 1;
-                        if 2 * i + 1 < len {
-                            counts[((b >> 4) as i32 - 8).unsigned_abs() as usize] += 1;
-                        }
-                    }
-                }
-                BaseCodec::Q8 => {
-                    for &b in payload {
-                        counts[class_of(BaseCodec::Q8, b as i8 as i32)] += 1;
-                    }
-                }
-            }
-        });
+/// Start of plane `(class, byte)` at index `class * w + byte` in one buffer
+/// holding all planes, and that buffer's length.
+fn plane_offsets(counts: &[usize], w: usize) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::with_capacity(counts.len() * w);
+    let mut at = 0;
+    for &n in counts {
+        for _ in 0..w {
+            offsets.push(at);
+            at += n;
+        }
     }
-    counts
+    (offsets, at)
 }
 
-/// Calls `f(element_index, class, predicted_bits)` for every element in
-/// order. For q4, predictions come from a 16-entry table built per group.
-#[inline]
-fn walk_predictions(
+/// Order key with the width known at compile time (branch-free form of
+/// [`FloatDtype::order_key`]).
+#[inline(always)]
+fn key_w<const W: usize>(b: u64) -> u64 {
+    let bits = (W * 8) as u32;
+    let m = mask(bits);
+    let s = 1u64 << (bits - 1);
+    let neg = (b >> (bits - 1)) & 1;
+    b ^ (s | (neg.wrapping_neg() & m))
+}
+
+/// Inverse of [`key_w`].
+#[inline(always)]
+fn unkey_w<const W: usize>(k: u64) -> u64 {
+    let bits = (W * 8) as u32;
+    let m = mask(bits);
+    let s = 1u64 << (bits - 1);
+    let pos = (k >> (bits - 1)) & 1;
+    k ^ (s | ((pos ^ 1).wrapping_neg() & m))
+}
+
+#[inline(always)]
+fn load_w<const W: usize>(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a[..W].copy_from_slice(&b[..W]);
+    u64::from_le_bytes(a)
+}
+
+/// Order keys of the 16 q4 predictions of a group.
+#[inline(always)]
+fn q4_key_table<const W: usize>(dtype: FloatDtype, d: half::f16) -> [u64; 16] {
+    let mut t = [0u64; 16];
+    match dtype {
+        FloatDtype::BF16 => {
+            let df = d.to_f32();
+            for (n, e) in t.iter_mut().enumerate() {
+                *e = key_w::<W>(crate::float::bf16_bits_rne((n as i32 - 8) as f32 * df) as u64);
+            }
+        }
+        _ => {
+            for (n, e) in t.iter_mut().enumerate() {
+                *e = key_w::<W>(dtype.predict_bits(n as i32 - 8, d));
+            }
+        }
+    }
+    t
+}
+
+const Q4_CLASS: [usize; 16] = [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7];
+
+#[inline(always)]
+fn scatter<const W: usize>(
     dtype: FloatDtype,
     layout: &BaseLayout,
+    src: &[u8],
     base: &[u8],
     rows: usize,
-    mut f: impl FnMut(usize, usize, u64),
+    offsets: &[usize],
+    planes: &mut [u8],
 ) {
+    let bits = (W * 8) as u32;
     let rb = layout.row_bytes();
+    // Next write index within each class (the same for all its planes).
+    let mut pos = [0usize; 9];
     for r in 0..rows {
         let row = &base[r * rb..(r + 1) * rb];
-        let row_start = r * layout.cols;
+        let srow = &src[r * layout.cols * W..(r + 1) * layout.cols * W];
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
-            let at = row_start + col;
+            let vals = &srow[col * W..(col + len) * W];
+            let mut put = |i: usize, class: usize, pred_key: u64| {
+                let z = zigzag(key_w::<W>(load_w::<W>(&vals[i * W..])).wrapping_sub(pred_key), bits);
+                let k = pos[class];
+                pos[class] = k + 1;
+                for p in 0..W {
+                    planes[offsets[class * W + p] + k] = (z >> (8 * p)) as u8;
+                }
+            };
             match layout.codec {
                 BaseCodec::Q4 => {
-                    let mut table = [0u64; 16];
-                    for (n, t) in table.iter_mut().enumerate() {
-                        *t = dtype.predict_bits(n as i32 - 8, d);
-                    }
+                    let table = q4_key_table::<W>(dtype, d);
                     for (i, &b) in payload.iter().enumerate() {
                         let lo = (b & 15) as usize;
-                        f(at + 2 * i, (lo as i32 - 8).unsigned_abs() as usize, table[lo]);
+                        put(2 * i, Q4_CLASS[lo], table[lo]);
                         if 2 * i + 1 < len {
                             let hi = (b >> 4) as usize;
-                            f(at + 2 * i + 1, (hi as i32 - 8).unsigned_abs() as usize, table[hi]);
+                            put(2 * i + 1, Q4_CLASS[hi], table[hi]);
                         }
                     }
                 }
                 BaseCodec::Q8 => {
                     for (i, &b) in payload.iter().enumerate() {
                         let q = b as i8 as i32;
-                        f(at + i, class_of(BaseCodec::Q8, q), dtype.predict_bits(q, d));
+                        put(i, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
                     }
                 }
             }
         });
     }
+}
+
+/// Counts elements per class in whole rows of a base: a histogram of code
+/// bytes (four interleaved tables, so equal neighbours do not serialize on
+/// one counter), folded into classes.
+fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<usize>, CodecError> {
+    let rb = layout.row_bytes();
+    let mut hist = [[0u32; 256]; 4];
+    let mut counts = vec![0usize; class_count(layout.codec)];
+    // Odd-length q4 groups end with an unused high nibble, which must be 0
+    // and which the histogram counts as a code −8: subtract those afterwards.
+    let mut pad_nibbles = 0usize;
+    let mut bad_pad = false;
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        layout.for_each_group(|_, len, off| {
+            let payload = &row[off + 2..off + layout.block_bytes(len)];
+            let mut quads = payload.chunks_exact(4);
+            for q in &mut quads {
+                hist[0][q[0] as usize] += 1;
+                hist[1][q[1] as usize] += 1;
+                hist[2][q[2] as usize] += 1;
+                hist[3][q[3] as usize] += 1;
+            }
+            for &b in quads.remainder() {
+                hist[0][b as usize] += 1;
+            }
+            if layout.codec == BaseCodec::Q4 && len % 2 == 1 {
+                pad_nibbles += 1;
+                bad_pad |= payload.last().is_some_and(|b| b >> 4 != 0);
+            }
+        });
+    }
+    for b in 0..256 {
+        let n = (hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]) as usize;
+        if n == 0 {
+            continue;
+        }
+        match layout.codec {
+            BaseCodec::Q4 => {
+                counts[Q4_CLASS[b & 15]] += n;
+                counts[Q4_CLASS[b >> 4]] += n;
+            }
+            BaseCodec::Q8 => counts[class_of(BaseCodec::Q8, b as u8 as i8 as i32)] += n,
+        }
+    }
+    if bad_pad {
+        return Err(CodecError::Corrupt("non-zero padding nibble in a q4 base".into()));
+    }
+    if pad_nibbles > 0 {
+        counts[Q4_CLASS[0]] -= pad_nibbles;
+    }
+    Ok(counts)
 }
 
 /// Splits a chunk into its streams after checking the stream table.
@@ -367,27 +467,37 @@ fn split_streams<'a>(
     Ok(out)
 }
 
+/// Decompresses every stream of a chunk into `planes` (resized to fit),
+/// laid out as [`plane_offsets`] says; returns the offsets.
 fn decompress_planes(
     dtype: FloatDtype,
     layout: &BaseLayout,
     base: &[u8],
     rows: usize,
     chunk: &[u8],
-) -> Result<Vec<Vec<u8>>, CodecError> {
+    planes: &mut Vec<u8>,
+) -> Result<Vec<usize>, CodecError> {
     let w = dtype.width();
-    let counts = count_classes(layout, base, rows);
+    let counts = count_classes(layout, base, rows)?;
     let streams = split_streams(chunk, counts.len() * w, |i| counts[i / w])?;
-    streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut out = vec![0u8; counts[i / w]];
-            if !out.is_empty() {
-                zstd_decompress_exact(s, &mut out)?;
-            }
-            Ok(out)
-        })
-        .collect()
+    let (offsets, total) = plane_offsets(&counts, w);
+    // Every byte is overwritten by the frames below, so a reused buffer
+    // only grows; it is never cleared.
+    if planes.len() < total {
+        planes.resize(total, 0);
+    }
+    for (i, s) in streams.iter().enumerate() {
+        let n = counts[i / w];
+        if n > 0 {
+            zstd_decompress_exact(s, &mut planes[offsets[i]..offsets[i] + n])?;
+        }
+    }
+    Ok(offsets)
+}
+
+thread_local! {
+    /// Decoded planes of the chunk being rebuilt on this thread.
+    static PLANES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Reference decoder: rebuilds the original bytes element by element.
@@ -399,7 +509,8 @@ pub fn decode_reference(
     out: &mut [u8],
 ) -> Result<(), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
-    let planes = decompress_planes(dtype, layout, base, rows, chunk)?;
+    let mut planes = Vec::new();
+    let offsets = decompress_planes(dtype, layout, base, rows, chunk, &mut planes)?;
     let w = dtype.width();
     let mut cursor = vec![0usize; class_count(layout.codec)];
     let rb = layout.row_bytes();
@@ -413,7 +524,7 @@ pub fn decode_reference(
                 let c = class_of(layout.codec, q);
                 let mut z = 0u64;
                 for p in 0..w {
-                    z |= (planes[c * w + p][cursor[c]] as u64) << (8 * p);
+                    z |= (planes[offsets[c * w + p] + cursor[c]] as u64) << (8 * p);
                 }
                 cursor[c] += 1;
                 let bits = apply_residual(dtype, dtype.predict_bits(q, d), z);
@@ -427,83 +538,84 @@ pub fn decode_reference(
 /// Fast decoder used by the pipeline; output identical to [`decode_reference`].
 pub fn decode(dtype: FloatDtype, layout: &BaseLayout, base: &[u8], chunk: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
-    let planes = decompress_planes(dtype, layout, base, rows, chunk)?;
-    match dtype {
-        FloatDtype::BF16 | FloatDtype::F16 => rebuild::<2>(dtype, layout, base, rows, &planes, out),
-        FloatDtype::F32 => rebuild::<4>(dtype, layout, base, rows, &planes, out),
-        FloatDtype::F64 => rebuild::<8>(dtype, layout, base, rows, &planes, out),
-    }
-    Ok(())
+    PLANES.with(|p| {
+        let planes = &mut *p.borrow_mut();
+        let offsets = decompress_planes(dtype, layout, base, rows, chunk, planes)?;
+        match dtype.width() {
+            2 => gather::<2>(dtype, layout, base, rows, &offsets, planes, out),
+            4 => gather::<4>(dtype, layout, base, rows, &offsets, planes, out),
+            _ => gather::<8>(dtype, layout, base, rows, &offsets, planes, out),
+        }
+        Ok(())
+    })
+}
+
+/// Byte `k` of plane `plane` (bounds checks cost 8 % of decode time here).
+///
+/// # Safety
+///
+/// `plane < offsets.len()` and `offsets[plane] + k < planes.len()`; both
+/// hold when `k` is below the element count of the plane's class as
+/// counted from the base being decoded.
+#[inline(always)]
+unsafe fn plane_byte(planes: &[u8], offsets: &[usize], plane: usize, k: usize) -> u8 {
+    debug_assert!(offsets[plane] + k < planes.len());
+    *planes.get_unchecked(offsets.get_unchecked(plane) + k)
 }
 
 #[inline(always)]
-fn rebuild<const W: usize>(
+fn gather<const W: usize>(
     dtype: FloatDtype,
     layout: &BaseLayout,
     base: &[u8],
     rows: usize,
-    planes: &[Vec<u8>],
+    offsets: &[usize],
+    planes: &[u8],
     out: &mut [u8],
 ) {
-    let classes = class_count(layout.codec);
-    let mut cursor = [0usize; 9];
     let bits = (W * 8) as u32;
-    let sign = 1u64 << (bits - 1);
     let m = mask(bits);
-    // Keys of the table entries are precomputed, so each element is a
-    // gather, an add and the inverse key.
-    walk_predictions_keys(dtype, layout, base, rows, |idx, c, pred_key| {
-        let k = cursor[c];
-        cursor[c] = k + 1;
-        let mut z = 0u64;
-        for p in 0..W {
-            // SAFETY-free bounds: counts came from the same base, so k < plane length.
-            z |= (planes[c * W + p][k] as u64) << (8 * p);
-        }
-        let key = pred_key.wrapping_add(unzigzag(z, bits)) & m;
-        let orig = if key & sign != 0 { key & !sign & m } else { !key & m };
-        out[idx * W..idx * W + W].copy_from_slice(&orig.to_le_bytes()[..W]);
-    });
-    debug_assert!(cursor[..classes].iter().enumerate().all(|(c, &n)| n == planes[c * W].len()));
-}
-
-/// Like `walk_predictions`, but hands out order keys of the predictions.
-#[inline(always)]
-fn walk_predictions_keys(
-    dtype: FloatDtype,
-    layout: &BaseLayout,
-    base: &[u8],
-    rows: usize,
-    mut f: impl FnMut(usize, usize, u64),
-) {
     let rb = layout.row_bytes();
+    // Next read index within each class (counts came from this same base,
+    // so every index stays inside its planes).
+    let mut pos = [0usize; 9];
     for r in 0..rows {
         let row = &base[r * rb..(r + 1) * rb];
-        let row_start = r * layout.cols;
+        let orow = &mut out[r * layout.cols * W..(r + 1) * layout.cols * W];
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
-            let at = row_start + col;
+            let vals = &mut orow[col * W..(col + len) * W];
+            let mut put = |i: usize, class: usize, pred_key: u64| {
+                let k = pos[class];
+                pos[class] = k + 1;
+                let mut z = 0u64;
+                for p in 0..W {
+                    // SAFETY: `class < classes` and `k < counts[class]`: the
+                    // cursors advance once per element of a class, and the
+                    // counts were taken from this same base, so the index is
+                    // inside the class's plane.
+                    z |= (unsafe { plane_byte(planes, offsets, class * W + p, k) } as u64) << (8 * p);
+                }
+                let orig = unkey_w::<W>(pred_key.wrapping_add(unzigzag(z, bits)) & m);
+                vals[i * W..i * W + W].copy_from_slice(&orig.to_le_bytes()[..W]);
+            };
             match layout.codec {
                 BaseCodec::Q4 => {
-                    let mut table = [0u64; 16];
-                    for (n, t) in table.iter_mut().enumerate() {
-                        *t = dtype.order_key(dtype.predict_bits(n as i32 - 8, d));
-                    }
-                    const CLASS: [usize; 16] = [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7];
+                    let table = q4_key_table::<W>(dtype, d);
                     for (i, &b) in payload.iter().enumerate() {
                         let lo = (b & 15) as usize;
-                        f(at + 2 * i, CLASS[lo], table[lo]);
+                        put(2 * i, Q4_CLASS[lo], table[lo]);
                         if 2 * i + 1 < len {
                             let hi = (b >> 4) as usize;
-                            f(at + 2 * i + 1, CLASS[hi], table[hi]);
+                            put(2 * i + 1, Q4_CLASS[hi], table[hi]);
                         }
                     }
                 }
                 BaseCodec::Q8 => {
                     for (i, &b) in payload.iter().enumerate() {
                         let q = b as i8 as i32;
-                        f(at + i, class_of(BaseCodec::Q8, q), dtype.order_key(dtype.predict_bits(q, d)));
+                        put(i, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
                     }
                 }
             }

@@ -253,3 +253,17 @@ proptest! {
         roundtrip(dtype, &BaseLayout { codec: CODECS[codec], group, cols }, &src);
     }
 }
+
+#[test]
+fn a_base_with_a_nonzero_padding_nibble_is_rejected() {
+    let dtype = FloatDtype::BF16;
+    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 3 };
+    let src = weights(dtype, 3 * 4, 1);
+    let mut hot = vec![0u8; 4 * layout.row_bytes()];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    hot[layout.row_bytes() - 1] |= 0x30;
+    let mut out = vec![0u8; src.len()];
+    assert!(residual::decode(dtype, &layout, &hot, &cold, &mut out).is_err());
+    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out).is_err());
+}

@@ -1,0 +1,167 @@
+//! Opening a container: fixed header and footer, manifest digest, full
+//! structural validation, then checked reads of extents into owned buffers
+//! (never memory maps: a file changed under the reader yields errors, not
+//! crashes or unverified bytes).
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tpde_codecs::{residual, xxh3, FloatDtype};
+use tpde_format::{
+    check_header_footer, BlobChunk, Extent, Footer, FormatError, Header, Manifest, Storage, Tensor, FOOTER_LEN,
+    HEADER_LEN, MIN_CONTAINER_LEN,
+};
+
+thread_local! {
+    /// Per-thread buffers for a chunk's base and residual bytes.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Sets a buffer's length; a reused buffer is not cleared (every caller
+/// overwrites all of it), a new one is zero-filled as it grows.
+pub(crate) fn set_len(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    buf.truncate(n);
+}
+
+/// An open, structurally validated container.
+pub struct Container {
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+    pub header: Header,
+    pub manifest: Manifest,
+}
+
+impl Container {
+    pub fn open(path: &Path) -> Result<Container> {
+        let file = File::open(path).map_err(Error::io(path, "cannot open"))?;
+        let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
+        if meta.is_dir() {
+            return Err(Error::input(path, "is a folder, not a tpde container"));
+        }
+        let len = meta.len();
+        let fmt = Error::format(path);
+        if len < MIN_CONTAINER_LEN {
+            // Read what there is, so a non-container gets "bad magic" rather than "too short".
+            let mut head = vec![0u8; (len as usize).min(HEADER_LEN)];
+            file.read_exact_at(&mut head, 0).map_err(Error::io(path, "cannot read"))?;
+            if head.len() >= 8 && head[..8] != tpde_format::MAGIC {
+                return Err(fmt(FormatError::BadMagic));
+            }
+            return Err(fmt(FormatError::TooShort {
+                len,
+                min: MIN_CONTAINER_LEN,
+            }));
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut hb, 0).map_err(Error::io(path, "cannot read"))?;
+        let header = Header::decode(&hb).map_err(Error::format(path))?;
+        let mut fb = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut fb, len - FOOTER_LEN as u64)
+            .map_err(Error::io(path, "cannot read"))?;
+        let footer = Footer::decode(&fb).map_err(Error::format(path))?;
+        check_header_footer(&header, &footer, len).map_err(Error::format(path))?;
+        let mut mb = vec![0u8; header.manifest_len as usize];
+        file.read_exact_at(&mut mb, header.manifest_offset)
+            .map_err(Error::io(path, "cannot read"))?;
+        if blake3::hash(&mb).as_bytes() != &header.manifest_blake3 {
+            return Err(Error::integrity(path, "manifest digest mismatch (manifest corrupted)"));
+        }
+        let manifest = Manifest::parse(&mb, header.manifest_offset, len).map_err(Error::format(path))?;
+        Ok(Container {
+            path: path.to_path_buf(),
+            file,
+            len,
+            header,
+            manifest,
+        })
+    }
+
+    /// Reads an extent and checks its xxh3; `who` names it in errors.
+    pub fn read_checked(&self, e: &Extent, who: impl Fn() -> String) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_checked_into(e, &mut buf, who)?;
+        Ok(buf)
+    }
+
+    /// [`Container::read_checked`] into a reusable buffer (resized to the extent).
+    pub fn read_checked_into(&self, e: &Extent, buf: &mut Vec<u8>, who: impl Fn() -> String) -> Result<()> {
+        set_len(buf, e.len as usize);
+        self.file
+            .read_exact_at(buf, e.offset)
+            .map_err(|err| Error::integrity(&self.path, format!("{}: cannot read: {err}", who())))?;
+        if xxh3(buf) != e.xxh3 {
+            return Err(Error::integrity(
+                &self.path,
+                format!("{}: checksum mismatch (xxh3 of bytes {}..{})", who(), e.offset, e.end()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and decompresses one blob chunk.
+    pub fn read_blob_chunk(&self, c: &BlobChunk, who: impl Fn() -> String) -> Result<Vec<u8>> {
+        let frame = self.read_checked(&c.extent(), &who)?;
+        let mut out = vec![0u8; c.raw_len as usize];
+        residual::zstd_decompress_exact(&frame, &mut out)
+            .map_err(|e| Error::integrity(&self.path, format!("{}: {e}", who())))?;
+        Ok(out)
+    }
+
+    /// Rebuilds the original bytes of chunk `ci` of tensor `ti` at full
+    /// fidelity into `out` (resized to the chunk's original length).
+    pub fn rebuild_chunk_into(&self, ti: usize, ci: usize, out: &mut Vec<u8>) -> Result<()> {
+        let t = &self.manifest.tensors[ti];
+        let who = || format!("tensor {:?} chunk {ci}", t.name);
+        match &t.storage {
+            Storage::Raw { chunks } => self.read_checked_into(&chunks[ci], out, who),
+            Storage::Decomposed { chunks, cols, .. } => {
+                let c = &chunks[ci];
+                SCRATCH.with(|s| {
+                    let (base, cold) = &mut *s.borrow_mut();
+                    self.read_checked_into(&c.base, base, || format!("{} (hot base)", who()))?;
+                    self.read_checked_into(&c.cold, cold, || format!("{} (cold residual)", who()))?;
+                    let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
+                    let layout = t.base_layout().expect("decomposed");
+                    set_len(out, (c.rows * cols) as usize * dtype.width());
+                    residual::decode(dtype, &layout, base, cold, out)
+                        .map_err(|e| Error::integrity(&self.path, format!("{}: {e}", who())))
+                })
+            }
+        }
+    }
+
+    /// Original bytes of each chunk of a tensor.
+    pub fn chunk_lens(&self, t: &Tensor) -> Vec<u64> {
+        match &t.storage {
+            Storage::Raw { chunks } => chunks.iter().map(|c| c.len).collect(),
+            Storage::Decomposed { chunks, cols, .. } => {
+                let w = t.byte_len / t.numel().unwrap_or(1).max(1);
+                chunks.iter().map(|c| c.rows * cols * w).collect()
+            }
+        }
+    }
+
+    /// Checks that every padding byte is zero.
+    pub fn check_padding(&self) -> Result<()> {
+        for (a, b) in self.manifest.padding(self.header.manifest_offset) {
+            let mut at = a;
+            while at < b {
+                let n = (b - at).min(1 << 20);
+                let buf = crate::pack::read_at(&self.file, &self.path, at, n)?;
+                if let Some(i) = buf.iter().position(|&x| x != 0) {
+                    return Err(Error::integrity(
+                        &self.path,
+                        FormatError::NonZeroPadding(at + i as u64).to_string(),
+                    ));
+                }
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}

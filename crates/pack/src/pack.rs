@@ -1,0 +1,570 @@
+//! `pack`: source files → one container, streaming and parallel.
+//!
+//! Every chunk of every tensor (in execution order) is one job. Jobs run in
+//! parallel in bounded windows; results are committed in order (digests,
+//! hot bytes at their planned offsets, cold bytes appended layer by layer),
+//! so memory is bounded by the window, never by the model.
+
+use crate::atomic::AtomicFile;
+use crate::error::{Error, Result};
+use crate::source::{Source, SourceKind};
+use crate::Progress;
+use rayon::prelude::*;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+use tpde_codecs::{base, residual, xxh3, BaseCodec, BaseLayout, FloatDtype};
+use tpde_format::{
+    align_up, Blob, BlobChunk, DecomposedChunk, Extent, FileContent, Footer, Header, Manifest, PackParams,
+    Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN, FORMAT_VERSION, MAX_CHUNK_LEN,
+    RESIDUAL_EXACT_V1,
+};
+use tpde_ingest::safetensors::TensorEntry;
+
+/// Bytes per chunk of an exactly stored tensor or a blob.
+pub const RAW_CHUNK_BYTES: u64 = 4 << 20;
+pub use crate::pipeline::WINDOW_BYTES;
+
+/// How to pack.
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// Hot-tier quantizer; `None` stores every tensor exactly.
+    pub base: Option<BaseCodec>,
+    pub group_size: u32,
+    /// Target original elements per cold chunk.
+    pub chunk_elems: u64,
+    /// Float tensors with fewer elements are stored exactly.
+    pub min_decompose_elems: u64,
+    pub zstd_level: i32,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            base: Some(BaseCodec::Q4),
+            group_size: 64,
+            chunk_elems: 1 << 18,
+            min_decompose_elems: 4096,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// What a pack produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PackSummary {
+    pub original_bytes: u64,
+    pub container_bytes: u64,
+    pub hot_bytes: u64,
+    pub cold_bytes: u64,
+    pub files_bytes: u64,
+    pub tensors: usize,
+    pub decomposed_tensors: usize,
+    pub raw_tensors: usize,
+    pub files: usize,
+    pub seconds: f64,
+}
+
+/// Where a tensor's data goes, in execution order.
+struct Planned<'a> {
+    file: usize,
+    entry: &'a TensorEntry,
+    data_start: u64,
+    step: String,
+    tensor: Tensor,
+}
+
+/// One unit of parallel work.
+struct Job {
+    tensor: usize,
+    chunk: usize,
+    file: usize,
+    /// Set for decomposed tensors: element type, base layout, base bytes.
+    decompose: Option<(FloatDtype, BaseLayout, u64)>,
+    /// Absolute offset of the chunk's bytes in the source file.
+    src_offset: u64,
+    src_len: u64,
+}
+
+struct JobOut {
+    src: Vec<u8>,
+    hot: Vec<u8>,
+    cold: Vec<u8>,
+}
+
+/// Transformer layer of a tensor name (`…layers.12.…`, `…layer.3.…`, `blk.7.…`, `h.0.…`).
+pub fn layer_of(name: &str) -> Option<u32> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "block" | "blk")
+            .then(|| w[1].parse().ok())
+            .flatten()
+    })
+}
+
+/// Execution step of a tensor: embeddings first, then layers in order, then the rest.
+fn step_of(name: &str, layer: Option<u32>) -> (u8, u32, String) {
+    match layer {
+        Some(l) => (1, l, format!("cold.layer.{l}")),
+        None => {
+            let lower = name.to_ascii_lowercase();
+            if ["embed", "wte", "wpe", "tok_"].iter().any(|k| lower.contains(k)) {
+                (0, 0, "cold.pre".into())
+            } else {
+                (2, 0, "cold.post".into())
+            }
+        }
+    }
+}
+
+/// Packs `src` (a `.safetensors` file or a model folder) into `dest`.
+pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress) -> Result<PackSummary> {
+    let start = Instant::now();
+    if opts.group_size == 0 || opts.group_size > tpde_format::MAX_GROUP_SIZE {
+        return Err(Error::input(src, format!("group size {} out of range", opts.group_size)));
+    }
+    let source = Source::open(src)?;
+    if let Ok(d) = dest.canonicalize() {
+        if source.files.iter().any(|f| f.path.canonicalize().ok().as_deref() == Some(&d)) {
+            return Err(Error::Destination {
+                path: dest.to_path_buf(),
+                msg: "destination is one of the inputs".into(),
+            });
+        }
+    }
+
+    // Plan every tensor in execution order, with its hot extents.
+    let mut planned = plan(&source, opts);
+    let mut hot_at = FIRST_SECTION_OFFSET;
+    for p in &mut planned {
+        match &mut p.tensor.storage {
+            Storage::Raw { chunks } => {
+                for c in chunks {
+                    c.offset = hot_at;
+                    hot_at += c.len;
+                }
+            }
+            Storage::Decomposed { chunks, .. } => {
+                for c in chunks {
+                    c.base.offset = hot_at;
+                    hot_at += c.base.len;
+                }
+            }
+        }
+    }
+    let mut sections = Vec::new();
+    if hot_at > FIRST_SECTION_OFFSET {
+        sections.push(Section {
+            name: "hot".into(),
+            kind: SectionKind::Hot,
+            offset: FIRST_SECTION_OFFSET,
+            len: hot_at - FIRST_SECTION_OFFSET,
+        });
+    }
+
+    let jobs = jobs_of(&planned);
+    let out = AtomicFile::create(dest)?;
+    let wpath = out.tmp_path().to_path_buf();
+    let write_at = |bytes: &[u8], at: u64| out.file.write_all_at(bytes, at).map_err(Error::io(&wpath, "cannot write"));
+
+    progress.begin("pack", source.total_bytes());
+
+    // Whole-file digests of safetensors files, in parallel.
+    let file_digests: Vec<Option<String>> = source
+        .files
+        .par_iter()
+        .map(|f| match f.kind {
+            SourceKind::Safetensors { .. } => hash_file(&f.file, &f.path, f.len).map(Some),
+            SourceKind::Blob => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+
+    // Cold sections open as the execution step changes.
+    let mut cursor = align_up(hot_at).expect("small");
+    let mut open: Option<(String, u64)> = None;
+    let mut hashers: Vec<Option<blake3::Hasher>> = planned.iter().map(|_| Some(blake3::Hasher::new())).collect();
+    let mut left: Vec<usize> = planned.iter().map(|p| chunk_count(&p.tensor.storage)).collect();
+    for (ti, n) in left.iter().enumerate() {
+        if *n == 0 {
+            planned[ti].tensor.blake3 = blake3::hash(&[]).to_hex().to_string();
+        }
+    }
+
+    crate::pipeline::ordered(
+        &jobs,
+        |j| j.src_len,
+        |job| run_job(&source, job, opts.zstd_level),
+        |job, r| {
+            let p = &mut planned[job.tensor];
+            if let Some(h) = hashers[job.tensor].as_mut() {
+                h.update(&r.src);
+            }
+            match &mut p.tensor.storage {
+                Storage::Raw { chunks } => {
+                    let c = &mut chunks[job.chunk];
+                    c.xxh3 = xxh3(&r.src);
+                    write_at(&r.src, c.offset)?;
+                }
+                Storage::Decomposed { chunks, .. } => {
+                    // Execution order keeps each step's tensors together, so a
+                    // step's cold section opens once and closes when the next begins.
+                    if open.as_ref().map(|(n, _)| n.as_str()) != Some(p.step.as_str()) {
+                        close_section(&mut sections, &mut open, &mut cursor);
+                        open = Some((p.step.clone(), cursor));
+                    }
+                    let c = &mut chunks[job.chunk];
+                    c.base.xxh3 = xxh3(&r.hot);
+                    write_at(&r.hot, c.base.offset)?;
+                    c.cold = Extent {
+                        offset: cursor,
+                        len: r.cold.len() as u64,
+                        xxh3: xxh3(&r.cold),
+                    };
+                    write_at(&r.cold, cursor)?;
+                    cursor += r.cold.len() as u64;
+                }
+            }
+            left[job.tensor] -= 1;
+            if left[job.tensor] == 0 {
+                let h = hashers[job.tensor].take().expect("hasher");
+                p.tensor.blake3 = h.finalize().to_hex().to_string();
+            }
+            progress.advance(job.src_len);
+            Ok(())
+        },
+    )?;
+    close_section(&mut sections, &mut open, &mut cursor);
+
+    // Files section: safetensors headers and every other file, zstd-compressed.
+    let files_start = cursor;
+    let mut files = Vec::with_capacity(source.files.len());
+    for (fi, f) in source.files.iter().enumerate() {
+        let (content, digest) = match &f.kind {
+            SourceKind::Safetensors { raw_header, .. } => {
+                let header = store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
+                let tensors = tensor_order(&planned, fi);
+                (FileContent::Safetensors { header, tensors }, file_digests[fi].clone().expect("hashed"))
+            }
+            SourceKind::Blob => {
+                let mut hasher = blake3::Hasher::new();
+                let mut chunks = Vec::new();
+                let mut at = 0;
+                while at < f.len {
+                    let n = RAW_CHUNK_BYTES.min(f.len - at);
+                    let buf = read_at(&f.file, &f.path, at, n)?;
+                    hasher.update(&buf);
+                    chunks.extend(store_blob(&buf, opts.zstd_level, &mut cursor, &write_at, &wpath)?.chunks);
+                    progress.advance(n);
+                    at += n;
+                }
+                (FileContent::Blob { blob: Blob { chunks } }, hasher.finalize().to_hex().to_string())
+            }
+        };
+        files.push(tpde_format::SourceFile {
+            path: f.rel.clone(),
+            len: f.len,
+            blake3: digest,
+            content,
+        });
+    }
+    if cursor > files_start {
+        sections.push(Section {
+            name: "files".into(),
+            kind: SectionKind::Files,
+            offset: files_start,
+            len: cursor - files_start,
+        });
+    }
+
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        created_by: format!("tpde {}", env!("CARGO_PKG_VERSION")),
+        params: PackParams {
+            base: opts.base.map_or("none", |b| b.name()).into(),
+            group_size: opts.group_size,
+            chunk_elems: opts.chunk_elems,
+            min_decompose_elems: opts.min_decompose_elems,
+            zstd_level: opts.zstd_level,
+        },
+        sections,
+        files,
+        tensors: planned.into_iter().map(|p| p.tensor).collect(),
+    };
+    let bytes = manifest.to_bytes();
+    let manifest_offset = align_up(cursor).expect("small");
+    let digest: [u8; 32] = *blake3::hash(&bytes).as_bytes();
+    let file_len = manifest_offset + bytes.len() as u64 + FOOTER_LEN as u64;
+    // The writer checks its own output against the reader's rules.
+    manifest
+        .validate(manifest_offset, file_len)
+        .map_err(|e| Error::input(src, format!("internal error, invalid manifest: {e}")))?;
+    write_at(&bytes, manifest_offset)?;
+    let footer = Footer {
+        manifest_offset,
+        manifest_len: bytes.len() as u64,
+        manifest_blake3: digest,
+        file_len,
+    };
+    write_at(&footer.encode(), manifest_offset + bytes.len() as u64)?;
+    let header = Header {
+        manifest_offset,
+        manifest_len: bytes.len() as u64,
+        manifest_blake3: digest,
+    };
+    write_at(&header.encode(), 0)?;
+    source.check_unchanged()?;
+    out.commit()?;
+    progress.end();
+
+    let by = manifest.bytes_by_kind();
+    Ok(PackSummary {
+        original_bytes: source.total_bytes(),
+        container_bytes: file_len,
+        hot_bytes: by.get("hot").copied().unwrap_or(0),
+        cold_bytes: by.get("cold").copied().unwrap_or(0),
+        files_bytes: by.get("files").copied().unwrap_or(0),
+        tensors: manifest.tensors.len(),
+        decomposed_tensors: manifest
+            .tensors
+            .iter()
+            .filter(|t| matches!(t.storage, Storage::Decomposed { .. }))
+            .count(),
+        raw_tensors: manifest
+            .tensors
+            .iter()
+            .filter(|t| matches!(t.storage, Storage::Raw { .. }))
+            .count(),
+        files: manifest.files.len(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn close_section(sections: &mut Vec<Section>, open: &mut Option<(String, u64)>, cursor: &mut u64) {
+    if let Some((name, start)) = open.take() {
+        sections.push(Section {
+            name,
+            kind: SectionKind::Cold,
+            offset: start,
+            len: *cursor - start,
+        });
+    }
+    *cursor = align_up(*cursor).expect("small");
+}
+
+fn chunk_count(s: &Storage) -> usize {
+    match s {
+        Storage::Raw { chunks } => chunks.len(),
+        Storage::Decomposed { chunks, .. } => chunks.len(),
+    }
+}
+
+/// Indices (in execution order) of a file's tensors, in file order.
+fn tensor_order(planned: &[Planned], file: usize) -> Vec<u32> {
+    let mut v: Vec<(u64, u32)> = planned
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.file == file)
+        .map(|(i, p)| (p.entry.begin, i as u32))
+        .collect();
+    v.sort_unstable();
+    v.into_iter().map(|(_, i)| i).collect()
+}
+
+fn plan<'a>(source: &'a Source, opts: &PackOptions) -> Vec<Planned<'a>> {
+    let mut all = Vec::new();
+    for (fi, f) in source.files.iter().enumerate() {
+        let SourceKind::Safetensors { header, .. } = &f.kind else {
+            continue;
+        };
+        for entry in &header.tensors {
+            let layer = layer_of(&entry.name);
+            let (group, l, step) = step_of(&entry.name, layer);
+            let tensor = plan_tensor(fi, entry, layer, opts);
+            all.push(((group, l, all.len()), Planned {
+                file: fi,
+                entry,
+                data_start: header.data_start,
+                step,
+                tensor,
+            }));
+        }
+    }
+    all.sort_by_key(|(k, _)| *k);
+    all.into_iter().map(|(_, p)| p).collect()
+}
+
+fn plan_tensor(file: usize, e: &TensorEntry, layer: Option<u32>, opts: &PackOptions) -> Tensor {
+    let byte_len = e.end - e.begin;
+    let numel = e.numel();
+    let cols = e.shape.last().copied().unwrap_or(0);
+    let dtype = FloatDtype::from_name(e.dtype.name());
+    let storage = match (opts.base, dtype) {
+        (Some(codec), Some(dt))
+            if e.shape.len() >= 2
+                && numel >= opts.min_decompose_elems.max(1)
+                && cols > 0
+                && cols * dt.width() as u64 <= MAX_CHUNK_LEN =>
+        {
+            let layout = BaseLayout {
+                codec,
+                group: opts.group_size as usize,
+                cols: cols as usize,
+            };
+            let rows = numel / cols;
+            let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
+            let per_chunk = (opts.chunk_elems / cols).clamp(1, max_rows);
+            let mut chunks = Vec::new();
+            let mut r = 0;
+            while r < rows {
+                let n = per_chunk.min(rows - r);
+                chunks.push(DecomposedChunk {
+                    rows: n,
+                    base: Extent {
+                        offset: 0,
+                        len: layout.bytes_for_rows(n).expect("bounded by chunk size"),
+                        xxh3: 0,
+                    },
+                    cold: Extent {
+                        offset: 0,
+                        len: 0,
+                        xxh3: 0,
+                    },
+                });
+                r += n;
+            }
+            Storage::Decomposed {
+                codec,
+                group_size: opts.group_size,
+                rows,
+                cols,
+                residual: RESIDUAL_EXACT_V1.into(),
+                chunks,
+            }
+        }
+        _ => {
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            while at < byte_len {
+                let n = RAW_CHUNK_BYTES.min(byte_len - at);
+                chunks.push(Extent {
+                    offset: 0,
+                    len: n,
+                    xxh3: 0,
+                });
+                at += n;
+            }
+            Storage::Raw { chunks }
+        }
+    };
+    Tensor {
+        name: e.name.clone(),
+        dtype: e.dtype.name().into(),
+        shape: e.shape.clone(),
+        byte_len,
+        blake3: String::new(),
+        file: file as u32,
+        layer,
+        storage,
+    }
+}
+
+fn jobs_of(planned: &[Planned]) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (ti, p) in planned.iter().enumerate() {
+        let base = p.data_start + p.entry.begin;
+        let mut at = 0;
+        match &p.tensor.storage {
+            Storage::Raw { chunks } => {
+                for (ci, c) in chunks.iter().enumerate() {
+                    jobs.push(Job {
+                        tensor: ti,
+                        chunk: ci,
+                        file: p.file,
+                        decompose: None,
+                        src_offset: base + at,
+                        src_len: c.len,
+                    });
+                    at += c.len;
+                }
+            }
+            Storage::Decomposed { chunks, cols, .. } => {
+                let dtype = FloatDtype::from_name(&p.tensor.dtype).expect("decomposable");
+                let layout = p.tensor.base_layout().expect("decomposed");
+                for (ci, c) in chunks.iter().enumerate() {
+                    let len = c.rows * cols * dtype.width() as u64;
+                    jobs.push(Job {
+                        tensor: ti,
+                        chunk: ci,
+                        file: p.file,
+                        decompose: Some((dtype, layout, c.base.len)),
+                        src_offset: base + at,
+                        src_len: len,
+                    });
+                    at += len;
+                }
+            }
+        }
+    }
+    jobs
+}
+
+fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
+    let f = &source.files[job.file];
+    let src = read_at(&f.file, &f.path, job.src_offset, job.src_len)?;
+    let Some((dtype, layout, base_len)) = job.decompose else {
+        return Ok(JobOut {
+            src,
+            hot: Vec::new(),
+            cold: Vec::new(),
+        });
+    };
+    let mut hot = vec![0u8; base_len as usize];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let cold = residual::encode(dtype, &layout, &src, &hot, level)
+        .map_err(|e| Error::input(&f.path, format!("cannot encode a chunk: {e}")))?;
+    Ok(JobOut { src, hot, cold })
+}
+
+/// Reads exactly `len` bytes at `offset` into an owned buffer.
+pub(crate) fn read_at(file: &std::fs::File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).map_err(Error::io(path, "cannot read"))?;
+    Ok(buf)
+}
+
+fn hash_file(file: &std::fs::File, path: &Path, len: u64) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut at = 0;
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    while at < len {
+        let n = (buf.len() as u64).min(len - at) as usize;
+        file.read_exact_at(&mut buf[..n], at).map_err(Error::io(path, "cannot read"))?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn store_blob(
+    data: &[u8],
+    level: i32,
+    cursor: &mut u64,
+    write_at: &dyn Fn(&[u8], u64) -> Result<()>,
+    wpath: &Path,
+) -> Result<Blob> {
+    let mut chunks = Vec::new();
+    for piece in data.chunks(RAW_CHUNK_BYTES as usize) {
+        let frame = residual::zstd_compress(piece, level)
+            .map_err(|e| Error::input(wpath, format!("compression failed: {e}")))?;
+        write_at(&frame, *cursor)?;
+        chunks.push(BlobChunk {
+            offset: *cursor,
+            len: frame.len() as u64,
+            raw_len: piece.len() as u64,
+            xxh3: xxh3(&frame),
+        });
+        *cursor += frame.len() as u64;
+    }
+    Ok(Blob { chunks })
+}
+

@@ -1,0 +1,258 @@
+//! Rebuilding source files from a container, byte stream by byte stream,
+//! with every checksum and digest checked on the way: the shared core of
+//! `verify` and `unpack`.
+
+use crate::atomic::AtomicDir;
+use crate::container::Container;
+use crate::error::{Error, Result};
+use crate::pack::read_at;
+use crate::Progress;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tpde_format::FileContent;
+
+/// One piece of a restored file.
+enum Job {
+    Blob { chunk: usize, header: bool },
+    Tensor { tensor: usize, chunk: usize, last: bool, len: u64 },
+}
+
+/// Streams the original bytes of file `fi` to `sink` in order, checking
+/// chunk checksums, tensor digests, the file digest and its length.
+/// `sink` gets the bytes and a description of where they come from.
+pub fn restore_file(
+    c: &Container,
+    fi: usize,
+    progress: &dyn Progress,
+    sink: &mut (dyn FnMut(&[u8], &dyn Fn() -> String) -> Result<()> + Send),
+) -> Result<()> {
+    let f = &c.manifest.files[fi];
+    let mut jobs = Vec::new();
+    let blob = match &f.content {
+        FileContent::Blob { blob } => blob,
+        FileContent::Safetensors { header, .. } => header,
+    };
+    for ci in 0..blob.chunks.len() {
+        jobs.push(Job::Blob {
+            chunk: ci,
+            header: matches!(f.content, FileContent::Safetensors { .. }),
+        });
+    }
+    if let FileContent::Safetensors { tensors, .. } = &f.content {
+        for &ti in tensors {
+            let t = &c.manifest.tensors[ti as usize];
+            let lens = c.chunk_lens(t);
+            let n = lens.len();
+            if n == 0 {
+                if t.blake3 != blake3::hash(&[]).to_hex().as_str() {
+                    return Err(Error::integrity(&c.path, format!("tensor {:?}: digest mismatch", t.name)));
+                }
+            }
+            for (ci, len) in lens.into_iter().enumerate() {
+                jobs.push(Job::Tensor {
+                    tensor: ti as usize,
+                    chunk: ci,
+                    last: ci + 1 == n,
+                    len,
+                });
+            }
+        }
+    }
+
+    let mut file_hash = blake3::Hasher::new();
+    let mut tensor_hash = blake3::Hasher::new();
+    let mut total = 0u64;
+    let job_len = |j: &Job| match j {
+        Job::Blob { chunk, .. } => blob.chunks[*chunk].raw_len,
+        Job::Tensor { len, .. } => *len,
+    };
+    let what = |header: bool| if header { "header" } else { "blob" };
+    // Output buffers go back to a pool after their commit: no zero-filled
+    // allocation per chunk.
+    let pool = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
+    crate::pipeline::ordered(
+        &jobs,
+        job_len,
+        |job| match job {
+            Job::Blob { chunk, header } => c.read_blob_chunk(&blob.chunks[*chunk], || {
+                format!("file {:?} {} chunk {chunk}", f.path, what(*header))
+            }),
+            Job::Tensor { tensor, chunk, .. } => {
+                let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
+                c.rebuild_chunk_into(*tensor, *chunk, &mut out)?;
+                Ok(out)
+            }
+        },
+        |job, bytes| {
+            file_hash.update(&bytes);
+            total += bytes.len() as u64;
+            match job {
+                Job::Blob { chunk, header } => {
+                    sink(&bytes, &|| format!("file {:?} {} chunk {chunk}", f.path, what(*header)))?;
+                }
+                Job::Tensor { tensor, chunk, last, .. } => {
+                    let t = &c.manifest.tensors[*tensor];
+                    tensor_hash.update(&bytes);
+                    sink(&bytes, &|| format!("tensor {:?} chunk {chunk}", t.name))?;
+                    if *last {
+                        let got = std::mem::take(&mut tensor_hash).finalize();
+                        if got.to_hex().as_str() != t.blake3 {
+                            return Err(Error::integrity(
+                                &c.path,
+                                format!("tensor {:?}: blake3 of the rebuilt bytes does not match the recorded digest", t.name),
+                            ));
+                        }
+                    }
+                }
+            }
+            progress.advance(bytes.len() as u64);
+            pool.lock().expect("pool").push(bytes);
+            Ok(())
+        },
+    )?;
+    if total != f.len {
+        return Err(Error::integrity(
+            &c.path,
+            format!("file {:?}: rebuilt {total} bytes, recorded {}", f.path, f.len),
+        ));
+    }
+    if file_hash.finalize().to_hex().as_str() != f.blake3 {
+        return Err(Error::integrity(
+            &c.path,
+            format!("file {:?}: blake3 of the rebuilt file does not match the recorded digest", f.path),
+        ));
+    }
+    Ok(())
+}
+
+/// What `verify` checked.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub tensors: usize,
+    pub original_bytes: u64,
+    pub container_bytes: u64,
+    pub compared_with_source: bool,
+    pub seconds: f64,
+}
+
+/// Checks every checksum and digest, rebuilds every tensor, and with
+/// `source` (the packed file or folder) compares every byte with it.
+pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport> {
+    let start = Instant::now();
+    let c = Container::open(path)?;
+    c.check_padding()?;
+    let m = &c.manifest;
+    let sources: Option<Vec<PathBuf>> = source.map(|s| source_paths(&c, s)).transpose()?;
+    progress.begin("verify", m.original_bytes());
+    for fi in 0..m.files.len() {
+        match &sources {
+            None => restore_file(&c, fi, progress, &mut |_, _| Ok(()))?,
+            Some(paths) => {
+                let sp = &paths[fi];
+                let sf = std::fs::File::open(sp).map_err(Error::io(sp, "cannot open source"))?;
+                let slen = sf.metadata().map_err(Error::io(sp, "cannot read source"))?.len();
+                if slen != m.files[fi].len {
+                    return Err(Error::integrity(
+                        sp,
+                        format!("source is {slen} bytes, the container holds {}", m.files[fi].len),
+                    ));
+                }
+                let mut at = 0u64;
+                restore_file(&c, fi, progress, &mut |bytes, who| {
+                    let theirs = read_at(&sf, sp, at, bytes.len() as u64)?;
+                    if let Some(i) = bytes.iter().zip(&theirs).position(|(a, b)| a != b) {
+                        return Err(Error::integrity(
+                            sp,
+                            format!("differs from the container at byte {} ({})", at + i as u64, who()),
+                        ));
+                    }
+                    at += bytes.len() as u64;
+                    Ok(())
+                })?;
+            }
+        }
+    }
+    progress.end();
+    Ok(VerifyReport {
+        files: m.files.len(),
+        tensors: m.tensors.len(),
+        original_bytes: m.original_bytes(),
+        container_bytes: c.len,
+        compared_with_source: source.is_some(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Source path of each container file: `source` itself for a one-file
+/// container packed from a file, else `source/<path>`.
+fn source_paths(c: &Container, source: &Path) -> Result<Vec<PathBuf>> {
+    let files = &c.manifest.files;
+    if source.is_dir() {
+        Ok(files.iter().map(|f| source.join(&f.path)).collect())
+    } else if files.len() == 1 {
+        Ok(vec![source.to_path_buf()])
+    } else {
+        Err(Error::input(
+            source,
+            format!("the container holds {} files: give the folder they came from", files.len()),
+        ))
+    }
+}
+
+/// What `unpack` wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UnpackReport {
+    pub files: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Writes the original files into the folder `dest` (which must not exist
+/// or be empty), atomically: all files, verified, or nothing.
+pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<UnpackReport> {
+    let start = Instant::now();
+    let c = Container::open(path)?;
+    c.check_padding()?;
+    let out = AtomicDir::create(dest)?;
+    let mut dirs = Vec::new();
+    progress.begin("unpack", c.manifest.original_bytes());
+    for (fi, f) in c.manifest.files.iter().enumerate() {
+        let target = out.tmp.join(&f.path);
+        if let Some(parent) = target.parent() {
+            if !parent.exists() {
+                std::fs::create_dir_all(parent).map_err(Error::io(parent, "cannot create folder"))?;
+            }
+            let mut p = parent.to_path_buf();
+            while p != out.tmp && !dirs.contains(&p) {
+                dirs.push(p.clone());
+                if !p.pop() {
+                    break;
+                }
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .map_err(Error::io(&target, "cannot create"))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        restore_file(&c, fi, progress, &mut |bytes, _| {
+            w.write_all(bytes).map_err(Error::io(&target, "cannot write"))
+        })?;
+        let file = w.into_inner().map_err(|e| Error::Io {
+            path: target.clone(),
+            op: "cannot write",
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(Error::io(&target, "cannot fsync"))?;
+    }
+    out.commit(&dirs)?;
+    progress.end();
+    Ok(UnpackReport {
+        files: c.manifest.files.len(),
+        bytes: c.manifest.original_bytes(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,199 @@
+//! What `pack` reads: a `.safetensors` file or a Hugging Face model folder.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tpde_ingest::safetensors::{self as st, Header};
+
+/// Most files read from one model folder.
+pub const MAX_FOLDER_FILES: usize = 100_000;
+
+/// One input file.
+pub struct SourceFile {
+    /// Path inside the restored folder (`/`-separated).
+    pub rel: String,
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+    pub modified: Option<std::time::SystemTime>,
+    pub kind: SourceKind,
+}
+
+pub enum SourceKind {
+    /// A safetensors file: parsed header and its raw bytes `[0, 8 + N)`.
+    Safetensors { header: Header, raw_header: Vec<u8> },
+    /// Any other file, carried byte for byte.
+    Blob,
+}
+
+/// All inputs of one pack, in restore order.
+pub struct Source {
+    pub root: PathBuf,
+    pub files: Vec<SourceFile>,
+}
+
+impl Source {
+    /// Opens a `.safetensors` file or a model folder, read-only, and
+    /// validates every safetensors header.
+    pub fn open(path: &Path) -> Result<Source> {
+        let meta = std::fs::metadata(path).map_err(Error::io(path, "cannot read"))?;
+        let mut files = Vec::new();
+        if meta.is_dir() {
+            let mut rels = Vec::new();
+            walk(path, path, &mut rels)?;
+            rels.sort();
+            for (rel, p) in rels {
+                files.push(open_file(&p, rel)?);
+            }
+            if !files.iter().any(|f| matches!(f.kind, SourceKind::Safetensors { .. })) {
+                return Err(Error::input(path, "folder holds no .safetensors file"));
+            }
+            check_index(path, &files)?;
+        } else {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::input(path, "file name is not valid UTF-8"))?
+                .to_string();
+            if !name.ends_with(".safetensors") {
+                return Err(Error::input(path, "not a .safetensors file or a model folder"));
+            }
+            files.push(open_file(path, name)?);
+        }
+        // Tensor names are the container's identifiers: unique across shards.
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for f in &files {
+            if let SourceKind::Safetensors { header, .. } = &f.kind {
+                for t in &header.tensors {
+                    if let Some(other) = seen.insert(&t.name, &f.rel) {
+                        return Err(Error::input(
+                            &f.path,
+                            format!("tensor {:?} is also in {other}", t.name),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Source {
+            root: path.to_path_buf(),
+            files,
+        })
+    }
+
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.len).sum()
+    }
+
+    /// Fails if any input changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for f in &self.files {
+            let m = f.file.metadata().map_err(Error::io(&f.path, "cannot read"))?;
+            if m.len() != f.len || m.modified().ok() != f.modified {
+                return Err(Error::input(&f.path, "file changed while it was being packed"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(Error::io(dir, "cannot list folder"))?;
+    for entry in rd {
+        let entry = entry.map_err(Error::io(dir, "cannot list folder"))?;
+        let p = entry.path();
+        // Follows symlinks (Hugging Face caches link files into snapshots).
+        let meta = std::fs::metadata(&p).map_err(Error::io(&p, "cannot read"))?;
+        if meta.is_dir() {
+            if entry.file_name() == ".git" {
+                continue;
+            }
+            walk(root, &p, out)?;
+        } else if meta.is_file() {
+            let rel = p
+                .strip_prefix(root)
+                .ok()
+                .and_then(|r| r.to_str())
+                .ok_or_else(|| Error::input(&p, "path is not valid UTF-8"))?
+                .replace(std::path::MAIN_SEPARATOR, "/");
+            tpde_format::check_relative_path(&rel).map_err(|m| Error::input(&p, m))?;
+            out.push((rel, p));
+            if out.len() > MAX_FOLDER_FILES {
+                return Err(Error::input(root, format!("more than {MAX_FOLDER_FILES} files")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
+    let file = File::open(path).map_err(Error::io(path, "cannot open"))?;
+    let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
+    let len = meta.len();
+    let kind = if rel.ends_with(".safetensors") {
+        let (header, raw_header) = st::read_header(std::io::BufReader::new(&file), len).map_err(|source| {
+            Error::Safetensors {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        SourceKind::Safetensors { header, raw_header }
+    } else {
+        SourceKind::Blob
+    };
+    Ok(SourceFile {
+        rel,
+        path: path.to_path_buf(),
+        file,
+        len,
+        modified: meta.modified().ok(),
+        kind,
+    })
+}
+
+/// When a folder has `model.safetensors.index.json`, every entry of its
+/// `weight_map` must name a tensor that is in the shard it says.
+fn check_index(root: &Path, files: &[SourceFile]) -> Result<()> {
+    let Some(index) = files.iter().find(|f| f.rel.ends_with(".safetensors.index.json")) else {
+        return Ok(());
+    };
+    let text = std::fs::read(&index.path).map_err(Error::io(&index.path, "cannot read"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::input(&index.path, format!("not valid JSON: {e}")))?;
+    let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(Error::input(&index.path, "no \"weight_map\" object"));
+    };
+    let dir = index.rel.rsplit_once('/').map_or("", |(d, _)| d);
+    let mut where_is: HashMap<&str, &str> = HashMap::new();
+    for f in files {
+        if let SourceKind::Safetensors { header, .. } = &f.kind {
+            for t in &header.tensors {
+                where_is.insert(&t.name, &f.rel);
+            }
+        }
+    }
+    for (name, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| Error::input(&index.path, format!("weight_map entry {name:?} is not a string")))?;
+        let want = if dir.is_empty() { shard.to_string() } else { format!("{dir}/{shard}") };
+        match where_is.get(name.as_str()) {
+            Some(&got) if got == want => {}
+            Some(&got) => {
+                return Err(Error::input(
+                    &index.path,
+                    format!("weight_map puts tensor {name:?} in {shard} but it is in {got}"),
+                ))
+            }
+            None => {
+                return Err(Error::input(
+                    &index.path,
+                    format!("weight_map names tensor {name:?} in {shard}, which is not in the folder"),
+                ))
+            }
+        }
+    }
+    let _ = root;
+    Ok(())
+}
