@@ -1,1 +1,10 @@
+//! Integration tests of the `tpde` binary and pipelines: one test binary,
+//! modules by topic, helpers in `util.rs`.
 
+mod util;
+
+mod bad_container;
+mod bad_safetensors;
+mod faults;
+mod real_fixtures;
+mod roundtrip;

@@ -52,6 +52,9 @@ enum Command {
         /// zstd level of the cold tier and carried files.
         #[arg(long, default_value_t = 3)]
         zstd_level: i32,
+        /// Float matrices with fewer elements are stored exactly, like norms and biases.
+        #[arg(long, default_value_t = 4096)]
+        min_decompose_elems: u64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -100,7 +103,10 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
             eprintln!("tpde: error: cannot start {n} threads: {e}");
             return ExitCode::from(2);
         }
@@ -108,10 +114,13 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            let integrity = e
-                .chain()
-                .any(|c| c.downcast_ref::<tpde_pack::Error>().is_some_and(|e| e.is_integrity()));
-            eprintln!("tpde: error: {}", format!("{e:#}").replace('\n', " "));
+            let integrity = e.chain().any(|c| {
+                c.downcast_ref::<tpde_pack::Error>()
+                    .is_some_and(|e| e.is_integrity())
+            });
+            // Library errors already carry their file and cause in one
+            // sentence; the chain would repeat them.
+            eprintln!("tpde: error: {}", e.to_string().replace('\n', " "));
             ExitCode::from(if integrity { 1 } else { 2 })
         }
     }
@@ -126,6 +135,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             group_size,
             chunk_elems,
             zstd_level,
+            min_decompose_elems,
             json,
         } => {
             let opts = PackOptions {
@@ -137,7 +147,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 group_size,
                 chunk_elems: chunk_elems.max(1),
                 zstd_level,
-                ..PackOptions::default()
+                min_decompose_elems,
             };
             let bar = Bar::new(json);
             let s = tpde_pack::pack::pack(&source, &output, &opts, &bar)?;
@@ -148,10 +158,26 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let r = |b: u64| b as f64 / s.original_bytes.max(1) as f64;
                 println!("packed {} → {}", source.display(), output.display());
                 println!("  original     {:>14} bytes", s.original_bytes);
-                println!("  container    {:>14} bytes  {:.3} ×", s.container_bytes, r(s.container_bytes));
-                println!("    hot        {:>14} bytes  {:.3} ×", s.hot_bytes, r(s.hot_bytes));
-                println!("    cold       {:>14} bytes  {:.3} ×", s.cold_bytes, r(s.cold_bytes));
-                println!("    files      {:>14} bytes  {:.3} ×", s.files_bytes, r(s.files_bytes));
+                println!(
+                    "  container    {:>14} bytes  {:.3} ×",
+                    s.container_bytes,
+                    r(s.container_bytes)
+                );
+                println!(
+                    "    hot        {:>14} bytes  {:.3} ×",
+                    s.hot_bytes,
+                    r(s.hot_bytes)
+                );
+                println!(
+                    "    cold       {:>14} bytes  {:.3} ×",
+                    s.cold_bytes,
+                    r(s.cold_bytes)
+                );
+                println!(
+                    "    files      {:>14} bytes  {:.3} ×",
+                    s.files_bytes,
+                    r(s.files_bytes)
+                );
                 println!(
                     "  tensors      {} ({} decomposed, {} stored exactly) in {} file(s)",
                     s.tensors, s.decomposed_tensors, s.raw_tensors, s.files
@@ -165,7 +191,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { container, source, json } => {
+        Command::Verify {
+            container,
+            source,
+            json,
+        } => {
             let bar = Bar::new(json);
             let r = tpde_pack::verify(&container, source.as_deref(), &bar)?;
             bar.clear();
@@ -188,7 +218,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Unpack { container, output, json } => {
+        Command::Unpack {
+            container,
+            output,
+            json,
+        } => {
             let bar = Bar::new(json);
             let r = tpde_pack::unpack(&container, &output, &bar)?;
             bar.clear();
@@ -205,7 +239,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { container, json, tensors } => {
+        Command::Inspect {
+            container,
+            json,
+            tensors,
+        } => {
             let i = tpde_pack::inspect(&container)?;
             if json {
                 print_json(&serde_json::to_value(&i)?);
@@ -244,18 +282,36 @@ fn print_rss() {
 }
 
 pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
-    println!("{}  (tpde format v{}, {})", i.path, i.format_version, i.created_by);
+    println!(
+        "{}  (tpde format v{}, {})",
+        i.path, i.format_version, i.created_by
+    );
     println!(
         "  base {} group {}, cold chunks of {} elements, zstd level {}",
         i.params.base, i.params.group_size, i.params.chunk_elems, i.params.zstd_level
     );
     println!("  {:<10} {:>14} {:>9}", "", "bytes", "× orig");
-    println!("  {:<10} {:>14} {:>9}", "original", i.original_bytes, "1.000");
-    println!("  {:<10} {:>14} {:>9.3}", "container", i.container_bytes, i.ratio);
-    for (name, t) in [("hot", &i.tiers.hot), ("cold", &i.tiers.cold), ("files", &i.tiers.files)] {
+    println!(
+        "  {:<10} {:>14} {:>9}",
+        "original", i.original_bytes, "1.000"
+    );
+    println!(
+        "  {:<10} {:>14} {:>9.3}",
+        "container", i.container_bytes, i.ratio
+    );
+    for (name, t) in [
+        ("hot", &i.tiers.hot),
+        ("cold", &i.tiers.cold),
+        ("files", &i.tiers.files),
+    ] {
         println!("  {:<10} {:>14} {:>9.3}", name, t.bytes, t.ratio);
     }
-    println!("  {} files, {} tensors, {} sections", i.files.len(), i.tensors.len(), i.sections.len());
+    println!(
+        "  {} files, {} tensors, {} sections",
+        i.files.len(),
+        i.tensors.len(),
+        i.sections.len()
+    );
     for f in &i.files {
         println!("    {:<40} {:>12} bytes  {}", f.path, f.bytes, f.kind);
     }
@@ -299,9 +355,11 @@ impl Progress for Bar {
             b.set_length(total);
             b.set_position(0);
             b.set_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
         }

@@ -65,7 +65,11 @@ pub fn block_code(codec: BaseCodec, payload: &[u8], i: usize) -> i32 {
     match codec {
         BaseCodec::Q4 => {
             let b = payload[i / 2];
-            let nib = if i % 2 == 0 { b & 0x0F } else { b >> 4 };
+            let nib = if i.is_multiple_of(2) {
+                b & 0x0F
+            } else {
+                b >> 4
+            };
             nib as i32 - 8
         }
         BaseCodec::Q8 => payload[i] as i8 as i32,

@@ -158,11 +158,27 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_half_on_edge_and_sampled_patterns() {
         let mut x = 0x1234_5678u32;
-        let mut check = |b: u32| {
+        let check = |b: u32| {
             let f = f32::from_bits(b);
-            assert_eq!(super::bf16_bits_rne(f), half::bf16::from_f32(f).to_bits(), "{b:#x}");
+            assert_eq!(
+                super::bf16_bits_rne(f),
+                half::bf16::from_f32(f).to_bits(),
+                "{b:#x}"
+            );
         };
-        for b in [0, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0001, 0x7F80_0001, 0x7F7F_FFFF, 0x0000_8000, 0x0001_8000, 0x3F80_8000, 0x3F81_8000] {
+        for b in [
+            0,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0001,
+            0x7F80_0001,
+            0x7F7F_FFFF,
+            0x0000_8000,
+            0x0001_8000,
+            0x3F80_8000,
+            0x3F81_8000,
+        ] {
             check(b);
         }
         for _ in 0..2_000_000 {
@@ -211,7 +227,18 @@ mod tests {
         for dt in [FloatDtype::F32, FloatDtype::F64] {
             let m = dt.mask();
             let s = dt.sign_mask();
-            for b in [0, 1, s, s | 1, m, m ^ s, m >> 1, s >> 1, 0x7FC0_0001 & m, 12345 & m] {
+            for b in [
+                0,
+                1,
+                s,
+                s | 1,
+                m,
+                m ^ s,
+                m >> 1,
+                s >> 1,
+                0x7FC0_0001 & m,
+                12345 & m,
+            ] {
                 assert_eq!(dt.from_order_key(dt.order_key(b)), b);
             }
         }

@@ -83,24 +83,41 @@ const fn mask(bits: u32) -> u64 {
 /// The residual of one element (zigzagged), by definition.
 #[inline]
 pub fn residual_of(dtype: FloatDtype, orig_bits: u64, pred_bits: u64) -> u64 {
-    let r = dtype.order_key(orig_bits).wrapping_sub(dtype.order_key(pred_bits)) & dtype.mask();
+    let r = dtype
+        .order_key(orig_bits)
+        .wrapping_sub(dtype.order_key(pred_bits))
+        & dtype.mask();
     zigzag(r, dtype.bits())
 }
 
 /// The original bits from a prediction and a zigzagged residual.
 #[inline]
 pub fn apply_residual(dtype: FloatDtype, pred_bits: u64, z: u64) -> u64 {
-    let key = dtype.order_key(pred_bits).wrapping_add(unzigzag(z, dtype.bits())) & dtype.mask();
+    let key = dtype
+        .order_key(pred_bits)
+        .wrapping_add(unzigzag(z, dtype.bits()))
+        & dtype.mask();
     dtype.from_order_key(key)
 }
 
-fn check_shapes(dtype: FloatDtype, layout: &BaseLayout, src_len: usize, base_len: usize) -> Result<usize, CodecError> {
+fn check_shapes(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    src_len: usize,
+    base_len: usize,
+) -> Result<usize, CodecError> {
     let rb = layout.row_bytes();
-    if layout.cols == 0 || rb == 0 || base_len % rb != 0 {
-        return Err(CodecError::Shape(format!("base of {base_len} bytes is not whole rows of {rb}")));
+    if layout.cols == 0 || rb == 0 || !base_len.is_multiple_of(rb) {
+        return Err(CodecError::Shape(format!(
+            "base of {base_len} bytes is not whole rows of {rb}"
+        )));
     }
     let rows = base_len / rb;
-    if rows.checked_mul(layout.cols).and_then(|e| e.checked_mul(dtype.width())) != Some(src_len) {
+    if rows
+        .checked_mul(layout.cols)
+        .and_then(|e| e.checked_mul(dtype.width()))
+        != Some(src_len)
+    {
         return Err(CodecError::Shape(format!(
             "{src_len} original bytes do not match {rows} rows × {} {}",
             layout.cols,
@@ -181,7 +198,11 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
                 out.len()
             )))
         }
-        _ => return Err(CodecError::Corrupt("zstd frame without a valid content size".into())),
+        _ => {
+            return Err(CodecError::Corrupt(
+                "zstd frame without a valid content size".into(),
+            ))
+        }
     }
     match zstd_safe::find_frame_compressed_size(frame) {
         Ok(n) if n == frame.len() => {}
@@ -191,13 +212,18 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
                 frame.len()
             )))
         }
-        Err(_) => return Err(CodecError::Corrupt("truncated or invalid zstd frame".into())),
+        Err(_) => {
+            return Err(CodecError::Corrupt(
+                "truncated or invalid zstd frame".into(),
+            ))
+        }
     }
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
             let mut dec = zstd::bulk::Decompressor::new().map_err(CodecError::Zstd)?;
-            dec.window_log_max(MAX_ZSTD_WINDOW_LOG).map_err(CodecError::Zstd)?;
+            dec.window_log_max(MAX_ZSTD_WINDOW_LOG)
+                .map_err(CodecError::Zstd)?;
             *d = Some(dec);
         }
         let dec = d.as_mut().expect("set above");
@@ -205,7 +231,10 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
             .decompress_to_buffer(frame, out)
             .map_err(|e| CodecError::Corrupt(format!("zstd: {e}")))?;
         if n != out.len() {
-            return Err(CodecError::Corrupt(format!("zstd frame gave {n} bytes, expected {}", out.len())));
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame gave {n} bytes, expected {}",
+                out.len()
+            )));
         }
         Ok(())
     })
@@ -220,7 +249,8 @@ fn frame_streams<S: AsRef<[u8]>>(streams: &[S], level: i32) -> Result<Vec<u8>, C
             table.extend_from_slice(&0u32.to_le_bytes());
         } else {
             let f = zstd_compress(s, level)?;
-            let len = u32::try_from(f.len()).map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
+            let len = u32::try_from(f.len())
+                .map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
             table.extend_from_slice(&len.to_le_bytes());
             body.extend_from_slice(&f);
         }
@@ -242,7 +272,13 @@ pub fn encode_reference(
 }
 
 /// Fast encoder used by the pipeline; output identical to [`encode_reference`].
-pub fn encode(dtype: FloatDtype, layout: &BaseLayout, src: &[u8], base: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+pub fn encode(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    src: &[u8],
+    base: &[u8],
+    level: i32,
+) -> Result<Vec<u8>, CodecError> {
     let rows = check_shapes(dtype, layout, src.len(), base.len())?;
     let counts = count_classes(layout, base, rows)?;
     let w = dtype.width();
@@ -345,7 +381,10 @@ fn scatter<const W: usize>(
             let payload = &row[off + 2..off + layout.block_bytes(len)];
             let vals = &srow[col * W..(col + len) * W];
             let mut put = |i: usize, class: usize, pred_key: u64| {
-                let z = zigzag(key_w::<W>(load_w::<W>(&vals[i * W..])).wrapping_sub(pred_key), bits);
+                let z = zigzag(
+                    key_w::<W>(load_w::<W>(&vals[i * W..])).wrapping_sub(pred_key),
+                    bits,
+                );
                 let k = pos[class];
                 pos[class] = k + 1;
                 for p in 0..W {
@@ -367,7 +406,11 @@ fn scatter<const W: usize>(
                 BaseCodec::Q8 => {
                     for (i, &b) in payload.iter().enumerate() {
                         let q = b as i8 as i32;
-                        put(i, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
+                        put(
+                            i,
+                            class_of(BaseCodec::Q8, q),
+                            key_w::<W>(dtype.predict_bits(q, d)),
+                        );
                     }
                 }
             }
@@ -420,7 +463,9 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
         }
     }
     if bad_pad {
-        return Err(CodecError::Corrupt("non-zero padding nibble in a q4 base".into()));
+        return Err(CodecError::Corrupt(
+            "non-zero padding nibble in a q4 base".into(),
+        ));
     }
     if pad_nibbles > 0 {
         counts[Q4_CLASS[0]] -= pad_nibbles;
@@ -429,11 +474,11 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
 }
 
 /// Splits a chunk into its streams after checking the stream table.
-fn split_streams<'a>(
-    chunk: &'a [u8],
+fn split_streams(
+    chunk: &[u8],
     n_streams: usize,
     expected: impl Fn(usize) -> usize,
-) -> Result<Vec<&'a [u8]>, CodecError> {
+) -> Result<Vec<&[u8]>, CodecError> {
     let table_len = n_streams * 4;
     if chunk.len() < table_len {
         return Err(CodecError::Corrupt(format!(
@@ -454,7 +499,9 @@ fn split_streams<'a>(
         let end = at
             .checked_add(len)
             .filter(|&e| e <= chunk.len())
-            .ok_or_else(|| CodecError::Corrupt(format!("stream {i} runs past the end of the chunk")))?;
+            .ok_or_else(|| {
+                CodecError::Corrupt(format!("stream {i} runs past the end of the chunk"))
+            })?;
         out.push(&chunk[at..end]);
         at = end;
     }
@@ -536,7 +583,13 @@ pub fn decode_reference(
 }
 
 /// Fast decoder used by the pipeline; output identical to [`decode_reference`].
-pub fn decode(dtype: FloatDtype, layout: &BaseLayout, base: &[u8], chunk: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+pub fn decode(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    chunk: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
@@ -595,7 +648,8 @@ fn gather<const W: usize>(
                     // cursors advance once per element of a class, and the
                     // counts were taken from this same base, so the index is
                     // inside the class's plane.
-                    z |= (unsafe { plane_byte(planes, offsets, class * W + p, k) } as u64) << (8 * p);
+                    z |= (unsafe { plane_byte(planes, offsets, class * W + p, k) } as u64)
+                        << (8 * p);
                 }
                 let orig = unkey_w::<W>(pred_key.wrapping_add(unzigzag(z, bits)) & m);
                 vals[i * W..i * W + W].copy_from_slice(&orig.to_le_bytes()[..W]);
@@ -615,7 +669,11 @@ fn gather<const W: usize>(
                 BaseCodec::Q8 => {
                     for (i, &b) in payload.iter().enumerate() {
                         let q = b as i8 as i32;
-                        put(i, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
+                        put(
+                            i,
+                            class_of(BaseCodec::Q8, q),
+                            key_w::<W>(dtype.predict_bits(q, d)),
+                        );
                     }
                 }
             }

@@ -4,7 +4,12 @@
 use proptest::prelude::*;
 use tpde_codecs::{base, residual, BaseCodec, BaseLayout, FloatDtype};
 
-const DTYPES: [FloatDtype; 4] = [FloatDtype::F16, FloatDtype::BF16, FloatDtype::F32, FloatDtype::F64];
+const DTYPES: [FloatDtype; 4] = [
+    FloatDtype::F16,
+    FloatDtype::BF16,
+    FloatDtype::F32,
+    FloatDtype::F64,
+];
 const CODECS: [BaseCodec; 2] = [BaseCodec::Q4, BaseCodec::Q8];
 
 struct SplitMix(u64);
@@ -18,7 +23,10 @@ impl SplitMix {
     }
     fn normal_ish(&mut self) -> f64 {
         // Sum of uniforms: weight-like bell shape.
-        (0..4).map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).sum::<f64>() * 0.05
+        (0..4)
+            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
+            .sum::<f64>()
+            * 0.05
     }
 }
 
@@ -28,7 +36,7 @@ fn weights(dtype: FloatDtype, n: usize, seed: u64) -> Vec<u8> {
     let mut out = vec![0u8; n * dtype.width()];
     let specials = special_patterns(dtype);
     for i in 0..n {
-        let bits = if rng.next() % 17 == 0 {
+        let bits = if rng.next().is_multiple_of(17) {
             specials[(rng.next() % specials.len() as u64) as usize]
         } else {
             let v = rng.normal_ish();
@@ -92,16 +100,25 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
     let mut hot_ref = hot.clone();
     base::quantize(dtype, layout, src, &mut hot);
     base::quantize_reference(dtype, layout, src, &mut hot_ref);
-    assert_eq!(hot, hot_ref, "quantize fast != reference ({dtype:?} {layout:?})");
+    assert_eq!(
+        hot, hot_ref,
+        "quantize fast != reference ({dtype:?} {layout:?})"
+    );
     let cold = residual::encode(dtype, layout, src, &hot, 3).unwrap();
     let cold_ref = residual::encode_reference(dtype, layout, src, &hot, 3).unwrap();
-    assert_eq!(cold, cold_ref, "encode fast != reference ({dtype:?} {layout:?})");
+    assert_eq!(
+        cold, cold_ref,
+        "encode fast != reference ({dtype:?} {layout:?})"
+    );
     let mut out = vec![0u8; src.len()];
     residual::decode(dtype, layout, &hot, &cold, &mut out).unwrap();
     assert!(out == src, "decode not bit-exact ({dtype:?} {layout:?})");
     let mut out_ref = vec![0xAAu8; src.len()];
     residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref).unwrap();
-    assert!(out_ref == src, "reference decode not bit-exact ({dtype:?} {layout:?})");
+    assert!(
+        out_ref == src,
+        "reference decode not bit-exact ({dtype:?} {layout:?})"
+    );
 }
 
 #[test]
@@ -122,7 +139,15 @@ fn every_16_bit_pattern_round_trips() {
         let src: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
         for codec in CODECS {
             // 256 columns: groups mix tiny, huge, NaN and Inf neighbours.
-            roundtrip(dtype, &BaseLayout { codec, group: 64, cols: 256 }, &src);
+            roundtrip(
+                dtype,
+                &BaseLayout {
+                    codec,
+                    group: 64,
+                    cols: 256,
+                },
+                &src,
+            );
         }
     }
 }
@@ -136,7 +161,15 @@ fn groups_of_only_special_values_round_trip() {
                 dtype.store_bits(&mut src, i, pat);
             }
             for codec in CODECS {
-                roundtrip(dtype, &BaseLayout { codec, group: 32, cols: 64 }, &src);
+                roundtrip(
+                    dtype,
+                    &BaseLayout {
+                        codec,
+                        group: 32,
+                        cols: 64,
+                    },
+                    &src,
+                );
             }
         }
     }
@@ -148,7 +181,11 @@ fn q4_base_tracks_the_values() {
     // on the side opposite the group's extreme, which code +7 clips to at
     // most one step; the mean error stays near a quarter step.
     let dtype = FloatDtype::F32;
-    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 256 };
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 256,
+    };
     let mut rng = SplitMix(9);
     let vals: Vec<f32> = (0..1024).map(|_| rng.normal_ish() as f32).collect();
     let src: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -167,13 +204,21 @@ fn q4_base_tracks_the_values() {
             assert!(err <= bound, "group {g}: {x} vs {y} (step {step})");
             sum += err;
         }
-        assert!(sum / 64.0 <= 0.3 * step, "group {g}: mean error {} steps", sum / 64.0 / step);
+        assert!(
+            sum / 64.0 <= 0.3 * step,
+            "group {g}: mean error {} steps",
+            sum / 64.0 / step
+        );
     }
 }
 
 fn sample_chunk() -> (FloatDtype, BaseLayout, Vec<u8>, Vec<u8>, Vec<u8>) {
     let dtype = FloatDtype::BF16;
-    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 128 };
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 128,
+    };
     let src = weights(dtype, 128 * 8, 5);
     let mut hot = vec![0u8; 8 * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);
@@ -257,7 +302,11 @@ proptest! {
 #[test]
 fn a_base_with_a_nonzero_padding_nibble_is_rejected() {
     let dtype = FloatDtype::BF16;
-    let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 3 };
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 3,
+    };
     let src = weights(dtype, 3 * 4, 1);
     let mut hot = vec![0u8; 4 * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);

@@ -76,7 +76,11 @@ pub enum FormatError {
     #[error("header and footer disagree on the manifest location or digest")]
     HeaderFooterMismatch,
     #[error("manifest at {offset}+{len} does not end where the footer begins ({footer_at})")]
-    ManifestPlacement { offset: u64, len: u64, footer_at: u64 },
+    ManifestPlacement {
+        offset: u64,
+        len: u64,
+        footer_at: u64,
+    },
     #[error("manifest length {0} exceeds the limit {MAX_MANIFEST_LEN}")]
     ManifestTooLarge(u64),
     #[error("manifest digest mismatch (manifest corrupted)")]
@@ -202,7 +206,7 @@ pub fn check_header_footer(h: &Header, f: &Footer, file_len: u64) -> Result<(), 
     }
     let footer_at = file_len - FOOTER_LEN as u64;
     let placed = h.manifest_offset >= FIRST_SECTION_OFFSET
-        && h.manifest_offset % SECTION_ALIGN == 0
+        && h.manifest_offset.is_multiple_of(SECTION_ALIGN)
         && h.manifest_offset.checked_add(h.manifest_len) == Some(footer_at);
     if !placed {
         return Err(FormatError::ManifestPlacement {
@@ -216,7 +220,8 @@ pub fn check_header_footer(h: &Header, f: &Footer, file_len: u64) -> Result<(), 
 
 /// Rounds `x` up to a multiple of [`SECTION_ALIGN`].
 pub fn align_up(x: u64) -> Option<u64> {
-    x.checked_add(SECTION_ALIGN - 1).map(|v| v / SECTION_ALIGN * SECTION_ALIGN)
+    x.checked_add(SECTION_ALIGN - 1)
+        .map(|v| v / SECTION_ALIGN * SECTION_ALIGN)
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -280,7 +285,10 @@ mod tests {
         let mut b = h.encode();
         b[13] = 1;
         assert_eq!(Header::decode(&b), Err(FormatError::UnknownFlags(0x100)));
-        assert!(matches!(Header::decode(&b[..10]), Err(FormatError::TooShort { .. })));
+        assert!(matches!(
+            Header::decode(&b[..10]),
+            Err(FormatError::TooShort { .. })
+        ));
     }
 
     #[test]

@@ -232,7 +232,9 @@ pub struct Blob {
 impl Blob {
     /// Sum of decompressed chunk lengths, `None` on overflow.
     pub fn raw_len(&self) -> Option<u64> {
-        self.chunks.iter().try_fold(0u64, |a, c| a.checked_add(c.raw_len))
+        self.chunks
+            .iter()
+            .try_fold(0u64, |a, c| a.checked_add(c.raw_len))
     }
 }
 
@@ -343,8 +345,14 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, FormatError> {
 
 /// Checks a lower-case hex blake3 digest.
 fn check_digest(what: &str, s: &str) -> Result<(), FormatError> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return bad(format!("{what}: blake3 digest is not 64 lower-case hex digits"));
+    if s.len() != 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return bad(format!(
+            "{what}: blake3 digest is not 64 lower-case hex digits"
+        ));
     }
     Ok(())
 }
@@ -359,7 +367,9 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
     }
     for c in path.split('/') {
         if c.is_empty() || c == "." || c == ".." {
-            return Err(format!("file path {path:?} has an empty, '.' or '..' component"));
+            return Err(format!(
+                "file path {path:?} has an empty, '.' or '..' component"
+            ));
         }
     }
     Ok(())
@@ -373,7 +383,11 @@ impl Manifest {
 
     /// Parses manifest bytes and validates them against a container of
     /// `file_len` bytes whose manifest starts at `manifest_offset`.
-    pub fn parse(bytes: &[u8], manifest_offset: u64, file_len: u64) -> Result<Manifest, FormatError> {
+    pub fn parse(
+        bytes: &[u8],
+        manifest_offset: u64,
+        file_len: u64,
+    ) -> Result<Manifest, FormatError> {
         let m: Manifest =
             serde_json::from_slice(bytes).map_err(|e| FormatError::ManifestJson(e.to_string()))?;
         m.validate(manifest_offset, file_len)?;
@@ -389,13 +403,19 @@ impl Manifest {
             return Err(FormatError::UnsupportedVersion(self.format_version));
         }
         if self.sections.len() > MAX_SECTIONS {
-            return bad(format!("{} sections (limit {MAX_SECTIONS})", self.sections.len()));
+            return bad(format!(
+                "{} sections (limit {MAX_SECTIONS})",
+                self.sections.len()
+            ));
         }
         if self.files.len() > MAX_FILES {
             return bad(format!("{} files (limit {MAX_FILES})", self.files.len()));
         }
         if self.tensors.len() > MAX_TENSORS {
-            return bad(format!("{} tensors (limit {MAX_TENSORS})", self.tensors.len()));
+            return bad(format!(
+                "{} tensors (limit {MAX_TENSORS})",
+                self.tensors.len()
+            ));
         }
         if manifest_offset > file_len {
             return bad("manifest offset past end of file");
@@ -421,8 +441,11 @@ impl Manifest {
                 .offset
                 .checked_add(s.len)
                 .filter(|&e| e <= manifest_offset)
-                .ok_or_else(|| FormatError::Manifest(format!("section {:?} runs past the manifest", s.name)))?;
-            expect = align_up(end).ok_or_else(|| FormatError::Manifest("section end overflows".into()))?;
+                .ok_or_else(|| {
+                    FormatError::Manifest(format!("section {:?} runs past the manifest", s.name))
+                })?;
+            expect = align_up(end)
+                .ok_or_else(|| FormatError::Manifest("section end overflows".into()))?;
         }
         if expect != manifest_offset {
             return bad(format!(
@@ -449,7 +472,10 @@ impl Manifest {
                 ));
             }
             if e.len > MAX_CHUNK_LEN {
-                return bad(format!("{who}: chunk of {} bytes exceeds the limit {MAX_CHUNK_LEN}", e.len));
+                return bad(format!(
+                    "{who}: chunk of {} bytes exceeds the limit {MAX_CHUNK_LEN}",
+                    e.len
+                ));
             }
             owned[i - 1].push((e.offset, end, who));
             Ok(())
@@ -465,10 +491,14 @@ impl Manifest {
                 return bad(format!("duplicate {who}"));
             }
             check_digest(&who, &t.blake3)?;
-            let bits = dtype_bits(&t.dtype)
-                .ok_or_else(|| FormatError::Manifest(format!("{who}: unknown dtype {:?}", t.dtype)))?;
+            let bits = dtype_bits(&t.dtype).ok_or_else(|| {
+                FormatError::Manifest(format!("{who}: unknown dtype {:?}", t.dtype))
+            })?;
             if t.shape.len() > MAX_DIMS {
-                return bad(format!("{who}: {} dimensions (limit {MAX_DIMS})", t.shape.len()));
+                return bad(format!(
+                    "{who}: {} dimensions (limit {MAX_DIMS})",
+                    t.shape.len()
+                ));
             }
             let numel = t
                 .numel()
@@ -496,7 +526,10 @@ impl Manifest {
                         claim(c, SectionKind::Hot, format!("{who} chunk {ci}"))?;
                     }
                     if sum != t.byte_len {
-                        return bad(format!("{who}: raw chunks hold {sum} bytes, expected {}", t.byte_len));
+                        return bad(format!(
+                            "{who}: raw chunks hold {sum} bytes, expected {}",
+                            t.byte_len
+                        ));
                     }
                 }
                 Storage::Decomposed {
@@ -516,8 +549,14 @@ impl Manifest {
                     if *group_size == 0 || *group_size > MAX_GROUP_SIZE {
                         return bad(format!("{who}: group size {group_size} out of range"));
                     }
-                    if t.shape.len() < 2 || t.shape.last() != Some(cols) || rows.checked_mul(*cols) != Some(numel) {
-                        return bad(format!("{who}: rows {rows} × cols {cols} does not match shape {:?}", t.shape));
+                    if t.shape.len() < 2
+                        || t.shape.last() != Some(cols)
+                        || rows.checked_mul(*cols) != Some(numel)
+                    {
+                        return bad(format!(
+                            "{who}: rows {rows} × cols {cols} does not match shape {:?}",
+                            t.shape
+                        ));
                     }
                     if *cols == 0 || *cols > MAX_CHUNK_LEN {
                         return bad(format!("{who}: {cols} columns out of range"));
@@ -548,7 +587,9 @@ impl Manifest {
                         claim(&c.cold, SectionKind::Cold, format!("{chunk_who} residual"))?;
                     }
                     if sum_rows != *rows {
-                        return bad(format!("{who}: chunks cover {sum_rows} rows, expected {rows}"));
+                        return bad(format!(
+                            "{who}: chunks cover {sum_rows} rows, expected {rows}"
+                        ));
                     }
                 }
             }
@@ -567,9 +608,16 @@ impl Manifest {
             let mut claim_blob = |b: &Blob, what: &str| -> Result<u64, FormatError> {
                 for (ci, c) in b.chunks.iter().enumerate() {
                     if c.raw_len == 0 || c.raw_len > MAX_CHUNK_LEN {
-                        return bad(format!("{who} {what} chunk {ci}: raw length {} out of range", c.raw_len));
+                        return bad(format!(
+                            "{who} {what} chunk {ci}: raw length {} out of range",
+                            c.raw_len
+                        ));
                     }
-                    claim(&c.extent(), SectionKind::Files, format!("{who} {what} chunk {ci}"))?;
+                    claim(
+                        &c.extent(),
+                        SectionKind::Files,
+                        format!("{who} {what} chunk {ci}"),
+                    )?;
                 }
                 b.raw_len()
                     .ok_or_else(|| FormatError::Manifest(format!("{who}: length overflows")))
@@ -583,20 +631,26 @@ impl Manifest {
                             FormatError::Manifest(format!("{who}: tensor index {ti} out of range"))
                         })?;
                         if t.file as usize != fi {
-                            return bad(format!("{who}: lists tensor {:?} which belongs to file {}", t.name, t.file));
+                            return bad(format!(
+                                "{who}: lists tensor {:?} which belongs to file {}",
+                                t.name, t.file
+                            ));
                         }
                         if tensor_owner[ti as usize].replace(fi).is_some() {
                             return bad(format!("{who}: lists tensor {:?} twice", t.name));
                         }
-                        len = len
-                            .checked_add(t.byte_len)
-                            .ok_or_else(|| FormatError::Manifest(format!("{who}: length overflows")))?;
+                        len = len.checked_add(t.byte_len).ok_or_else(|| {
+                            FormatError::Manifest(format!("{who}: length overflows"))
+                        })?;
                     }
                     len
                 }
             };
             if len != f.len {
-                return bad(format!("{who}: content adds up to {len} bytes, recorded length {}", f.len));
+                return bad(format!(
+                    "{who}: content adds up to {len} bytes, recorded length {}",
+                    f.len
+                ));
             }
         }
         // Directories must not collide with files ("a" and "a/b").
@@ -604,13 +658,19 @@ impl Manifest {
             let mut at = 0;
             while let Some(i) = p[at..].find('/') {
                 if paths.contains(&p[..at + i]) {
-                    return bad(format!("file path {:?} is also a directory of {p:?}", &p[..at + i]));
+                    return bad(format!(
+                        "file path {:?} is also a directory of {p:?}",
+                        &p[..at + i]
+                    ));
                 }
                 at += i + 1;
             }
         }
         if let Some(ti) = tensor_owner.iter().position(|o| o.is_none()) {
-            return bad(format!("tensor {:?} is not listed by its file", self.tensors[ti].name));
+            return bad(format!(
+                "tensor {:?} is not listed by its file",
+                self.tensors[ti].name
+            ));
         }
 
         // Every byte of every section belongs to exactly one extent.
@@ -620,8 +680,15 @@ impl Manifest {
             let mut at = s.offset;
             for (a, b, who) in list.iter() {
                 if *a != at {
-                    let why = if *a < at { "overlaps the previous extent" } else { "leaves a gap" };
-                    return bad(format!("section {:?}: {who} at {a} {why} (expected {at})", s.name));
+                    let why = if *a < at {
+                        "overlaps the previous extent"
+                    } else {
+                        "leaves a gap"
+                    };
+                    return bad(format!(
+                        "section {:?}: {who} at {a} {why} (expected {at})",
+                        s.name
+                    ));
                 }
                 at = *b;
             }
@@ -642,7 +709,10 @@ impl Manifest {
         let mut out = vec![(HEADER_LEN as u64, FIRST_SECTION_OFFSET.min(manifest_offset))];
         for (i, s) in self.sections.iter().enumerate() {
             let end = s.offset + s.len;
-            let next = self.sections.get(i + 1).map_or(manifest_offset, |n| n.offset);
+            let next = self
+                .sections
+                .get(i + 1)
+                .map_or(manifest_offset, |n| n.offset);
             out.push((end, next));
         }
         out.retain(|(a, b)| a < b);

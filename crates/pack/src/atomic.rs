@@ -74,8 +74,11 @@ impl AtomicFile {
     }
 
     pub fn commit(mut self) -> Result<()> {
-        self.file.sync_all().map_err(Error::io(&self.tmp, "cannot fsync"))?;
-        std::fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest, "cannot rename into place"))?;
+        self.file
+            .sync_all()
+            .map_err(Error::io(&self.tmp, "cannot fsync"))?;
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(Error::io(&self.dest, "cannot rename into place"))?;
         self.done = true;
         sync_dir(&self.parent)
     }
@@ -131,9 +134,11 @@ impl AtomicDir {
         sync_dir(&self.tmp)?;
         if self.dest.is_dir() {
             // Empty (checked at creation); rename cannot replace a folder on every system.
-            std::fs::remove_dir(&self.dest).map_err(Error::io(&self.dest, "cannot replace empty folder"))?;
+            std::fs::remove_dir(&self.dest)
+                .map_err(Error::io(&self.dest, "cannot replace empty folder"))?;
         }
-        std::fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest, "cannot rename into place"))?;
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(Error::io(&self.dest, "cannot rename into place"))?;
         self.done = true;
         sync_dir(&self.parent)
     }

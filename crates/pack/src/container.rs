@@ -9,8 +9,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tpde_codecs::{residual, xxh3, FloatDtype};
 use tpde_format::{
-    check_header_footer, BlobChunk, Extent, Footer, FormatError, Header, Manifest, Storage, Tensor, FOOTER_LEN,
-    HEADER_LEN, MIN_CONTAINER_LEN,
+    check_header_footer, BlobChunk, Extent, Footer, FormatError, Header, Manifest, Storage, Tensor,
+    FOOTER_LEN, HEADER_LEN, MIN_CONTAINER_LEN,
 };
 
 thread_local! {
@@ -48,7 +48,8 @@ impl Container {
         if len < MIN_CONTAINER_LEN {
             // Read what there is, so a non-container gets "bad magic" rather than "too short".
             let mut head = vec![0u8; (len as usize).min(HEADER_LEN)];
-            file.read_exact_at(&mut head, 0).map_err(Error::io(path, "cannot read"))?;
+            file.read_exact_at(&mut head, 0)
+                .map_err(Error::io(path, "cannot read"))?;
             if head.len() >= 8 && head[..8] != tpde_format::MAGIC {
                 return Err(fmt(FormatError::BadMagic));
             }
@@ -58,7 +59,8 @@ impl Container {
             }));
         }
         let mut hb = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut hb, 0).map_err(Error::io(path, "cannot read"))?;
+        file.read_exact_at(&mut hb, 0)
+            .map_err(Error::io(path, "cannot read"))?;
         let header = Header::decode(&hb).map_err(Error::format(path))?;
         let mut fb = [0u8; FOOTER_LEN];
         file.read_exact_at(&mut fb, len - FOOTER_LEN as u64)
@@ -69,9 +71,13 @@ impl Container {
         file.read_exact_at(&mut mb, header.manifest_offset)
             .map_err(Error::io(path, "cannot read"))?;
         if blake3::hash(&mb).as_bytes() != &header.manifest_blake3 {
-            return Err(Error::integrity(path, "manifest digest mismatch (manifest corrupted)"));
+            return Err(Error::integrity(
+                path,
+                "manifest digest mismatch (manifest corrupted)",
+            ));
         }
-        let manifest = Manifest::parse(&mb, header.manifest_offset, len).map_err(Error::format(path))?;
+        let manifest =
+            Manifest::parse(&mb, header.manifest_offset, len).map_err(Error::format(path))?;
         Ok(Container {
             path: path.to_path_buf(),
             file,
@@ -89,15 +95,25 @@ impl Container {
     }
 
     /// [`Container::read_checked`] into a reusable buffer (resized to the extent).
-    pub fn read_checked_into(&self, e: &Extent, buf: &mut Vec<u8>, who: impl Fn() -> String) -> Result<()> {
+    pub fn read_checked_into(
+        &self,
+        e: &Extent,
+        buf: &mut Vec<u8>,
+        who: impl Fn() -> String,
+    ) -> Result<()> {
         set_len(buf, e.len as usize);
-        self.file
-            .read_exact_at(buf, e.offset)
-            .map_err(|err| Error::integrity(&self.path, format!("{}: cannot read: {err}", who())))?;
+        self.file.read_exact_at(buf, e.offset).map_err(|err| {
+            Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
+        })?;
         if xxh3(buf) != e.xxh3 {
             return Err(Error::integrity(
                 &self.path,
-                format!("{}: checksum mismatch (xxh3 of bytes {}..{})", who(), e.offset, e.end()),
+                format!(
+                    "{}: checksum mismatch (xxh3 of bytes {}..{})",
+                    who(),
+                    e.offset,
+                    e.end()
+                ),
             ));
         }
         Ok(())

@@ -41,7 +41,10 @@ impl Error {
         matches!(self, Error::Integrity { .. })
     }
 
-    pub(crate) fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    pub(crate) fn io<'a>(
+        path: &'a Path,
+        op: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> Error + 'a {
         move |source| Error::Io {
             path: path.to_path_buf(),
             op,

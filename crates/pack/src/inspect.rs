@@ -63,11 +63,20 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let c = Container::open(path)?;
     let m = &c.manifest;
     let orig = m.original_bytes();
-    let ratio = |b: u64| if orig == 0 { 0.0 } else { b as f64 / orig as f64 };
+    let ratio = |b: u64| {
+        if orig == 0 {
+            0.0
+        } else {
+            b as f64 / orig as f64
+        }
+    };
     let by = m.bytes_by_kind();
     let tier = |k: &str| {
         let b = by.get(k).copied().unwrap_or(0);
-        Tier { bytes: b, ratio: ratio(b) }
+        Tier {
+            bytes: b,
+            ratio: ratio(b),
+        }
     };
     Ok(Inspection {
         path: path.display().to_string(),
@@ -106,7 +115,9 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 layer: t.layer,
                 storage: match &t.storage {
                     Storage::Raw { .. } => "raw".into(),
-                    Storage::Decomposed { codec, group_size, .. } => format!("{}/g{group_size}", codec.name()),
+                    Storage::Decomposed {
+                        codec, group_size, ..
+                    } => format!("{}/g{group_size}", codec.name()),
                 },
                 original_bytes: t.byte_len,
                 hot_bytes: t.hot_bytes(),

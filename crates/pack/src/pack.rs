@@ -15,9 +15,9 @@ use std::path::Path;
 use std::time::Instant;
 use tpde_codecs::{base, residual, xxh3, BaseCodec, BaseLayout, FloatDtype};
 use tpde_format::{
-    align_up, Blob, BlobChunk, DecomposedChunk, Extent, FileContent, Footer, Header, Manifest, PackParams,
-    Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN, FORMAT_VERSION, MAX_CHUNK_LEN,
-    RESIDUAL_EXACT_V1,
+    align_up, Blob, BlobChunk, DecomposedChunk, Extent, FileContent, Footer, Header, Manifest,
+    PackParams, Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN,
+    FORMAT_VERSION, MAX_CHUNK_LEN, RESIDUAL_EXACT_V1,
 };
 use tpde_ingest::safetensors::TensorEntry;
 
@@ -108,7 +108,10 @@ fn step_of(name: &str, layer: Option<u32>) -> (u8, u32, String) {
         Some(l) => (1, l, format!("cold.layer.{l}")),
         None => {
             let lower = name.to_ascii_lowercase();
-            if ["embed", "wte", "wpe", "tok_"].iter().any(|k| lower.contains(k)) {
+            if ["embed", "wte", "wpe", "tok_"]
+                .iter()
+                .any(|k| lower.contains(k))
+            {
                 (0, 0, "cold.pre".into())
             } else {
                 (2, 0, "cold.post".into())
@@ -118,14 +121,26 @@ fn step_of(name: &str, layer: Option<u32>) -> (u8, u32, String) {
 }
 
 /// Packs `src` (a `.safetensors` file or a model folder) into `dest`.
-pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress) -> Result<PackSummary> {
+pub fn pack(
+    src: &Path,
+    dest: &Path,
+    opts: &PackOptions,
+    progress: &dyn Progress,
+) -> Result<PackSummary> {
     let start = Instant::now();
     if opts.group_size == 0 || opts.group_size > tpde_format::MAX_GROUP_SIZE {
-        return Err(Error::input(src, format!("group size {} out of range", opts.group_size)));
+        return Err(Error::input(
+            src,
+            format!("group size {} out of range", opts.group_size),
+        ));
     }
     let source = Source::open(src)?;
     if let Ok(d) = dest.canonicalize() {
-        if source.files.iter().any(|f| f.path.canonicalize().ok().as_deref() == Some(&d)) {
+        if source
+            .files
+            .iter()
+            .any(|f| f.path.canonicalize().ok().as_deref() == Some(&d))
+        {
             return Err(Error::Destination {
                 path: dest.to_path_buf(),
                 msg: "destination is one of the inputs".into(),
@@ -165,7 +180,11 @@ pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress
     let jobs = jobs_of(&planned);
     let out = AtomicFile::create(dest)?;
     let wpath = out.tmp_path().to_path_buf();
-    let write_at = |bytes: &[u8], at: u64| out.file.write_all_at(bytes, at).map_err(Error::io(&wpath, "cannot write"));
+    let write_at = |bytes: &[u8], at: u64| {
+        out.file
+            .write_all_at(bytes, at)
+            .map_err(Error::io(&wpath, "cannot write"))
+    };
 
     progress.begin("pack", source.total_bytes());
 
@@ -182,8 +201,14 @@ pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress
     // Cold sections open as the execution step changes.
     let mut cursor = align_up(hot_at).expect("small");
     let mut open: Option<(String, u64)> = None;
-    let mut hashers: Vec<Option<blake3::Hasher>> = planned.iter().map(|_| Some(blake3::Hasher::new())).collect();
-    let mut left: Vec<usize> = planned.iter().map(|p| chunk_count(&p.tensor.storage)).collect();
+    let mut hashers: Vec<Option<blake3::Hasher>> = planned
+        .iter()
+        .map(|_| Some(blake3::Hasher::new()))
+        .collect();
+    let mut left: Vec<usize> = planned
+        .iter()
+        .map(|p| chunk_count(&p.tensor.storage))
+        .collect();
     for (ti, n) in left.iter().enumerate() {
         if *n == 0 {
             planned[ti].tensor.blake3 = blake3::hash(&[]).to_hex().to_string();
@@ -241,9 +266,13 @@ pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress
     for (fi, f) in source.files.iter().enumerate() {
         let (content, digest) = match &f.kind {
             SourceKind::Safetensors { raw_header, .. } => {
-                let header = store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
+                let header =
+                    store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
                 let tensors = tensor_order(&planned, fi);
-                (FileContent::Safetensors { header, tensors }, file_digests[fi].clone().expect("hashed"))
+                (
+                    FileContent::Safetensors { header, tensors },
+                    file_digests[fi].clone().expect("hashed"),
+                )
             }
             SourceKind::Blob => {
                 let mut hasher = blake3::Hasher::new();
@@ -253,11 +282,18 @@ pub fn pack(src: &Path, dest: &Path, opts: &PackOptions, progress: &dyn Progress
                     let n = RAW_CHUNK_BYTES.min(f.len - at);
                     let buf = read_at(&f.file, &f.path, at, n)?;
                     hasher.update(&buf);
-                    chunks.extend(store_blob(&buf, opts.zstd_level, &mut cursor, &write_at, &wpath)?.chunks);
+                    chunks.extend(
+                        store_blob(&buf, opts.zstd_level, &mut cursor, &write_at, &wpath)?.chunks,
+                    );
                     progress.advance(n);
                     at += n;
                 }
-                (FileContent::Blob { blob: Blob { chunks } }, hasher.finalize().to_hex().to_string())
+                (
+                    FileContent::Blob {
+                        blob: Blob { chunks },
+                    },
+                    hasher.finalize().to_hex().to_string(),
+                )
             }
         };
         files.push(tpde_format::SourceFile {
@@ -380,13 +416,16 @@ fn plan<'a>(source: &'a Source, opts: &PackOptions) -> Vec<Planned<'a>> {
             let layer = layer_of(&entry.name);
             let (group, l, step) = step_of(&entry.name, layer);
             let tensor = plan_tensor(fi, entry, layer, opts);
-            all.push(((group, l, all.len()), Planned {
-                file: fi,
-                entry,
-                data_start: header.data_start,
-                step,
-                tensor,
-            }));
+            all.push((
+                (group, l, all.len()),
+                Planned {
+                    file: fi,
+                    entry,
+                    data_start: header.data_start,
+                    step,
+                    tensor,
+                },
+            ));
         }
     }
     all.sort_by_key(|(k, _)| *k);
@@ -528,7 +567,8 @@ fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
 /// Reads exactly `len` bytes at `offset` into an owned buffer.
 pub(crate) fn read_at(file: &std::fs::File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset).map_err(Error::io(path, "cannot read"))?;
+    file.read_exact_at(&mut buf, offset)
+        .map_err(Error::io(path, "cannot read"))?;
     Ok(buf)
 }
 
@@ -538,7 +578,8 @@ fn hash_file(file: &std::fs::File, path: &Path, len: u64) -> Result<String> {
     let mut buf = vec![0u8; (1 << 20).min(len as usize)];
     while at < len {
         let n = (buf.len() as u64).min(len - at) as usize;
-        file.read_exact_at(&mut buf[..n], at).map_err(Error::io(path, "cannot read"))?;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(Error::io(path, "cannot read"))?;
         h.update(&buf[..n]);
         at += n as u64;
     }
@@ -567,4 +608,3 @@ fn store_blob(
     }
     Ok(Blob { chunks })
 }
-

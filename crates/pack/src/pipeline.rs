@@ -46,7 +46,12 @@ where
     for range in windows {
         let prev = pending.take();
         let (done, committed) = rayon::join(
-            || jobs[range.clone()].par_iter().map(&work).collect::<Result<Vec<R>>>(),
+            || {
+                jobs[range.clone()]
+                    .par_iter()
+                    .map(&work)
+                    .collect::<Result<Vec<R>>>()
+            },
             || commit_all(prev),
         );
         committed?;

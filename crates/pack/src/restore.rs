@@ -12,10 +12,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpde_format::FileContent;
 
+/// Receives a restored file's bytes in order, with a description of where
+/// they come from (for error messages).
+pub type Sink<'a> = dyn FnMut(&[u8], &dyn Fn() -> String) -> Result<()> + Send + 'a;
+
 /// One piece of a restored file.
 enum Job {
-    Blob { chunk: usize, header: bool },
-    Tensor { tensor: usize, chunk: usize, last: bool, len: u64 },
+    Blob {
+        chunk: usize,
+        header: bool,
+    },
+    Tensor {
+        tensor: usize,
+        chunk: usize,
+        last: bool,
+        len: u64,
+    },
 }
 
 /// Streams the original bytes of file `fi` to `sink` in order, checking
@@ -25,7 +37,7 @@ pub fn restore_file(
     c: &Container,
     fi: usize,
     progress: &dyn Progress,
-    sink: &mut (dyn FnMut(&[u8], &dyn Fn() -> String) -> Result<()> + Send),
+    sink: &mut Sink,
 ) -> Result<()> {
     let f = &c.manifest.files[fi];
     let mut jobs = Vec::new();
@@ -44,10 +56,11 @@ pub fn restore_file(
             let t = &c.manifest.tensors[ti as usize];
             let lens = c.chunk_lens(t);
             let n = lens.len();
-            if n == 0 {
-                if t.blake3 != blake3::hash(&[]).to_hex().as_str() {
-                    return Err(Error::integrity(&c.path, format!("tensor {:?}: digest mismatch", t.name)));
-                }
+            if n == 0 && t.blake3 != blake3::hash(&[]).to_hex().as_str() {
+                return Err(Error::integrity(
+                    &c.path,
+                    format!("tensor {:?}: digest mismatch", t.name),
+                ));
             }
             for (ci, len) in lens.into_iter().enumerate() {
                 jobs.push(Job::Tensor {
@@ -89,9 +102,16 @@ pub fn restore_file(
             total += bytes.len() as u64;
             match job {
                 Job::Blob { chunk, header } => {
-                    sink(&bytes, &|| format!("file {:?} {} chunk {chunk}", f.path, what(*header)))?;
+                    sink(&bytes, &|| {
+                        format!("file {:?} {} chunk {chunk}", f.path, what(*header))
+                    })?;
                 }
-                Job::Tensor { tensor, chunk, last, .. } => {
+                Job::Tensor {
+                    tensor,
+                    chunk,
+                    last,
+                    ..
+                } => {
                     let t = &c.manifest.tensors[*tensor];
                     tensor_hash.update(&bytes);
                     sink(&bytes, &|| format!("tensor {:?} chunk {chunk}", t.name))?;
@@ -114,13 +134,19 @@ pub fn restore_file(
     if total != f.len {
         return Err(Error::integrity(
             &c.path,
-            format!("file {:?}: rebuilt {total} bytes, recorded {}", f.path, f.len),
+            format!(
+                "file {:?}: rebuilt {total} bytes, recorded {}",
+                f.path, f.len
+            ),
         ));
     }
     if file_hash.finalize().to_hex().as_str() != f.blake3 {
         return Err(Error::integrity(
             &c.path,
-            format!("file {:?}: blake3 of the rebuilt file does not match the recorded digest", f.path),
+            format!(
+                "file {:?}: blake3 of the rebuilt file does not match the recorded digest",
+                f.path
+            ),
         ));
     }
     Ok(())
@@ -152,11 +178,17 @@ pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Re
             Some(paths) => {
                 let sp = &paths[fi];
                 let sf = std::fs::File::open(sp).map_err(Error::io(sp, "cannot open source"))?;
-                let slen = sf.metadata().map_err(Error::io(sp, "cannot read source"))?.len();
+                let slen = sf
+                    .metadata()
+                    .map_err(Error::io(sp, "cannot read source"))?
+                    .len();
                 if slen != m.files[fi].len {
                     return Err(Error::integrity(
                         sp,
-                        format!("source is {slen} bytes, the container holds {}", m.files[fi].len),
+                        format!(
+                            "source is {slen} bytes, the container holds {}",
+                            m.files[fi].len
+                        ),
                     ));
                 }
                 let mut at = 0u64;
@@ -165,7 +197,11 @@ pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Re
                     if let Some(i) = bytes.iter().zip(&theirs).position(|(a, b)| a != b) {
                         return Err(Error::integrity(
                             sp,
-                            format!("differs from the container at byte {} ({})", at + i as u64, who()),
+                            format!(
+                                "differs from the container at byte {} ({})",
+                                at + i as u64,
+                                who()
+                            ),
                         ));
                     }
                     at += bytes.len() as u64;
@@ -196,7 +232,10 @@ fn source_paths(c: &Container, source: &Path) -> Result<Vec<PathBuf>> {
     } else {
         Err(Error::input(
             source,
-            format!("the container holds {} files: give the folder they came from", files.len()),
+            format!(
+                "the container holds {} files: give the folder they came from",
+                files.len()
+            ),
         ))
     }
 }
@@ -222,7 +261,8 @@ pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<Unpac
         let target = out.tmp.join(&f.path);
         if let Some(parent) = target.parent() {
             if !parent.exists() {
-                std::fs::create_dir_all(parent).map_err(Error::io(parent, "cannot create folder"))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(Error::io(parent, "cannot create folder"))?;
             }
             let mut p = parent.to_path_buf();
             while p != out.tmp && !dirs.contains(&p) {
@@ -239,14 +279,16 @@ pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<Unpac
             .map_err(Error::io(&target, "cannot create"))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
         restore_file(&c, fi, progress, &mut |bytes, _| {
-            w.write_all(bytes).map_err(Error::io(&target, "cannot write"))
+            w.write_all(bytes)
+                .map_err(Error::io(&target, "cannot write"))
         })?;
         let file = w.into_inner().map_err(|e| Error::Io {
             path: target.clone(),
             op: "cannot write",
             source: e.into_error(),
         })?;
-        file.sync_all().map_err(Error::io(&target, "cannot fsync"))?;
+        file.sync_all()
+            .map_err(Error::io(&target, "cannot fsync"))?;
     }
     out.commit(&dirs)?;
     progress.end();

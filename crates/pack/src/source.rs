@@ -46,7 +46,10 @@ impl Source {
             for (rel, p) in rels {
                 files.push(open_file(&p, rel)?);
             }
-            if !files.iter().any(|f| matches!(f.kind, SourceKind::Safetensors { .. })) {
+            if !files
+                .iter()
+                .any(|f| matches!(f.kind, SourceKind::Safetensors { .. }))
+            {
                 return Err(Error::input(path, "folder holds no .safetensors file"));
             }
             check_index(path, &files)?;
@@ -57,7 +60,10 @@ impl Source {
                 .ok_or_else(|| Error::input(path, "file name is not valid UTF-8"))?
                 .to_string();
             if !name.ends_with(".safetensors") {
-                return Err(Error::input(path, "not a .safetensors file or a model folder"));
+                return Err(Error::input(
+                    path,
+                    "not a .safetensors file or a model folder",
+                ));
             }
             files.push(open_file(path, name)?);
         }
@@ -89,9 +95,15 @@ impl Source {
     /// Fails if any input changed since it was opened.
     pub fn check_unchanged(&self) -> Result<()> {
         for f in &self.files {
-            let m = f.file.metadata().map_err(Error::io(&f.path, "cannot read"))?;
+            let m = f
+                .file
+                .metadata()
+                .map_err(Error::io(&f.path, "cannot read"))?;
             if m.len() != f.len || m.modified().ok() != f.modified {
-                return Err(Error::input(&f.path, "file changed while it was being packed"));
+                return Err(Error::input(
+                    &f.path,
+                    "file changed while it was being packed",
+                ));
             }
         }
         Ok(())
@@ -120,7 +132,10 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
             tpde_format::check_relative_path(&rel).map_err(|m| Error::input(&p, m))?;
             out.push((rel, p));
             if out.len() > MAX_FOLDER_FILES {
-                return Err(Error::input(root, format!("more than {MAX_FOLDER_FILES} files")));
+                return Err(Error::input(
+                    root,
+                    format!("more than {MAX_FOLDER_FILES} files"),
+                ));
             }
         }
     }
@@ -131,17 +146,17 @@ fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
     let file = File::open(path).map_err(Error::io(path, "cannot open"))?;
     let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
     let len = meta.len();
-    let kind = if rel.ends_with(".safetensors") {
-        let (header, raw_header) = st::read_header(std::io::BufReader::new(&file), len).map_err(|source| {
-            Error::Safetensors {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
-        SourceKind::Safetensors { header, raw_header }
-    } else {
-        SourceKind::Blob
-    };
+    let kind =
+        if rel.ends_with(".safetensors") {
+            let (header, raw_header) = st::read_header(std::io::BufReader::new(&file), len)
+                .map_err(|source| Error::Safetensors {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            SourceKind::Safetensors { header, raw_header }
+        } else {
+            SourceKind::Blob
+        };
     Ok(SourceFile {
         rel,
         path: path.to_path_buf(),
@@ -155,12 +170,15 @@ fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
 /// When a folder has `model.safetensors.index.json`, every entry of its
 /// `weight_map` must name a tensor that is in the shard it says.
 fn check_index(root: &Path, files: &[SourceFile]) -> Result<()> {
-    let Some(index) = files.iter().find(|f| f.rel.ends_with(".safetensors.index.json")) else {
+    let Some(index) = files
+        .iter()
+        .find(|f| f.rel.ends_with(".safetensors.index.json"))
+    else {
         return Ok(());
     };
     let text = std::fs::read(&index.path).map_err(Error::io(&index.path, "cannot read"))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| Error::input(&index.path, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::input(&index.path, format!("not valid JSON: {e}")))?;
     let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
         return Err(Error::input(&index.path, "no \"weight_map\" object"));
     };
@@ -174,10 +192,17 @@ fn check_index(root: &Path, files: &[SourceFile]) -> Result<()> {
         }
     }
     for (name, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| Error::input(&index.path, format!("weight_map entry {name:?} is not a string")))?;
-        let want = if dir.is_empty() { shard.to_string() } else { format!("{dir}/{shard}") };
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::input(
+                &index.path,
+                format!("weight_map entry {name:?} is not a string"),
+            )
+        })?;
+        let want = if dir.is_empty() {
+            shard.to_string()
+        } else {
+            format!("{dir}/{shard}")
+        };
         match where_is.get(name.as_str()) {
             Some(&got) if got == want => {}
             Some(&got) => {
@@ -189,7 +214,9 @@ fn check_index(root: &Path, files: &[SourceFile]) -> Result<()> {
             None => {
                 return Err(Error::input(
                     &index.path,
-                    format!("weight_map names tensor {name:?} in {shard}, which is not in the folder"),
+                    format!(
+                        "weight_map names tensor {name:?} in {shard}, which is not in the folder"
+                    ),
                 ))
             }
         }

@@ -1,0 +1,408 @@
+//! Hostile and damaged containers: every case of the tpde-container list in
+//! RELIABILITY.md, every truncation of a small container, random bit flips.
+
+use crate::util::*;
+use serde_json::json;
+use tpde_pack::NoProgress;
+
+fn small_container() -> Vec<u8> {
+    let mut r = Rng(11);
+    let t = vec![
+        T::new(
+            "layers.0.w",
+            "BF16",
+            &[8, 64],
+            floats("BF16", 512, 0.02, &mut r),
+        ),
+        T::new(
+            "layers.0.norm",
+            "BF16",
+            &[64],
+            floats("BF16", 64, 1.0, &mut r),
+        ),
+    ];
+    let (_d, _src, out) = packed(&safetensors(&t, None), &["--min-decompose-elems", "1"]);
+    std::fs::read(out).unwrap()
+}
+
+fn mixed_container() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let (d, src, out) = packed(&mixed_model(21), &[]);
+    let bytes = std::fs::read(&out).unwrap();
+    (d, src, bytes)
+}
+
+/// `verify` on these bytes; returns the error text.
+fn verify_err(bytes: &[u8]) -> String {
+    let d = tmp();
+    let p = write(d.path(), "c.tpde", bytes);
+    match tpde_pack::verify(&p, None, &NoProgress) {
+        Ok(_) => panic!("verify accepted a damaged container"),
+        Err(e) => {
+            let s = e.to_string();
+            assert_eq!(s.lines().count(), 1, "{s}");
+            s
+        }
+    }
+}
+
+fn rejects(bytes: &[u8], phrase: &str) {
+    let e = verify_err(bytes);
+    assert!(e.contains(phrase), "expected {phrase:?} in: {e}");
+}
+
+fn manifest_edit(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let (_d, _s, c) = mixed_container();
+    rewrite_manifest(&c, edit)
+}
+
+#[test]
+fn the_unmodified_container_verifies_and_the_rewriter_is_neutral() {
+    let (_d, src, c) = mixed_container();
+    let same = rewrite_manifest(&c, |_| {});
+    let d = tmp();
+    let p = write(d.path(), "c.tpde", &same);
+    tpde_pack::verify(&p, Some(&src), &NoProgress).unwrap();
+}
+
+#[test]
+fn truncation_at_every_byte_offset_is_rejected() {
+    let c = small_container();
+    let d = tmp();
+    let p = write(d.path(), "c.tpde", &c);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    // Shrinking one file step by step visits every length without rewriting it.
+    for len in (0..c.len() as u64).rev() {
+        f.set_len(len).unwrap();
+        let r = tpde_pack::verify(&p, None, &NoProgress);
+        assert!(
+            r.is_err(),
+            "truncated to {len} of {} bytes was accepted",
+            c.len()
+        );
+    }
+}
+
+#[test]
+fn random_bit_flips_anywhere_are_caught_and_data_flips_name_the_chunk() {
+    let (_d, _s, c) = mixed_container();
+    let manifest_at = u64::from_le_bytes(c[16..24].try_into().unwrap()) as usize;
+    let j: serde_json::Value = {
+        let len = u64::from_le_bytes(c[24..32].try_into().unwrap()) as usize;
+        serde_json::from_slice(&c[manifest_at..manifest_at + len]).unwrap()
+    };
+    // Byte ranges owned by tensor chunks.
+    let mut owned = vec![];
+    for t in j["tensors"].as_array().unwrap() {
+        let s = &t["storage"];
+        for ch in s["chunks"].as_array().unwrap() {
+            let exts: Vec<&serde_json::Value> = if s["kind"] == "raw" {
+                vec![ch]
+            } else {
+                vec![&ch["base"], &ch["cold"]]
+            };
+            for e in exts {
+                let o = e["offset"].as_u64().unwrap() as usize;
+                owned.push((o, o + e["len"].as_u64().unwrap() as usize));
+            }
+        }
+    }
+    let d = tmp();
+    let p = d.path().join("c.tpde");
+    let mut rng = Rng(99);
+    let mut positions: Vec<usize> = (0..1500)
+        .map(|_| rng.below(c.len() as u64) as usize)
+        .collect();
+    positions.extend(0..64); // every header byte
+    positions.extend(c.len() - 64..c.len()); // every footer byte
+    for pos in positions {
+        let mut b = c.clone();
+        b[pos] ^= 1 << rng.below(8);
+        std::fs::write(&p, &b).unwrap();
+        let e = match tpde_pack::verify(&p, None, &NoProgress) {
+            Ok(_) => panic!("flip at byte {pos} of {} not caught", c.len()),
+            Err(e) => e.to_string(),
+        };
+        if owned.iter().any(|&(a, z)| (a..z).contains(&pos)) {
+            assert!(e.contains("chunk"), "flip at {pos} in a tensor chunk: {e}");
+            assert!(e.contains("checksum mismatch"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn checksum_mismatch_exits_1_and_structural_damage_exits_2() {
+    let (_d, _s, c) = mixed_container();
+    let d = tmp();
+    let mut b = c.clone();
+    b[4096 + 10] ^= 0x10; // inside the first hot chunk
+    let p = write(d.path(), "flip.tpde", &b);
+    let o = tpde(&[&"verify", &p]);
+    assert_clean_error(&o, 1, "flip.tpde", "checksum mismatch");
+    let p = write(d.path(), "short.tpde", &c[..c.len() - 1]);
+    let o = tpde(&[&"verify", &p]);
+    assert_clean_error(&o, 2, "short.tpde", "footer");
+}
+
+#[test]
+fn bad_magic_version_flags() {
+    let (_d, _s, c) = mixed_container();
+    let mut b = c.clone();
+    b[1] = b'X';
+    rejects(&b, "bad magic");
+    for v in [0u32, 2, 99] {
+        let mut b = c.clone();
+        b[8..12].copy_from_slice(&v.to_le_bytes());
+        rejects(&b, "unsupported container version");
+    }
+    let mut b = c.clone();
+    b[12] = 1;
+    rejects(&b, "flags");
+    rejects(
+        b"PK\x03\x04 this is a zip file, not a container",
+        "bad magic",
+    );
+    rejects(b"", "too short");
+}
+
+#[test]
+fn manifest_or_footer_offsets_past_end_of_file() {
+    let (_d, _s, c) = mixed_container();
+    let n = c.len();
+    let mut b = c.clone();
+    for at in [16, n - 64] {
+        b[at..at + 8].copy_from_slice(&(n as u64 * 4).to_le_bytes());
+    }
+    rejects(&b, "manifest at");
+    let mut b = c.clone();
+    b[n - 16..n - 8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
+    rejects(&b, "file length");
+}
+
+#[test]
+fn manifest_over_the_limit() {
+    let (_d, _s, c) = mixed_container();
+    let n = c.len();
+    let mut b = c.clone();
+    let huge = tpde_format::MAX_MANIFEST_LEN + 1;
+    for at in [24, n - 56] {
+        b[at..at + 8].copy_from_slice(&huge.to_le_bytes());
+    }
+    rejects(&b, "exceeds the limit");
+}
+
+#[test]
+fn manifest_digest_mismatch() {
+    let (_d, _s, c) = mixed_container();
+    let at = u64::from_le_bytes(c[16..24].try_into().unwrap()) as usize;
+    let mut b = c.clone();
+    b[at + 5] ^= 1;
+    rejects(&b, "manifest digest mismatch");
+}
+
+#[test]
+fn manifest_not_json_or_unknown_fields() {
+    let (_d, _s, c) = mixed_container();
+    let at = u64::from_le_bytes(c[16..24].try_into().unwrap()) as usize;
+    rejects(
+        &with_manifest_bytes(&c[..at], b"{\"format_version\": 1"),
+        "not valid JSON",
+    );
+    rejects(
+        &manifest_edit(|m| m["surprise"] = json!(1)),
+        "unknown field",
+    );
+}
+
+#[test]
+fn sections_overlapping_out_of_order_or_with_gaps() {
+    rejects(
+        &manifest_edit(|m| {
+            let o = m["sections"][1]["offset"].as_u64().unwrap();
+            m["sections"][1]["offset"] = json!(o - 4096);
+        }),
+        "overlap",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            let s = m["sections"].as_array_mut().unwrap();
+            s.swap(1, 2);
+        }),
+        "out of order",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            let o = m["sections"][1]["offset"].as_u64().unwrap();
+            m["sections"][1]["offset"] = json!(o + 4096);
+        }),
+        "gap",
+    );
+}
+
+#[test]
+fn counts_and_sizes_that_overflow() {
+    rejects(
+        &manifest_edit(|m| {
+            m["tensors"][0]["shape"] = json!([4294967296u64, 4294967296u64, 4294967296u64])
+        }),
+        "overflow",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            m["tensors"][0]["storage"]["chunks"][0]["base"]["offset"] = json!(u64::MAX - 3);
+        }),
+        "extent",
+    );
+}
+
+#[test]
+fn chunk_past_end_of_file_or_over_the_limit() {
+    rejects(
+        &manifest_edit(|m| {
+            let c = &mut m["tensors"][0]["storage"]["chunks"][0]["cold"];
+            c["offset"] = json!(1u64 << 40);
+        }),
+        "not inside",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            let raw = m["tensors"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|t| t["storage"]["kind"] == "raw")
+                .unwrap();
+            raw["storage"]["chunks"][0]["len"] = json!(tpde_format::MAX_CHUNK_LEN + 1);
+        }),
+        "",
+    );
+}
+
+#[test]
+fn decompressed_length_over_its_recorded_size() {
+    // The header blob says it holds one byte less than its zstd frame
+    // declares (and the file length agrees), so only the decoder's bound
+    // stands between the reader and an overrun.
+    let b = manifest_edit(|m| {
+        let chunk = &mut m["files"][0]["content"]["header"]["chunks"][0];
+        let raw = chunk["raw_len"].as_u64().unwrap();
+        chunk["raw_len"] = json!(raw - 1);
+        let len = m["files"][0]["len"].as_u64().unwrap();
+        m["files"][0]["len"] = json!(len - 1);
+    });
+    rejects(&b, "declares");
+}
+
+#[test]
+fn tensor_and_file_references_that_do_not_resolve() {
+    rejects(
+        &manifest_edit(|m| m["files"][0]["content"]["tensors"][0] = json!(999)),
+        "out of range",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            let first = m["files"][0]["content"]["tensors"][0].clone();
+            m["files"][0]["content"]["tensors"][1] = first;
+        }),
+        "twice",
+    );
+    rejects(
+        &manifest_edit(|m| {
+            let t = m["tensors"][0].clone();
+            m["tensors"].as_array_mut().unwrap().push(t);
+        }),
+        "duplicate tensor",
+    );
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["file"] = json!(7)),
+        "file index",
+    );
+}
+
+#[test]
+fn wrong_shape_or_dtype() {
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["shape"] = json!([96, 131])),
+        "does not match shape",
+    );
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["dtype"] = json!("Q9")),
+        "unknown dtype",
+    );
+    // Same width, different type: structurally valid, but the rebuilt bytes
+    // no longer match the recorded digest.
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["dtype"] = json!("F16")),
+        "digest",
+    );
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["storage"]["residual"] = json!("exact-v9")),
+        "residual",
+    );
+    rejects(
+        &manifest_edit(|m| m["tensors"][0]["storage"]["group_size"] = json!(0)),
+        "group size",
+    );
+}
+
+#[test]
+fn tensor_digest_mismatch_names_the_tensor() {
+    let b = manifest_edit(|m| m["tensors"][0]["blake3"] = json!("00".repeat(32)));
+    let e = verify_err(&b);
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("digest"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsafe_restore_paths() {
+    for bad in [
+        "../evil.safetensors",
+        "/etc/evil",
+        "a/../../b",
+        "a//b",
+        "",
+        "a\\b",
+    ] {
+        let b = manifest_edit(|m| m["files"][0]["path"] = json!(bad));
+        let e = verify_err(&b);
+        assert!(e.contains("path"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn non_zero_padding() {
+    let (_d, _s, c) = mixed_container();
+    let mut b = c.clone();
+    b[100] = 1; // header region padding
+    rejects(&b, "padding");
+}
+
+#[test]
+fn unpack_refuses_damaged_containers_and_writes_nothing() {
+    let (_d, _s, c) = mixed_container();
+    let d = tmp();
+    let mut b = c.clone();
+    b[4096 + 200] ^= 4; // inside the first hot chunk
+    let p = write(d.path(), "flip.tpde", &b);
+    let out = d.path().join("out");
+    let o = tpde(&[&"unpack", &p, &"-o", &out]);
+    assert_clean_error(&o, 1, "flip.tpde", "chunk");
+    assert_eq!(
+        entries(d.path()),
+        vec!["flip.tpde"],
+        "no output, no temporary left"
+    );
+}
+
+#[test]
+fn verify_names_the_differing_source_byte() {
+    let (d, src, c) = mixed_container();
+    let p = write(d.path(), "c.tpde", &c);
+    let mut s = std::fs::read(&src).unwrap();
+    let n = s.len();
+    s[n - 10] ^= 1;
+    let other = write(d.path(), "other.safetensors", &s);
+    let o = tpde(&[&"verify", &p, &"--source", &other]);
+    assert_clean_error(&o, 1, "other.safetensors", &format!("byte {}", n - 10));
+}

@@ -1,0 +1,189 @@
+//! Faults: a pack killed at any moment, a full disk, destinations that must
+//! not be touched, inputs that must stay read-only.
+
+use crate::util::*;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// A model big enough that packing takes a noticeable time.
+fn big_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut r = Rng(5);
+    let mut tensors = Vec::new();
+    for l in 0..24 {
+        let data = floats("BF16", 1024 * 1024, 0.02, &mut r);
+        tensors.push(T::new(
+            &format!("model.layers.{l}.mlp.up_proj.weight"),
+            "BF16",
+            &[1024, 1024],
+            data,
+        ));
+    }
+    write(dir, "model.safetensors", &safetensors(&tensors, None))
+}
+
+#[test]
+fn a_pack_killed_at_any_moment_leaves_nothing_or_the_previous_file() {
+    let d = tmp();
+    let src = big_model(d.path());
+    let out = d.path().join("m.tpde");
+    // How long does a whole pack take here?
+    let t = Instant::now();
+    let o = tpde(&[&"--threads", &"1", &"pack", &src, &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = t.elapsed();
+    let previous = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+
+    let mut rng = Rng(17);
+    for round in 0..8 {
+        let had_previous = round % 2 == 1;
+        if had_previous {
+            std::fs::write(&out, &previous).unwrap();
+        }
+        let mut child = Command::new(tpde_bin())
+            .args(["--threads", "1", "pack"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = full.mul_f64(0.05 + 0.9 * (rng.below(1000) as f64 / 1000.0));
+        std::thread::sleep(at);
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        if had_previous {
+            assert_eq!(
+                std::fs::read(&out).unwrap(),
+                previous,
+                "round {round}: previous file damaged"
+            );
+        } else if status.success() {
+            // Finished before the kill: then it must be whole.
+            let v = tpde(&[&"verify", &out]);
+            assert!(v.status.success(), "round {round}");
+            std::fs::remove_file(&out).unwrap();
+        } else {
+            assert!(
+                !out.exists(),
+                "round {round}: killed after {at:?} but a container exists"
+            );
+        }
+        // Only the temporary file may be left behind, never a half container
+        // under the destination name.
+        for e in entries(d.path()) {
+            assert!(
+                e == "model.safetensors"
+                    || e == "m.tpde"
+                    || e.contains(tpde_pack::atomic::TMP_MARKER),
+                "unexpected {e}"
+            );
+        }
+        if out.exists() {
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
+/// Runs tpde with a file-size limit, so writes past it fail like a full disk.
+fn with_fsize_limit(args: &[&std::ffi::OsStr], limit: u64) -> std::process::Output {
+    let mut c = Command::new(tpde_bin());
+    c.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn a_full_disk_during_pack_and_unpack_is_a_clean_error_with_no_output() {
+    let (d, src, out) = packed(&mixed_model(31), &[]);
+    let out2 = d.path().join("full.tpde");
+    let o = with_fsize_limit(
+        &[
+            "pack".as_ref(),
+            src.as_os_str(),
+            "-o".as_ref(),
+            out2.as_os_str(),
+        ],
+        20_000,
+    );
+    assert_clean_error(&o, 2, "cannot write", "File too large");
+    assert!(!out2.exists());
+    let restored = d.path().join("restored");
+    let o = with_fsize_limit(
+        &[
+            "unpack".as_ref(),
+            out.as_os_str(),
+            "-o".as_ref(),
+            restored.as_os_str(),
+        ],
+        20_000,
+    );
+    assert_clean_error(&o, 2, "model.safetensors", "File too large");
+    assert!(!restored.exists());
+    assert_eq!(
+        entries(d.path()),
+        vec!["model.safetensors", "model.tpde"],
+        "no temporaries left"
+    );
+}
+
+#[test]
+fn inputs_are_never_modified() {
+    let d = tmp();
+    let src = write(d.path(), "model.safetensors", &mixed_model(41));
+    let before = (
+        std::fs::read(&src).unwrap(),
+        std::fs::metadata(&src).unwrap().modified().unwrap(),
+    );
+    // Read-only permissions: pack must still work (it only reads).
+    let mut perm = std::fs::metadata(&src).unwrap().permissions();
+    perm.set_readonly(true);
+    std::fs::set_permissions(&src, perm).unwrap();
+    let out = d.path().join("m.tpde");
+    let o = tpde(&[&"pack", &src, &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = tpde(&[&"verify", &out, &"--source", &src]);
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&src).unwrap(), before.0);
+    assert_eq!(
+        std::fs::metadata(&src).unwrap().modified().unwrap(),
+        before.1
+    );
+}
+
+#[test]
+fn unpack_refuses_a_non_empty_destination_and_the_container_itself_as_output() {
+    let (d, src, out) = packed(&mixed_model(51), &[]);
+    let busy = d.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), b"mine").unwrap();
+    let o = tpde(&[&"unpack", &out, &"-o", &busy]);
+    assert_clean_error(&o, 2, "busy", "not empty");
+    assert_eq!(entries(&busy), vec!["keep.txt"]);
+    // An existing empty folder is fine.
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = tpde(&[&"unpack", &out, &"-o", &empty]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256(&empty.join("model.safetensors")), sha256(&src));
+    // Packing onto the source is refused, and the source survives.
+    let before = std::fs::read(&src).unwrap();
+    let o = tpde(&[&"pack", &src, &"-o", &src]);
+    assert_clean_error(&o, 2, "model.safetensors", "one of the inputs");
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+}

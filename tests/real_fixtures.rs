@@ -1,0 +1,76 @@
+//! Bit-exact round trips on real weights (MiniLM F32 with its I64 buffer,
+//! and its BF16 derivative), proven by `verify --source` and the sha256 of
+//! the unpacked files. These need `fixtures/fetch.sh`; without the files
+//! they fail with that instruction rather than skip.
+
+use crate::util::*;
+use std::path::PathBuf;
+
+fn fixture(rel: &str) -> PathBuf {
+    let root = std::env::var_os("TPDE_FIXTURES")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tpde-fixtures")))
+        .expect("TPDE_FIXTURES or HOME");
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "real-weight fixture {} is missing: run `fixtures/fetch.sh` (or set TPDE_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
+fn real_roundtrip(rel: &str, max_ratio: f64) {
+    let src = fixture(rel);
+    let d = tmp();
+    let out = d.path().join("m.tpde");
+    let p = tpde(&[&"pack", &src, &"-o", &out, &"--json"]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let j: serde_json::Value = serde_json::from_slice(&p.stdout).unwrap();
+    let ratio = j["container_bytes"].as_f64().unwrap() / j["original_bytes"].as_f64().unwrap();
+    assert!(
+        ratio <= max_ratio,
+        "{rel}: container is {ratio:.3} × the original (limit {max_ratio})"
+    );
+    let v = tpde(&[&"verify", &out, &"--source", &src]);
+    assert!(v.status.success(), "{}", stderr(&v));
+    let restored = d.path().join("restored");
+    let u = tpde(&[&"unpack", &out, &"-o", &restored]);
+    assert!(u.status.success(), "{}", stderr(&u));
+    let name = src.file_name().unwrap();
+    assert_eq!(
+        sha256(&restored.join(name)),
+        sha256(&src),
+        "{rel}: unpacked file differs"
+    );
+}
+
+#[test]
+fn minilm_bf16_round_trips_bit_exact_in_under_0_80() {
+    real_roundtrip("all-minilm-l6-v2-bf16/model.safetensors", 0.80);
+}
+
+#[test]
+fn minilm_f32_with_i64_round_trips_bit_exact() {
+    real_roundtrip("all-minilm-l6-v2/model.safetensors", 0.90);
+}
+
+#[test]
+fn minilm_folder_with_tokenizer_and_configs_round_trips() {
+    let src = fixture("all-minilm-l6-v2");
+    let d = tmp();
+    let out = d.path().join("m.tpde");
+    let p = tpde(&[&"pack", &src, &"-o", &out]);
+    assert!(p.status.success(), "{}", stderr(&p));
+    let restored = d.path().join("restored");
+    let u = tpde(&[&"unpack", &out, &"-o", &restored]);
+    assert!(u.status.success(), "{}", stderr(&u));
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "1_Pooling/config.json",
+    ] {
+        assert_eq!(sha256(&restored.join(f)), sha256(&src.join(f)), "{f}");
+    }
+}
