@@ -285,9 +285,9 @@ pub fn encode(
     let (offsets, total) = plane_offsets(&counts, w);
     let mut planes = vec![0u8; total];
     match dtype.width() {
-        2 => scatter::<2>(dtype, layout, src, base, rows, &offsets, &mut planes),
-        4 => scatter::<4>(dtype, layout, src, base, rows, &offsets, &mut planes),
-        _ => scatter::<8>(dtype, layout, src, base, rows, &offsets, &mut planes),
+        2 => scatter::<2>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
+        4 => scatter::<4>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
+        _ => scatter::<8>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
     }
     let streams: Vec<&[u8]> = (0..counts.len() * w)
         .map(|i| &planes[offsets[i]..offsets[i] + counts[i / w]])
@@ -359,6 +359,7 @@ fn q4_key_table<const W: usize>(dtype: FloatDtype, d: half::f16) -> [u64; 16] {
 
 const Q4_CLASS: [usize; 16] = [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7];
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn scatter<const W: usize>(
     dtype: FloatDtype,
@@ -367,50 +368,42 @@ fn scatter<const W: usize>(
     base: &[u8],
     rows: usize,
     offsets: &[usize],
+    counts: &[usize],
     planes: &mut [u8],
 ) {
     let bits = (W * 8) as u32;
     let rb = layout.row_bytes();
-    // Next write index within each class (the same for all its planes).
-    let mut pos = [0usize; 9];
-    for r in 0..rows {
-        let row = &base[r * rb..(r + 1) * rb];
-        let srow = &src[r * layout.cols * W..(r + 1) * layout.cols * W];
+    // Absolute write position of each class's first plane; plane `p` of the
+    // class is `p * counts[class]` further on.
+    let mut cur = [0usize; 9];
+    for c in 0..counts.len() {
+        cur[c] = offsets[c * W];
+    }
+    for (row, srow) in base.chunks_exact(rb).take(rows).zip(src.chunks_exact(layout.cols * W)) {
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
             let vals = &srow[col * W..(col + len) * W];
-            let mut put = |i: usize, class: usize, pred_key: u64| {
-                let z = zigzag(
-                    key_w::<W>(load_w::<W>(&vals[i * W..])).wrapping_sub(pred_key),
-                    bits,
-                );
-                let k = pos[class];
-                pos[class] = k + 1;
+            let mut put = |v: &[u8], class: usize, pred_key: u64| {
+                let z = zigzag(key_w::<W>(load_w::<W>(v)).wrapping_sub(pred_key), bits);
+                let at = cur[class];
+                cur[class] = at + 1;
                 for p in 0..W {
-                    planes[offsets[class * W + p] + k] = (z >> (8 * p)) as u8;
+                    planes[at + p * counts[class]] = (z >> (8 * p)) as u8;
                 }
             };
             match layout.codec {
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
-                    for (i, &b) in payload.iter().enumerate() {
-                        let lo = (b & 15) as usize;
-                        put(2 * i, Q4_CLASS[lo], table[lo]);
-                        if 2 * i + 1 < len {
-                            let hi = (b >> 4) as usize;
-                            put(2 * i + 1, Q4_CLASS[hi], table[hi]);
-                        }
+                    for (i, v) in vals.chunks_exact(W).enumerate() {
+                        let n = ((payload[i / 2] >> (4 * (i % 2))) & 15) as usize;
+                        put(v, Q4_CLASS[n], table[n]);
                     }
                 }
                 BaseCodec::Q8 => {
-                    for (i, &b) in payload.iter().enumerate() {
+                    for (v, &b) in vals.chunks_exact(W).zip(payload) {
                         let q = b as i8 as i32;
-                        put(
-                            i,
-                            class_of(BaseCodec::Q8, q),
-                            key_w::<W>(dtype.predict_bits(q, d)),
-                        );
+                        put(v, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
                     }
                 }
             }
@@ -418,39 +411,47 @@ fn scatter<const W: usize>(
     }
 }
 
-/// Counts elements per class in whole rows of a base: a histogram of code
-/// bytes (four interleaved tables, so equal neighbours do not serialize on
-/// one counter), folded into classes.
+/// Counts elements per class in whole rows of a base: one histogram of all
+/// base bytes (four interleaved tables, so equal neighbours do not
+/// serialize on one counter), minus the scale bytes, folded into classes.
 fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<usize>, CodecError> {
     let rb = layout.row_bytes();
+    let base = &base[..rows * rb];
     let mut hist = [[0u32; 256]; 4];
-    let mut counts = vec![0usize; class_count(layout.codec)];
+    let mut quads = base.chunks_exact(4);
+    for q in &mut quads {
+        hist[0][q[0] as usize] += 1;
+        hist[1][q[1] as usize] += 1;
+        hist[2][q[2] as usize] += 1;
+        hist[3][q[3] as usize] += 1;
+    }
+    for &b in quads.remainder() {
+        hist[0][b as usize] += 1;
+    }
+    let mut total = [0usize; 256];
+    for (b, t) in total.iter_mut().enumerate() {
+        *t = (hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]) as usize;
+    }
     // Odd-length q4 groups end with an unused high nibble, which must be 0
-    // and which the histogram counts as a code −8: subtract those afterwards.
+    // and which the histogram counts as a code −8: subtract those too.
+    let odd_groups = layout.codec == BaseCodec::Q4 && (layout.group % 2 == 1 || layout.cols % layout.group % 2 == 1);
     let mut pad_nibbles = 0usize;
     let mut bad_pad = false;
-    for r in 0..rows {
-        let row = &base[r * rb..(r + 1) * rb];
+    for row in base.chunks_exact(rb) {
         layout.for_each_group(|_, len, off| {
-            let payload = &row[off + 2..off + layout.block_bytes(len)];
-            let mut quads = payload.chunks_exact(4);
-            for q in &mut quads {
-                hist[0][q[0] as usize] += 1;
-                hist[1][q[1] as usize] += 1;
-                hist[2][q[2] as usize] += 1;
-                hist[3][q[3] as usize] += 1;
-            }
-            for &b in quads.remainder() {
-                hist[0][b as usize] += 1;
-            }
-            if layout.codec == BaseCodec::Q4 && len % 2 == 1 {
+            total[row[off] as usize] -= 1;
+            total[row[off + 1] as usize] -= 1;
+            if odd_groups && len % 2 == 1 {
                 pad_nibbles += 1;
-                bad_pad |= payload.last().is_some_and(|b| b >> 4 != 0);
+                bad_pad |= row[off + layout.block_bytes(len) - 1] >> 4 != 0;
             }
         });
     }
-    for b in 0..256 {
-        let n = (hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]) as usize;
+    if bad_pad {
+        return Err(CodecError::Corrupt("non-zero padding nibble in a q4 base".into()));
+    }
+    let mut counts = vec![0usize; class_count(layout.codec)];
+    for (b, &n) in total.iter().enumerate() {
         if n == 0 {
             continue;
         }
@@ -462,14 +463,7 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
             BaseCodec::Q8 => counts[class_of(BaseCodec::Q8, b as u8 as i8 as i32)] += n,
         }
     }
-    if bad_pad {
-        return Err(CodecError::Corrupt(
-            "non-zero padding nibble in a q4 base".into(),
-        ));
-    }
-    if pad_nibbles > 0 {
-        counts[Q4_CLASS[0]] -= pad_nibbles;
-    }
+    counts[class_of(layout.codec, layout.codec.q_min())] -= pad_nibbles;
     Ok(counts)
 }
 
@@ -523,7 +517,7 @@ fn decompress_planes(
     rows: usize,
     chunk: &[u8],
     planes: &mut Vec<u8>,
-) -> Result<Vec<usize>, CodecError> {
+) -> Result<(Vec<usize>, Vec<usize>), CodecError> {
     let w = dtype.width();
     let counts = count_classes(layout, base, rows)?;
     let streams = split_streams(chunk, counts.len() * w, |i| counts[i / w])?;
@@ -539,7 +533,7 @@ fn decompress_planes(
             zstd_decompress_exact(s, &mut planes[offsets[i]..offsets[i] + n])?;
         }
     }
-    Ok(offsets)
+    Ok((offsets, counts))
 }
 
 thread_local! {
@@ -557,7 +551,7 @@ pub fn decode_reference(
 ) -> Result<(), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     let mut planes = Vec::new();
-    let offsets = decompress_planes(dtype, layout, base, rows, chunk, &mut planes)?;
+    let (offsets, _) = decompress_planes(dtype, layout, base, rows, chunk, &mut planes)?;
     let w = dtype.width();
     let mut cursor = vec![0usize; class_count(layout.codec)];
     let rb = layout.row_bytes();
@@ -593,29 +587,32 @@ pub fn decode(
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
-        let offsets = decompress_planes(dtype, layout, base, rows, chunk, planes)?;
+        let (offsets, counts) = decompress_planes(dtype, layout, base, rows, chunk, planes)?;
         match dtype.width() {
-            2 => gather::<2>(dtype, layout, base, rows, &offsets, planes, out),
-            4 => gather::<4>(dtype, layout, base, rows, &offsets, planes, out),
-            _ => gather::<8>(dtype, layout, base, rows, &offsets, planes, out),
+            2 => gather::<2>(dtype, layout, base, rows, &offsets, &counts, planes, out),
+            4 => gather::<4>(dtype, layout, base, rows, &offsets, &counts, planes, out),
+            _ => gather::<8>(dtype, layout, base, rows, &offsets, &counts, planes, out),
         }
         Ok(())
     })
 }
 
-/// Byte `k` of plane `plane` (bounds checks cost 8 % of decode time here).
+/// Byte at `at` of the plane buffer.
 ///
 /// # Safety
 ///
-/// `plane < offsets.len()` and `offsets[plane] + k < planes.len()`; both
-/// hold when `k` is below the element count of the plane's class as
-/// counted from the base being decoded.
+/// `at < planes.len()`. Holds for every read of [`gather`]: a class's
+/// cursor starts at its first plane's offset and advances once per element
+/// of the class, and the element counts were taken from the base being
+/// decoded, so the cursor stays below `offsets[class * W] + counts[class]`
+/// and each further plane of the class is `counts[class]` bytes further on.
 #[inline(always)]
-unsafe fn plane_byte(planes: &[u8], offsets: &[usize], plane: usize, k: usize) -> u8 {
-    debug_assert!(offsets[plane] + k < planes.len());
-    *planes.get_unchecked(offsets.get_unchecked(plane) + k)
+unsafe fn plane_byte(planes: &[u8], at: usize) -> u8 {
+    debug_assert!(at < planes.len());
+    *planes.get_unchecked(at)
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn gather<const W: usize>(
     dtype: FloatDtype,
@@ -623,57 +620,68 @@ fn gather<const W: usize>(
     base: &[u8],
     rows: usize,
     offsets: &[usize],
+    counts: &[usize],
     planes: &[u8],
     out: &mut [u8],
 ) {
     let bits = (W * 8) as u32;
     let m = mask(bits);
     let rb = layout.row_bytes();
-    // Next read index within each class (counts came from this same base,
-    // so every index stays inside its planes).
-    let mut pos = [0usize; 9];
-    for r in 0..rows {
-        let row = &base[r * rb..(r + 1) * rb];
-        let orow = &mut out[r * layout.cols * W..(r + 1) * layout.cols * W];
+    // Absolute read position of each class's first plane; its plane `p` is
+    // `p * counts[class]` further on (planes of a class are consecutive).
+    let mut cur = [0usize; 9];
+    let mut stride = [0usize; 9];
+    for c in 0..counts.len() {
+        cur[c] = offsets[c * W];
+        stride[c] = counts[c];
+    }
+    #[inline(always)]
+    fn one<const W: usize>(
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &[u8],
+        class: usize,
+        pred_key: u64,
+        m: u64,
+        dst: &mut [u8],
+    ) {
+        let at = cur[class];
+        cur[class] = at + 1;
+        let mut z = 0u64;
+        for p in 0..W {
+            // SAFETY: see `plane_byte`.
+            z |= (unsafe { plane_byte(planes, at + p * stride[class]) } as u64) << (8 * p);
+        }
+        let orig = unkey_w::<W>(pred_key.wrapping_add(unzigzag(z, (W * 8) as u32)) & m);
+        dst[..W].copy_from_slice(&orig.to_le_bytes()[..W]);
+    }
+    let _ = bits;
+    for (row, orow) in base.chunks_exact(rb).take(rows).zip(out.chunks_exact_mut(layout.cols * W)) {
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
             let vals = &mut orow[col * W..(col + len) * W];
-            let mut put = |i: usize, class: usize, pred_key: u64| {
-                let k = pos[class];
-                pos[class] = k + 1;
-                let mut z = 0u64;
-                for p in 0..W {
-                    // SAFETY: `class < classes` and `k < counts[class]`: the
-                    // cursors advance once per element of a class, and the
-                    // counts were taken from this same base, so the index is
-                    // inside the class's plane.
-                    z |= (unsafe { plane_byte(planes, offsets, class * W + p, k) } as u64)
-                        << (8 * p);
-                }
-                let orig = unkey_w::<W>(pred_key.wrapping_add(unzigzag(z, bits)) & m);
-                vals[i * W..i * W + W].copy_from_slice(&orig.to_le_bytes()[..W]);
-            };
             match layout.codec {
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
-                    for (i, &b) in payload.iter().enumerate() {
-                        let lo = (b & 15) as usize;
-                        put(2 * i, Q4_CLASS[lo], table[lo]);
-                        if 2 * i + 1 < len {
-                            let hi = (b >> 4) as usize;
-                            put(2 * i + 1, Q4_CLASS[hi], table[hi]);
-                        }
+                    let mut pairs = vals.chunks_exact_mut(2 * W);
+                    for (pair, &b) in (&mut pairs).zip(payload) {
+                        let (lo, hi) = ((b & 15) as usize, (b >> 4) as usize);
+                        let (a, z) = pair.split_at_mut(W);
+                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[lo], table[lo], m, a);
+                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[hi], table[hi], m, z);
+                    }
+                    let tail = pairs.into_remainder();
+                    if !tail.is_empty() {
+                        let lo = (payload[len / 2] & 15) as usize;
+                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[lo], table[lo], m, tail);
                     }
                 }
                 BaseCodec::Q8 => {
-                    for (i, &b) in payload.iter().enumerate() {
+                    for (v, &b) in vals.chunks_exact_mut(W).zip(payload) {
                         let q = b as i8 as i32;
-                        put(
-                            i,
-                            class_of(BaseCodec::Q8, q),
-                            key_w::<W>(dtype.predict_bits(q, d)),
-                        );
+                        let k = key_w::<W>(dtype.predict_bits(q, d));
+                        one::<W>(&mut cur, &stride, planes, class_of(BaseCodec::Q8, q), k, m, v);
                     }
                 }
             }

@@ -3,9 +3,9 @@
 //! files, byte-identical) and `inspect` (what is inside).
 //!
 //! Pack, verify and unpack are streaming and parallel: work is cut into
-//! chunks (at most [`pack::WINDOW_BYTES`] of original data in flight), run on
-//! the rayon pool, and committed in order. Peak memory is a constant plus the
-//! window, whatever the model size. Outputs are atomic (see [`atomic`]).
+//! chunks of at most a few MiB, run on worker threads with a bounded number
+//! in flight, and committed in order. Peak memory is a constant plus those
+//! chunks, whatever the model size. Outputs are atomic (see [`atomic`]).
 //!
 //! ```no_run
 //! use tpde_pack::{pack, verify, NoProgress, PackOptions};

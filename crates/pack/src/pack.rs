@@ -23,7 +23,6 @@ use tpde_ingest::safetensors::TensorEntry;
 
 /// Bytes per chunk of an exactly stored tensor or a blob.
 pub const RAW_CHUNK_BYTES: u64 = 4 << 20;
-pub use crate::pipeline::WINDOW_BYTES;
 
 /// How to pack.
 #[derive(Clone, Debug)]
@@ -217,7 +216,6 @@ pub fn pack(
 
     crate::pipeline::ordered(
         &jobs,
-        |j| j.src_len,
         |job| run_job(&source, job, opts.zstd_level),
         |job, r| {
             let p = &mut planned[job.tensor];

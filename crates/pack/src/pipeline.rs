@@ -1,61 +1,86 @@
 //! The ordered parallel pipeline shared by pack, verify and unpack.
+//!
+//! Worker threads take jobs in order from a shared counter, run them, and
+//! send the results to the calling thread, which commits them strictly in
+//! job order (digests, sequential writes) while the workers go on. A job is
+//! started only when it is fewer than [`MAX_IN_FLIGHT_PER_THREAD`] ×
+//! threads jobs ahead of the last commit, so memory stays bounded (at most
+//! that many job results alive) without the idle tails of batch barriers.
 
 use crate::error::Result;
-use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
 
-/// Most bytes of source data in flight per window.
-pub const WINDOW_BYTES: u64 = 4 << 20;
+/// Jobs allowed ahead of the commit point, per worker thread.
+pub const MAX_IN_FLIGHT_PER_THREAD: usize = 4;
 
-/// Runs `work` on every job in parallel, in windows of at most
-/// [`WINDOW_BYTES`] (by `len`), and `commit` on each result strictly in job
-/// order. The commit of one window runs while the next window is worked on,
-/// so in-order steps (digests, sequential writes) overlap parallel ones.
-/// Stops at the first error. At most two windows of results are alive.
+/// Runs `work` on every job on `threads` worker threads (the rayon pool's
+/// size) and `commit` on each result in job order on the calling thread.
+/// Returns the first error in job order, after which nothing more is
+/// committed.
 pub fn ordered<J, R>(
     jobs: &[J],
-    len: impl Fn(&J) -> u64,
     work: impl Fn(&J) -> Result<R> + Sync,
-    mut commit: impl FnMut(&J, R) -> Result<()> + Send,
+    mut commit: impl FnMut(&J, R) -> Result<()>,
 ) -> Result<()>
 where
     J: Sync,
     R: Send,
 {
-    let threads = rayon::current_num_threads().max(1);
-    let mut windows = Vec::new();
-    let mut i = 0;
-    while i < jobs.len() {
-        let mut j = i;
-        let mut bytes = 0;
-        while j < jobs.len() && (j == i || (bytes < WINDOW_BYTES && j - i < 8 * threads)) {
-            bytes += len(&jobs[j]);
-            j += 1;
+    let threads = rayon::current_num_threads().clamp(1, jobs.len().max(1));
+    let window = MAX_IN_FLIGHT_PER_THREAD * threads;
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    // Number of jobs committed so far, and a condvar to wake waiting workers.
+    let committed = (Mutex::new(0usize), Condvar::new());
+    let (tx, rx) = mpsc::sync_channel::<(usize, Result<R>)>(window);
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (next, stop, committed, work) = (&next, &stop, &committed, &work);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                {
+                    let mut done = committed.0.lock().expect("pipeline lock");
+                    while i >= *done + window && !stop.load(Ordering::Relaxed) {
+                        done = committed.1.wait(done).expect("pipeline lock");
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if tx.send((i, work(&jobs[i]))).is_err() {
+                    break;
+                }
+            });
         }
-        windows.push(i..j);
-        i = j;
-    }
-    let mut pending: Option<(std::ops::Range<usize>, Vec<R>)> = None;
-    let mut commit_all = |p: Option<(std::ops::Range<usize>, Vec<R>)>| -> Result<()> {
-        if let Some((range, outs)) = p {
-            for (job, out) in jobs[range].iter().zip(outs) {
-                commit(job, out)?;
+        drop(tx);
+
+        let mut pending = BTreeMap::new();
+        let mut want = 0;
+        let result = (|| {
+            for (i, r) in rx.iter() {
+                pending.insert(i, r);
+                while let Some(r) = pending.remove(&want) {
+                    commit(&jobs[want], r?)?;
+                    want += 1;
+                    *committed.0.lock().expect("pipeline lock") = want;
+                    committed.1.notify_all();
+                }
             }
+            Ok(())
+        })();
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+            committed.1.notify_all();
+            // Dropping the receiver (at the end of this closure) unblocks senders.
         }
-        Ok(())
-    };
-    for range in windows {
-        let prev = pending.take();
-        let (done, committed) = rayon::join(
-            || {
-                jobs[range.clone()]
-                    .par_iter()
-                    .map(&work)
-                    .collect::<Result<Vec<R>>>()
-            },
-            || commit_all(prev),
-        );
-        committed?;
-        pending = Some((range, done?));
-    }
-    commit_all(pending)
+        drop(rx);
+        result
+    })
 }

@@ -26,7 +26,6 @@ enum Job {
         tensor: usize,
         chunk: usize,
         last: bool,
-        len: u64,
     },
 }
 
@@ -54,20 +53,18 @@ pub fn restore_file(
     if let FileContent::Safetensors { tensors, .. } = &f.content {
         for &ti in tensors {
             let t = &c.manifest.tensors[ti as usize];
-            let lens = c.chunk_lens(t);
-            let n = lens.len();
+            let n = c.chunk_lens(t).len();
             if n == 0 && t.blake3 != blake3::hash(&[]).to_hex().as_str() {
                 return Err(Error::integrity(
                     &c.path,
                     format!("tensor {:?}: digest mismatch", t.name),
                 ));
             }
-            for (ci, len) in lens.into_iter().enumerate() {
+            for ci in 0..n {
                 jobs.push(Job::Tensor {
                     tensor: ti as usize,
                     chunk: ci,
                     last: ci + 1 == n,
-                    len,
                 });
             }
         }
@@ -76,17 +73,12 @@ pub fn restore_file(
     let mut file_hash = blake3::Hasher::new();
     let mut tensor_hash = blake3::Hasher::new();
     let mut total = 0u64;
-    let job_len = |j: &Job| match j {
-        Job::Blob { chunk, .. } => blob.chunks[*chunk].raw_len,
-        Job::Tensor { len, .. } => *len,
-    };
     let what = |header: bool| if header { "header" } else { "blob" };
     // Output buffers go back to a pool after their commit: no zero-filled
     // allocation per chunk.
     let pool = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
     crate::pipeline::ordered(
         &jobs,
-        job_len,
         |job| match job {
             Job::Blob { chunk, header } => c.read_blob_chunk(&blob.chunks[*chunk], || {
                 format!("file {:?} {} chunk {chunk}", f.path, what(*header))
