@@ -31,6 +31,9 @@ options:
   --tmp DIR     scratch folder for containers and unpacked files (default: the system temp dir)
   --tpde PATH   tpde binary to run (default: target/release/tpde, built if missing)
   --build       run `cargo build --release --bin tpde` first even if the binary exists
+  --synthetic-mib N
+                also generate a weight-like BF16 model of N MiB (in the scratch folder) and
+                benchmark it: shows that peak RSS does not grow with the model size
   -h, --help    this text
 
 Throughputs are original bytes / median of tpde's own `seconds` field (it excludes process
@@ -44,6 +47,7 @@ struct Args {
     tmp: Option<PathBuf>,
     tpde: Option<PathBuf>,
     build: bool,
+    synthetic_mib: Option<usize>,
     fixtures: Vec<PathBuf>,
     /// Arguments as the user gave them after `--`, for the report.
     given: Vec<String>,
@@ -57,6 +61,7 @@ fn parse_args() -> Result<Option<Args>> {
         tmp: None,
         tpde: None,
         build: false,
+        synthetic_mib: None,
         fixtures: Vec::new(),
         given: Vec::new(),
     };
@@ -87,6 +92,11 @@ fn parse_args() -> Result<Option<Args>> {
                 a.reps = number("--reps", v)?;
             }
             "--json" => a.json = true,
+            "--synthetic-mib" => {
+                let v = it.next();
+                a.given.push(v.clone().unwrap_or_default());
+                a.synthetic_mib = Some(number("--synthetic-mib", v)?);
+            }
             "--build" => a.build = true,
             "--tmp" | "--tpde" => {
                 let v = it.next().ok_or_else(|| anyhow!("{arg} needs a path"))?;
@@ -143,11 +153,29 @@ fn run(args: &Args) -> Result<()> {
     };
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
 
-    let fixtures = if args.fixtures.is_empty() {
+    let mut fixtures = if args.fixtures.is_empty() {
         default_fixtures()?
     } else {
         args.fixtures.clone()
     };
+    // Kept alive until the end of the run.
+    let synthetic_dir;
+    if let Some(mib) = args.synthetic_mib {
+        let parent = args.tmp.clone().unwrap_or_else(std::env::temp_dir);
+        synthetic_dir = tempfile::Builder::new()
+            .prefix("tpde-bench-synthetic-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a scratch folder in {}", parent.display()))?;
+        let path = synthetic_dir
+            .path()
+            .join(format!("synthetic-bf16-{mib}mib.safetensors"));
+        out.line(format!(
+            "generating a {mib} MiB synthetic BF16 model at {}",
+            path.display()
+        ));
+        write_synthetic_bf16(&path, mib)?;
+        fixtures.push(path);
+    }
     for f in &fixtures {
         let m = std::fs::metadata(f).with_context(|| {
             format!(
@@ -946,4 +974,56 @@ fn utc_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Writes a safetensors file of `mib` MiB of BF16 matrices [2048, 2048]
+/// (8 MiB each) with weight-like values: a sum of uniforms scaled to σ =
+/// 0.02, rounded to BF16. Streams, so it needs no memory of its own size.
+fn write_synthetic_bf16(path: &Path, mib: usize) -> Result<()> {
+    use std::io::Write;
+    let (rows, cols) = (2048u64, 2048u64);
+    let per = rows * cols * 2;
+    let n = ((mib as u64) << 20).div_ceil(per).max(1);
+    let mut header = String::from("{");
+    for l in 0..n {
+        if l > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            "\"model.layers.{l}.mlp.up_proj.weight\":{{\"dtype\":\"BF16\",\"shape\":[{rows},{cols}],\"data_offsets\":[{},{}]}}",
+            l * per,
+            (l + 1) * per
+        ));
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(header.as_bytes())?;
+    let mut state = 0x5EED_u64;
+    let mut buf = vec![0u8; per as usize];
+    for _ in 0..n {
+        for v in buf.chunks_exact_mut(2) {
+            let mut s = 0.0f32;
+            for _ in 0..4 {
+                // xorshift64*
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                s += (r >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            let x = (s - 2.0) * 1.732 * 0.02;
+            let b = x.to_bits();
+            let bf = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+            v.copy_from_slice(&bf.to_le_bytes());
+        }
+        w.write_all(&buf)?;
+    }
+    w.flush()?;
+    Ok(())
 }

@@ -406,3 +406,100 @@ fn verify_names_the_differing_source_byte() {
     let o = tpde(&[&"verify", &p, &"--source", &other]);
     assert_clean_error(&o, 1, "other.safetensors", &format!("byte {}", n - 10));
 }
+
+#[test]
+fn section_kinds_out_of_order_and_bad_labels() {
+    // A files section before the cold sections, with offsets kept valid.
+    rejects(
+        &manifest_edit(|m| {
+            let n = m["sections"].as_array().unwrap().len();
+            m["sections"][n - 1]["kind"] = json!("hot");
+        }),
+        "out of order",
+    );
+    rejects(
+        &manifest_edit(|m| m["sections"][0]["name"] = json!("")),
+        "section name",
+    );
+    rejects(
+        &manifest_edit(|m| m["created_by"] = json!("x".repeat(1000))),
+        "created_by",
+    );
+}
+
+#[test]
+fn empty_blob_chunks_zero_row_tensors_and_bad_params() {
+    rejects(
+        &manifest_edit(|m| m["files"][0]["content"]["header"]["chunks"][0]["len"] = json!(0)),
+        "out of range",
+    );
+    // The empty [0, 4] F32 tensor dressed up as a decomposed one of 0 rows.
+    rejects(
+        &manifest_edit(|m| {
+            let t = m["tensors"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|t| t["name"] == "model.empty")
+                .unwrap();
+            t["storage"] = json!({"kind": "decomposed", "codec": "q4", "group_size": 64, "rows": 0, "cols": 4,
+                                  "residual": "exact-v1", "chunks": []});
+        }),
+        "0 rows × 4 columns out of range",
+    );
+    rejects(
+        &manifest_edit(|m| m["params"]["base"] = json!("q5")),
+        "unknown base",
+    );
+    rejects(
+        &manifest_edit(|m| m["params"]["group_size"] = json!(0)),
+        "out of range",
+    );
+    rejects(
+        &manifest_edit(|m| m["params"]["zstd_level"] = json!(99)),
+        "zstd level",
+    );
+}
+
+#[test]
+fn requantize_catches_a_hot_tier_that_is_not_the_quantization_of_the_weights() {
+    // q8 codes are symmetric, so negating a block's scale and all its codes
+    // predicts exactly the same values: the residual still rebuilds the
+    // original bit for bit, but the base is not what the quantizer makes.
+    let (d, src, out) = packed(&mixed_model(61), &["--base", "q8"]);
+    let mut c = std::fs::read(&out).unwrap();
+    let at = u64::from_le_bytes(c[16..24].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(c[24..32].try_into().unwrap()) as usize;
+    let m: serde_json::Value = serde_json::from_slice(&c[at..at + len]).unwrap();
+    let base = &m["tensors"][0]["storage"]["chunks"][0]["base"];
+    let (off, blen) = (
+        base["offset"].as_u64().unwrap() as usize,
+        base["len"].as_u64().unwrap() as usize,
+    );
+    // Rows of 130 columns: blocks of 64, 64 and 2 codes (66 + 66 + 4 bytes).
+    // Code 0 predicts +0 under d but −0 under −d, so take a full block
+    // without zero codes and with a finite non-zero scale.
+    let block = (0..blen / 136)
+        .flat_map(|r| [off + r * 136, off + r * 136 + 66])
+        .find(|&b| {
+            c[b + 2..b + 66].iter().all(|&q| q != 0)
+                && c[b + 1] & 0x7C != 0x7C
+                && (c[b] | c[b + 1] & 0x7F) != 0
+        })
+        .expect("a block without zero codes");
+    c[block + 1] ^= 0x80;
+    for q in &mut c[block + 2..block + 66] {
+        *q = (*q as i8).wrapping_neg() as u8;
+    }
+    let new_xxh3 = xxhash_rust::xxh3::xxh3_64(&c[off..off + blen]);
+    let c = rewrite_manifest(&c, |m| {
+        m["tensors"][0]["storage"]["chunks"][0]["base"]["xxh3"] = json!(new_xxh3)
+    });
+    let p = write(d.path(), "flipped.tpde", &c);
+    let o = tpde(&[&"verify", &p, &"--source", &src]);
+    assert!(o.status.success(), "still an exact rebuild: {}", stderr(&o));
+    let o = tpde(&[&"verify", &p, &"--requantize"]);
+    assert_clean_error(&o, 1, "flipped.tpde", "not the quantization");
+    let o = tpde(&[&"verify", &out, &"--requantize"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

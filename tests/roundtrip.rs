@@ -154,3 +154,37 @@ fn repacking_is_deterministic() {
     assert!(o.status.success());
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
 }
+
+#[test]
+fn every_safetensors_dtype_round_trips() {
+    // One tensor per dtype the container can carry; floats big enough to be
+    // decomposed, everything else stored exactly. Sub-byte types need an
+    // element count whose bits fill whole bytes.
+    let mut r = Rng(77);
+    let mut tensors = Vec::new();
+    for &(dtype, bits) in tpde_format::DTYPES {
+        let shape: &[u64] = if tpde_format::is_decomposable_dtype(dtype) {
+            &[16, 256]
+        } else {
+            &[4, 8]
+        };
+        let n: u64 = shape.iter().product();
+        let bytes = (n * bits / 8) as usize;
+        let data = if tpde_format::is_decomposable_dtype(dtype) {
+            floats(dtype, n as usize, 0.02, &mut r)
+        } else {
+            (0..bytes).map(|_| r.next() as u8).collect()
+        };
+        tensors.push(T::new(&format!("layers.0.{dtype}"), dtype, shape, data));
+    }
+    let bytes = safetensors(&tensors, None);
+    roundtrip(&bytes, &[]);
+    let (_d, _src, out) = packed(&bytes, &[]);
+    let j: serde_json::Value =
+        serde_json::from_slice(&tpde(&[&"inspect", &out, &"--json"]).stdout).unwrap();
+    for t in j["tensors"].as_array().unwrap() {
+        let decomposed = t["storage"] != "raw";
+        let float = tpde_format::is_decomposable_dtype(t["dtype"].as_str().unwrap());
+        assert_eq!(decomposed, float, "{}", t["name"]);
+    }
+}

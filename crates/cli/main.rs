@@ -65,6 +65,10 @@ enum Command {
         /// Also compare every byte with the source file or folder.
         #[arg(long)]
         source: Option<PathBuf>,
+        /// Also quantize every rebuilt tensor again and require the hot tier to be identical:
+        /// proves the base a runtime loads is the quantization of exactly these weights (slower).
+        #[arg(long)]
+        requantize: bool,
         #[arg(long)]
         json: bool,
     },
@@ -194,10 +198,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Verify {
             container,
             source,
+            requantize,
             json,
         } => {
             let bar = Bar::new(json);
-            let r = tpde_pack::verify(&container, source.as_deref(), &bar)?;
+            let opts = tpde_pack::VerifyOptions { source, requantize };
+            let r = tpde_pack::verify_with(&container, &opts, &bar)?;
             bar.clear();
             if json {
                 print_json(&with_rss(serde_json::to_value(&r)?));
@@ -208,6 +214,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     r.files,
                     if r.compared_with_source { ", identical to the source" } else { "" }
                 );
+                if r.requantized_hot_tier {
+                    println!("  the hot tier is the quantization of the rebuilt weights");
+                }
                 println!(
                     "  {} original bytes in {:.2} s ({:.0} MB/s)",
                     r.original_bytes,

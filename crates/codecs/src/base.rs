@@ -12,8 +12,8 @@
 //! - `q8`: codes are `i8` in `[-127, 127]`, `d = max|x| / 127`.
 //!
 //! The dequantized value of code `q` is `q × d`. Non-finite inputs do not
-//! take part in choosing `d`; NaN quantizes to 0 and ±Inf to the extreme
-//! codes. (The exact residual in the cold tier restores every bit pattern
+//! take part in choosing `d`; NaN quantizes to 0, and ±Inf to the extreme
+//! codes when `d ≠ 0` (to 0 when the whole group is zero or non-finite). (The exact residual in the cold tier restores every bit pattern
 //! regardless of what the base predicts.)
 //!
 //! [`quantize_reference`] is the plain per-element definition; [`quantize`]

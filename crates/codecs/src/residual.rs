@@ -190,6 +190,18 @@ pub fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
 /// Decompresses `frame`, which must be exactly one zstd frame declaring
 /// exactly `out.len()` bytes of content, into `out`.
 pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    // Frame header: magic (4), descriptor (1), then a window descriptor
+    // unless the frame is single-segment. The bulk decoder never allocates a
+    // window (it decodes into `out`), but a frame asking for more than the
+    // format allows is malformed, so it is refused outright.
+    if frame.len() >= 6 && frame[4] & 0x20 == 0 {
+        let window_log = 10 + (frame[5] >> 3) as u32;
+        if window_log > MAX_ZSTD_WINDOW_LOG {
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame asks for a 2^{window_log}-byte window (limit 2^{MAX_ZSTD_WINDOW_LOG})"
+            )));
+        }
+    }
     match zstd_safe::get_frame_content_size(frame) {
         Ok(Some(n)) if n == out.len() as u64 => {}
         Ok(Some(n)) => {
@@ -285,9 +297,36 @@ pub fn encode(
     let (offsets, total) = plane_offsets(&counts, w);
     let mut planes = vec![0u8; total];
     match dtype.width() {
-        2 => scatter::<2>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
-        4 => scatter::<4>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
-        _ => scatter::<8>(dtype, layout, src, base, rows, &offsets, &counts, &mut planes),
+        2 => scatter::<2>(
+            dtype,
+            layout,
+            src,
+            base,
+            rows,
+            &offsets,
+            &counts,
+            &mut planes,
+        ),
+        4 => scatter::<4>(
+            dtype,
+            layout,
+            src,
+            base,
+            rows,
+            &offsets,
+            &counts,
+            &mut planes,
+        ),
+        _ => scatter::<8>(
+            dtype,
+            layout,
+            src,
+            base,
+            rows,
+            &offsets,
+            &counts,
+            &mut planes,
+        ),
     }
     let streams: Vec<&[u8]> = (0..counts.len() * w)
         .map(|i| &planes[offsets[i]..offsets[i] + counts[i / w]])
@@ -379,7 +418,11 @@ fn scatter<const W: usize>(
     for c in 0..counts.len() {
         cur[c] = offsets[c * W];
     }
-    for (row, srow) in base.chunks_exact(rb).take(rows).zip(src.chunks_exact(layout.cols * W)) {
+    for (row, srow) in base
+        .chunks_exact(rb)
+        .take(rows)
+        .zip(src.chunks_exact(layout.cols * W))
+    {
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
@@ -403,7 +446,11 @@ fn scatter<const W: usize>(
                 BaseCodec::Q8 => {
                     for (v, &b) in vals.chunks_exact(W).zip(payload) {
                         let q = b as i8 as i32;
-                        put(v, class_of(BaseCodec::Q8, q), key_w::<W>(dtype.predict_bits(q, d)));
+                        put(
+                            v,
+                            class_of(BaseCodec::Q8, q),
+                            key_w::<W>(dtype.predict_bits(q, d)),
+                        );
                     }
                 }
             }
@@ -434,13 +481,18 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
     }
     // Odd-length q4 groups end with an unused high nibble, which must be 0
     // and which the histogram counts as a code −8: subtract those too.
-    let odd_groups = layout.codec == BaseCodec::Q4 && (layout.group % 2 == 1 || layout.cols % layout.group % 2 == 1);
+    let odd_groups = layout.codec == BaseCodec::Q4
+        && (layout.group % 2 == 1 || layout.cols % layout.group % 2 == 1);
     let mut pad_nibbles = 0usize;
     let mut bad_pad = false;
+    let mut bad_scale = false;
     for row in base.chunks_exact(rb) {
         layout.for_each_group(|_, len, off| {
             total[row[off] as usize] -= 1;
             total[row[off + 1] as usize] -= 1;
+            // A non-finite scale would make predictions depend on the
+            // processor (0 × Inf is a NaN of unspecified sign).
+            bad_scale |= row[off + 1] & 0x7C == 0x7C;
             if odd_groups && len % 2 == 1 {
                 pad_nibbles += 1;
                 bad_pad |= row[off + layout.block_bytes(len) - 1] >> 4 != 0;
@@ -448,7 +500,19 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
         });
     }
     if bad_pad {
-        return Err(CodecError::Corrupt("non-zero padding nibble in a q4 base".into()));
+        return Err(CodecError::Corrupt(
+            "non-zero padding nibble in a q4 base".into(),
+        ));
+    }
+    if bad_scale {
+        return Err(CodecError::Corrupt(
+            "non-finite group scale in the base".into(),
+        ));
+    }
+    if layout.codec == BaseCodec::Q8 && total[0x80] > 0 {
+        return Err(CodecError::Corrupt(
+            "q8 code -128 in the base (codes are -127..=127)".into(),
+        ));
     }
     let mut counts = vec![0usize; class_count(layout.codec)];
     for (b, &n) in total.iter().enumerate() {
@@ -656,7 +720,11 @@ fn gather<const W: usize>(
         dst[..W].copy_from_slice(&orig.to_le_bytes()[..W]);
     }
     let _ = bits;
-    for (row, orow) in base.chunks_exact(rb).take(rows).zip(out.chunks_exact_mut(layout.cols * W)) {
+    for (row, orow) in base
+        .chunks_exact(rb)
+        .take(rows)
+        .zip(out.chunks_exact_mut(layout.cols * W))
+    {
         layout.for_each_group(|col, len, off| {
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
@@ -681,7 +749,15 @@ fn gather<const W: usize>(
                     for (v, &b) in vals.chunks_exact_mut(W).zip(payload) {
                         let q = b as i8 as i32;
                         let k = key_w::<W>(dtype.predict_bits(q, d));
-                        one::<W>(&mut cur, &stride, planes, class_of(BaseCodec::Q8, q), k, m, v);
+                        one::<W>(
+                            &mut cur,
+                            &stride,
+                            planes,
+                            class_of(BaseCodec::Q8, q),
+                            k,
+                            m,
+                            v,
+                        );
                     }
                 }
             }

@@ -316,3 +316,64 @@ fn a_base_with_a_nonzero_padding_nibble_is_rejected() {
     assert!(residual::decode(dtype, &layout, &hot, &cold, &mut out).is_err());
     assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out).is_err());
 }
+
+#[test]
+fn a_q8_base_with_code_minus_128_is_rejected_not_a_panic() {
+    let dtype = FloatDtype::F32;
+    let layout = BaseLayout {
+        codec: BaseCodec::Q8,
+        group: 32,
+        cols: 64,
+    };
+    let src = weights(dtype, 64 * 2, 3);
+    let mut hot = vec![0u8; 2 * layout.row_bytes()];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    hot[5] = 0x80;
+    let mut out = vec![0u8; src.len()];
+    let e = residual::decode(dtype, &layout, &hot, &cold, &mut out).unwrap_err();
+    assert!(e.to_string().contains("-128"), "{e}");
+    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out).is_err());
+}
+
+#[test]
+fn a_base_with_a_non_finite_scale_is_rejected() {
+    // 0 × Inf is a NaN whose sign depends on the processor: a scale that is
+    // not finite would make the rebuild depend on the machine.
+    for codec in CODECS {
+        let dtype = FloatDtype::BF16;
+        let layout = BaseLayout {
+            codec,
+            group: 32,
+            cols: 64,
+        };
+        let src = weights(dtype, 64, 4);
+        let mut hot = vec![0u8; layout.row_bytes()];
+        base::quantize(dtype, &layout, &src, &mut hot);
+        let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+        for scale in [0x7C00u16, 0xFC00, 0x7E01] {
+            let mut h = hot.clone();
+            h[0..2].copy_from_slice(&scale.to_le_bytes());
+            let mut out = vec![0u8; src.len()];
+            let e = residual::decode(dtype, &layout, &h, &cold, &mut out).unwrap_err();
+            assert!(e.to_string().contains("scale"), "{e}");
+            assert!(residual::decode_reference(dtype, &layout, &h, &cold, &mut out).is_err());
+        }
+    }
+}
+
+#[test]
+fn a_zstd_frame_asking_for_a_huge_window_is_rejected() {
+    // Hand-made frame: no single-segment flag, window descriptor 2^31,
+    // 4-byte content size 5, one raw block of 5 bytes.
+    let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0x80, (31 - 10) << 3];
+    f.extend_from_slice(&5u32.to_le_bytes());
+    f.extend_from_slice(&[(5 << 3 | 1) as u8, 0, 0]);
+    f.extend_from_slice(b"hello");
+    let mut out = [0u8; 5];
+    assert!(residual::zstd_decompress_exact(&f, &mut out).is_err());
+    // The same frame with a small window decodes, so the window is the reason.
+    f[5] = 0;
+    residual::zstd_decompress_exact(&f, &mut out).unwrap();
+    assert_eq!(&out, b"hello");
+}

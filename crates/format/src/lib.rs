@@ -57,6 +57,8 @@ pub const MAX_NAME_LEN: usize = 4096;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Largest zstd window a decoder must accept (log2).
 pub const MAX_ZSTD_WINDOW_LOG: u32 = 27;
+/// Longest section name or `created_by` label, in bytes.
+pub const MAX_LABEL_LEN: usize = 256;
 
 /// Everything that can be wrong with a container's structure.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -83,8 +85,6 @@ pub enum FormatError {
     },
     #[error("manifest length {0} exceeds the limit {MAX_MANIFEST_LEN}")]
     ManifestTooLarge(u64),
-    #[error("manifest digest mismatch (manifest corrupted)")]
-    ManifestDigest,
     #[error("manifest is not valid JSON: {0}")]
     ManifestJson(String),
     #[error("manifest: {0}")]
@@ -189,6 +189,12 @@ pub const MIN_CONTAINER_LEN: u64 = FIRST_SECTION_OFFSET + 2 + FOOTER_LEN as u64;
 /// Checks that header and footer agree with each other and with the file
 /// length, and that the manifest sits aligned right before the footer.
 pub fn check_header_footer(h: &Header, f: &Footer, file_len: u64) -> Result<(), FormatError> {
+    if file_len < MIN_CONTAINER_LEN {
+        return Err(FormatError::TooShort {
+            len: file_len,
+            min: MIN_CONTAINER_LEN,
+        });
+    }
     if f.file_len != file_len {
         return Err(FormatError::FileLenMismatch {
             recorded: f.file_len,
@@ -323,5 +329,13 @@ mod tests {
             check_header_footer(&h4, &f4, f.file_len),
             Err(FormatError::ManifestTooLarge(_))
         ));
+        for len in [0, 10, 63, 64] {
+            let mut f5 = f.clone();
+            f5.file_len = len;
+            assert!(matches!(
+                check_header_footer(&h, &f5, len),
+                Err(FormatError::TooShort { .. })
+            ));
+        }
     }
 }

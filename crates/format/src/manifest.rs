@@ -420,11 +420,48 @@ impl Manifest {
         if manifest_offset > file_len {
             return bad("manifest offset past end of file");
         }
+        if self.created_by.len() > MAX_LABEL_LEN {
+            return bad(format!(
+                "created_by of {} bytes (limit {MAX_LABEL_LEN})",
+                self.created_by.len()
+            ));
+        }
+        let p = &self.params;
+        if !matches!(p.base.as_str(), "q4" | "q8" | "none") {
+            return bad(format!("params: unknown base {:?}", p.base));
+        }
+        if p.group_size == 0 || p.group_size > MAX_GROUP_SIZE || p.chunk_elems == 0 {
+            return bad(format!(
+                "params: group size {} or chunk size {} out of range",
+                p.group_size, p.chunk_elems
+            ));
+        }
+        if !(-(1 << 17)..=22).contains(&p.zstd_level) {
+            return bad(format!("params: zstd level {} out of range", p.zstd_level));
+        }
 
         // Sections: aligned, in order, separated only by alignment padding.
         let mut expect = FIRST_SECTION_OFFSET;
         let mut names = HashSet::new();
+        // Kinds in order: at most one hot section, cold sections, at most one files section.
+        let rank = |k: SectionKind| match k {
+            SectionKind::Hot => 0,
+            SectionKind::Cold => 1,
+            SectionKind::Files => 2,
+        };
+        for w in self.sections.windows(2) {
+            let (a, b) = (rank(w[0].kind), rank(w[1].kind));
+            if a > b || (a == b && a != 1) {
+                return bad(format!(
+                    "section {:?} ({:?}) may not follow section {:?} ({:?}): sections are out of order",
+                    w[1].name, w[1].kind, w[0].name, w[0].kind
+                ));
+            }
+        }
         for s in &self.sections {
+            if s.name.is_empty() || s.name.len() > MAX_LABEL_LEN {
+                return bad(format!("section name of {} bytes", s.name.len()));
+            }
             if !names.insert(s.name.as_str()) {
                 return bad(format!("duplicate section name {:?}", s.name));
             }
@@ -558,8 +595,8 @@ impl Manifest {
                             t.shape
                         ));
                     }
-                    if *cols == 0 || *cols > MAX_CHUNK_LEN {
-                        return bad(format!("{who}: {cols} columns out of range"));
+                    if *cols == 0 || *cols > MAX_CHUNK_LEN || *rows == 0 {
+                        return bad(format!("{who}: {rows} rows × {cols} columns out of range"));
                     }
                     let layout = t.base_layout().expect("decomposed");
                     let width = bits / 8;
@@ -607,7 +644,7 @@ impl Manifest {
             check_digest(&who, &f.blake3)?;
             let mut claim_blob = |b: &Blob, what: &str| -> Result<u64, FormatError> {
                 for (ci, c) in b.chunks.iter().enumerate() {
-                    if c.raw_len == 0 || c.raw_len > MAX_CHUNK_LEN {
+                    if c.len == 0 || c.raw_len == 0 || c.raw_len > MAX_CHUNK_LEN {
                         return bad(format!(
                             "{who} {what} chunk {ci}: raw length {} out of range",
                             c.raw_len

@@ -129,8 +129,17 @@ impl Container {
     }
 
     /// Rebuilds the original bytes of chunk `ci` of tensor `ti` at full
-    /// fidelity into `out` (resized to the chunk's original length).
-    pub fn rebuild_chunk_into(&self, ti: usize, ci: usize, out: &mut Vec<u8>) -> Result<()> {
+    /// fidelity into `out` (resized to the chunk's original length). With
+    /// `requantize`, also quantizes the rebuilt values again and requires the
+    /// stored base to be identical: the hot tier is then proven to be the
+    /// quantization of exactly these weights.
+    pub fn rebuild_chunk_into(
+        &self,
+        ti: usize,
+        ci: usize,
+        out: &mut Vec<u8>,
+        requantize: bool,
+    ) -> Result<()> {
         let t = &self.manifest.tensors[ti];
         let who = || format!("tensor {:?} chunk {ci}", t.name);
         match &t.storage {
@@ -145,7 +154,22 @@ impl Container {
                     let layout = t.base_layout().expect("decomposed");
                     set_len(out, (c.rows * cols) as usize * dtype.width());
                     residual::decode(dtype, &layout, base, cold, out)
-                        .map_err(|e| Error::integrity(&self.path, format!("{}: {e}", who())))
+                        .map_err(|e| Error::integrity(&self.path, format!("{}: {e}", who())))?;
+                    if requantize {
+                        // `cold` is free again: reuse it for the fresh base.
+                        set_len(cold, base.len());
+                        tpde_codecs::base::quantize(dtype, &layout, out, cold);
+                        if cold != base {
+                            return Err(Error::integrity(
+                                &self.path,
+                                format!(
+                                    "{} (hot base): not the quantization of the rebuilt weights",
+                                    who()
+                                ),
+                            ));
+                        }
+                    }
+                    Ok(())
                 })
             }
         }

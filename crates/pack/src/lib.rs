@@ -28,7 +28,7 @@ pub use container::Container;
 pub use error::{Error, Result};
 pub use inspect::{inspect, Inspection};
 pub use pack::{PackOptions, PackSummary};
-pub use restore::{unpack, verify, UnpackReport, VerifyReport};
+pub use restore::{unpack, verify, verify_with, UnpackReport, VerifyOptions, VerifyReport};
 
 /// Progress reporting, so that libraries never depend on a terminal UI.
 /// Calls come from one thread at a time.

@@ -95,10 +95,25 @@ struct JobOut {
 pub fn layer_of(name: &str) -> Option<u32> {
     let parts: Vec<&str> = name.split('.').collect();
     parts.windows(2).find_map(|w| {
-        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "block" | "blk")
+        let digits =
+            !w[1].is_empty() && w[1].len() <= 9 && w[1].bytes().all(|b| b.is_ascii_digit());
+        (matches!(w[0], "layers" | "layer" | "h" | "blocks" | "block" | "blk") && digits)
             .then(|| w[1].parse().ok())
             .flatten()
     })
+}
+
+#[cfg(test)]
+#[test]
+fn layer_indices_are_plain_numbers_after_a_layer_word() {
+    assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
+    assert_eq!(layer_of("encoder.layer.3.output.dense.weight"), Some(3));
+    assert_eq!(layer_of("blk.7.attn_q.weight"), Some(7));
+    assert_eq!(layer_of("transformer.h.0.attn.c_attn.weight"), Some(0));
+    assert_eq!(layer_of("model.layers.+5.w"), None);
+    assert_eq!(layer_of("model.layers.x.w"), None);
+    assert_eq!(layer_of("model.embed_tokens.weight"), None);
+    assert_eq!(layer_of("lm_head.weight"), None);
 }
 
 /// Execution step of a tensor: embeddings first, then layers in order, then the rest.

@@ -84,3 +84,118 @@ where
         result
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use std::sync::atomic::AtomicUsize;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn commits_every_job_in_order_whatever_the_finishing_order() {
+        for threads in [1, 2, 4] {
+            let jobs: Vec<u64> = (0..200).collect();
+            let mut seen = Vec::new();
+            pool(threads)
+                .install(|| {
+                    ordered(
+                        &jobs,
+                        |&j| {
+                            // Later jobs often finish first.
+                            std::thread::sleep(std::time::Duration::from_micros((j * 7919) % 300));
+                            Ok(j * 2)
+                        },
+                        |&j, r| {
+                            assert_eq!(r, j * 2);
+                            seen.push(j);
+                            Ok(())
+                        },
+                    )
+                })
+                .unwrap();
+            assert_eq!(seen, jobs, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn keeps_a_bounded_number_of_jobs_ahead_of_the_commit() {
+        let jobs: Vec<usize> = (0..300).collect();
+        let committed = AtomicUsize::new(0);
+        let threads = 3;
+        pool(threads)
+            .install(|| {
+                ordered(
+                    &jobs,
+                    |&j| {
+                        let done = committed.load(Ordering::SeqCst);
+                        assert!(
+                            j < done + MAX_IN_FLIGHT_PER_THREAD * threads,
+                            "job {j} started with {done} committed"
+                        );
+                        Ok(())
+                    },
+                    |_, ()| {
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                        committed.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    },
+                )
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_first_error_in_job_order_wins_and_nothing_after_it_is_committed() {
+        let jobs: Vec<usize> = (0..100).collect();
+        let mut last = None;
+        let e = pool(2)
+            .install(|| {
+                ordered(
+                    &jobs,
+                    |&j| {
+                        if j == 40 || j == 60 {
+                            Err(Error::input(std::path::Path::new("x"), format!("job {j}")))
+                        } else {
+                            Ok(j)
+                        }
+                    },
+                    |_, r| {
+                        last = Some(r);
+                        Ok(())
+                    },
+                )
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("job 40"), "{e}");
+        assert_eq!(last, Some(39));
+        // A failing commit stops the pipeline too.
+        let e = pool(2)
+            .install(|| {
+                ordered(
+                    &jobs,
+                    |&j| Ok(j),
+                    |&j, _| {
+                        if j == 10 {
+                            Err(Error::input(std::path::Path::new("y"), "commit 10"))
+                        } else {
+                            Ok(())
+                        }
+                    },
+                )
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("commit 10"));
+    }
+
+    #[test]
+    fn no_jobs_is_fine() {
+        ordered(&[] as &[u8], |_| Ok(()), |_, ()| Ok(())).unwrap();
+    }
+}

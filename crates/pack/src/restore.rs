@@ -35,6 +35,7 @@ enum Job {
 pub fn restore_file(
     c: &Container,
     fi: usize,
+    requantize: bool,
     progress: &dyn Progress,
     sink: &mut Sink,
 ) -> Result<()> {
@@ -85,7 +86,7 @@ pub fn restore_file(
             }),
             Job::Tensor { tensor, chunk, .. } => {
                 let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
-                c.rebuild_chunk_into(*tensor, *chunk, &mut out)?;
+                c.rebuild_chunk_into(*tensor, *chunk, &mut out, requantize)?;
                 Ok(out)
             }
         },
@@ -152,13 +153,38 @@ pub struct VerifyReport {
     pub original_bytes: u64,
     pub container_bytes: u64,
     pub compared_with_source: bool,
+    pub requantized_hot_tier: bool,
     pub seconds: f64,
+}
+
+/// What `verify` checks beyond every checksum, digest and rebuilt byte.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// The packed file or folder: compare every byte with it.
+    pub source: Option<PathBuf>,
+    /// Quantize every rebuilt tensor again and require the hot tier to be
+    /// identical (slower).
+    pub requantize: bool,
 }
 
 /// Checks every checksum and digest, rebuilds every tensor, and with
 /// `source` (the packed file or folder) compares every byte with it.
 pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Result<VerifyReport> {
+    let opts = VerifyOptions {
+        source: source.map(Path::to_path_buf),
+        requantize: false,
+    };
+    verify_with(path, &opts, progress)
+}
+
+/// [`verify`] with every option.
+pub fn verify_with(
+    path: &Path,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let start = Instant::now();
+    let source = opts.source.as_deref();
     let c = Container::open(path)?;
     c.check_padding()?;
     let m = &c.manifest;
@@ -166,7 +192,7 @@ pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Re
     progress.begin("verify", m.original_bytes());
     for fi in 0..m.files.len() {
         match &sources {
-            None => restore_file(&c, fi, progress, &mut |_, _| Ok(()))?,
+            None => restore_file(&c, fi, opts.requantize, progress, &mut |_, _| Ok(()))?,
             Some(paths) => {
                 let sp = &paths[fi];
                 let sf = std::fs::File::open(sp).map_err(Error::io(sp, "cannot open source"))?;
@@ -184,7 +210,7 @@ pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Re
                     ));
                 }
                 let mut at = 0u64;
-                restore_file(&c, fi, progress, &mut |bytes, who| {
+                restore_file(&c, fi, opts.requantize, progress, &mut |bytes, who| {
                     let theirs = read_at(&sf, sp, at, bytes.len() as u64)?;
                     if let Some(i) = bytes.iter().zip(&theirs).position(|(a, b)| a != b) {
                         return Err(Error::integrity(
@@ -209,6 +235,7 @@ pub fn verify(path: &Path, source: Option<&Path>, progress: &dyn Progress) -> Re
         original_bytes: m.original_bytes(),
         container_bytes: c.len,
         compared_with_source: source.is_some(),
+        requantized_hot_tier: opts.requantize,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -270,7 +297,7 @@ pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<Unpac
             .open(&target)
             .map_err(Error::io(&target, "cannot create"))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        restore_file(&c, fi, progress, &mut |bytes, _| {
+        restore_file(&c, fi, false, progress, &mut |bytes, _| {
             w.write_all(bytes)
                 .map_err(Error::io(&target, "cannot write"))
         })?;

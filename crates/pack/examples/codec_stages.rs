@@ -1,0 +1,115 @@
+//! Single-thread throughput of each codec stage on a real safetensors file:
+//! quantize, residual encode, residual decode (and its zstd part alone),
+//! xxh3 and blake3, in MB/s of original bytes. A tool for tuning the
+//! codecs; the end-to-end figures come from `cargo bench --bench pack`.
+//!
+//! ```sh
+//! cargo run --release -p tpde-pack --example codec_stages -- model.safetensors [reps]
+//! ```
+
+use std::time::Instant;
+use tpde_codecs::{base, residual, xxh3, BaseCodec, BaseLayout, FloatDtype};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let Some(path) = args.next() else {
+        eprintln!("usage: codec_stages MODEL.safetensors [REPS]");
+        std::process::exit(2);
+    };
+    let reps: u32 = args.next().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let data = std::fs::read(&path).expect("read the model file");
+    let (header, _) = tpde_ingest::safetensors::read_header(&data[..], data.len() as u64)
+        .expect("safetensors header");
+
+    // The chunks the pipeline would make: whole rows, about 2^18 elements.
+    let mut chunks = Vec::new();
+    for t in &header.tensors {
+        let Some(dtype) = FloatDtype::from_name(t.dtype.name()) else {
+            continue;
+        };
+        if t.shape.len() < 2 || t.numel() < 4096 {
+            continue;
+        }
+        let cols = *t.shape.last().expect("2-D") as usize;
+        let layout = BaseLayout {
+            codec: BaseCodec::Q4,
+            group: 64,
+            cols,
+        };
+        let bytes =
+            &data[(header.data_start + t.begin) as usize..(header.data_start + t.end) as usize];
+        for src in bytes.chunks((262_144 / cols).max(1) * cols * dtype.width()) {
+            chunks.push((dtype, layout, src));
+        }
+    }
+    let total: usize = chunks.iter().map(|c| c.2.len()).sum();
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        println!("{name:<14} {:>8.0} MB/s", total as f64 / s / 1e6);
+    };
+
+    let mut hot: Vec<Vec<u8>> = chunks
+        .iter()
+        .map(|(d, l, s)| vec![0u8; s.len() / d.width() / l.cols * l.row_bytes()])
+        .collect();
+    time("quantize", &mut || {
+        for ((d, l, s), h) in chunks.iter().zip(hot.iter_mut()) {
+            base::quantize(*d, l, s, h);
+        }
+    });
+    let mut cold = Vec::new();
+    time("encode", &mut || {
+        cold = chunks
+            .iter()
+            .zip(&hot)
+            .map(|((d, l, s), h)| residual::encode(*d, l, s, h, 3).expect("encode"))
+            .collect();
+    });
+    let cold_bytes: usize = cold.iter().map(|c| c.len()).sum();
+    let mut out = vec![0u8; chunks.iter().map(|c| c.2.len()).max().unwrap_or(0)];
+    time("decode", &mut || {
+        for (((d, l, s), h), c) in chunks.iter().zip(&hot).zip(&cold) {
+            residual::decode(*d, l, h, c, &mut out[..s.len()]).expect("decode");
+        }
+    });
+    time("  zstd part", &mut || {
+        for ((d, l, _), c) in chunks.iter().zip(&cold) {
+            let streams = residual::class_count(l.codec) * d.width();
+            let mut at = streams * 4;
+            for i in 0..streams {
+                let len =
+                    u32::from_le_bytes(c[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
+                if len > 0 {
+                    let frame = &c[at..at + len];
+                    let n = zstd_safe::get_frame_content_size(frame)
+                        .ok()
+                        .flatten()
+                        .expect("content size") as usize;
+                    residual::zstd_decompress_exact(frame, &mut out[..n]).expect("zstd");
+                }
+                at += len;
+            }
+        }
+    });
+    time("xxh3", &mut || {
+        std::hint::black_box(chunks.iter().fold(0, |a, c| a ^ xxh3(c.2)));
+    });
+    time("blake3", &mut || {
+        let mut h = blake3::Hasher::new();
+        chunks.iter().for_each(|c| {
+            h.update(c.2);
+        });
+        std::hint::black_box(h.finalize());
+    });
+    println!(
+        "{} chunks, {:.1} MB of float matrices; hot {:.3} ×, cold {:.3} ×",
+        chunks.len(),
+        total as f64 / 1e6,
+        hot.iter().map(|h| h.len()).sum::<usize>() as f64 / total as f64,
+        cold_bytes as f64 / total as f64
+    );
+}

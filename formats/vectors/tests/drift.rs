@@ -1,0 +1,192 @@
+//! The committed test vectors (`formats/vectors/<case>/`) must stay exactly
+//! what the generator makes, and must stay readable by the current reader.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tpde_pack::NoProgress;
+
+const REGENERATE: &str =
+    "run `cargo run -p tpde-vectors --bin gen-vectors` if the change is intended, \
+and bump FORMAT_VERSION if the format changed";
+
+fn committed_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every file under `dir`, by `/`-separated path relative to it.
+fn files_under(dir: &Path) -> BTreeMap<String, PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: cannot list: {e}", dir.display()))
+            .map(|e| e.expect("directory entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root");
+                let rel = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                out.insert(rel, p);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Names of the committed cases: folders holding `<name>/<name>.tpde`.
+fn committed_cases() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(committed_root())
+        .expect("list formats/vectors")
+        .filter_map(|e| {
+            let p = e.expect("directory entry").path();
+            let name = p.file_name()?.to_str()?.to_string();
+            p.join(format!("{name}.tpde")).is_file().then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: cannot read: {e}", p.display()))
+}
+
+#[test]
+fn generator_reproduces_the_committed_vectors_byte_for_byte() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    tpde_vectors::generate(tmp.path()).expect("generate vectors");
+
+    let mut generated_cases: Vec<String> =
+        tpde_vectors::inputs().into_iter().map(|(n, _)| n).collect();
+    generated_cases.sort();
+    assert_eq!(
+        committed_cases(),
+        generated_cases,
+        "the committed cases differ from the generator's; {REGENERATE}"
+    );
+
+    for case in &generated_cases {
+        let fresh = files_under(&tmp.path().join(case));
+        let committed = files_under(&committed_root().join(case));
+        for rel in committed.keys() {
+            assert!(
+                fresh.contains_key(rel),
+                "formats/vectors/{case}/{rel} is committed but no longer generated; {REGENERATE}"
+            );
+        }
+        for (rel, path) in &fresh {
+            let Some(old) = committed.get(rel) else {
+                panic!("formats/vectors/{case}/{rel} is generated but not committed; {REGENERATE}");
+            };
+            let (new, old) = (read(path), read(old));
+            if new != old {
+                let at = new.iter().zip(&old).position(|(a, b)| a != b);
+                panic!(
+                    "formats/vectors/{case}/{rel} drifted ({} bytes committed, {} generated, first difference at {}); {REGENERATE}",
+                    old.len(),
+                    new.len(),
+                    at.map_or("the end of the shorter one".into(), |i| format!("byte {i}")),
+                );
+            }
+        }
+    }
+}
+
+/// What a case's container was packed from: its only input file, or the folder.
+fn source_of(input: &Path) -> PathBuf {
+    let files = files_under(input);
+    match files.len() {
+        1 => files.into_values().next().expect("one file"),
+        _ => input.to_path_buf(),
+    }
+}
+
+#[test]
+fn committed_containers_verify_and_unpack_to_the_committed_inputs() {
+    let cases = committed_cases();
+    assert!(
+        cases.len() >= 4,
+        "expected committed cases, found {cases:?}"
+    );
+    for case in &cases {
+        let dir = committed_root().join(case);
+        let container = dir.join(format!("{case}.tpde"));
+        let input = dir.join("input");
+
+        // The facts in expected.json hold for the committed container.
+        let expected: serde_json::Value =
+            serde_json::from_slice(&read(&dir.join("expected.json"))).expect("expected.json");
+        let bytes = read(&container);
+        assert_eq!(
+            expected["container"]["len"].as_u64(),
+            Some(bytes.len() as u64),
+            "{case}: container length"
+        );
+        assert_eq!(
+            expected["container"]["blake3"].as_str(),
+            Some(blake3::hash(&bytes).to_hex().as_str()),
+            "{case}: container blake3"
+        );
+
+        let report = tpde_pack::verify(&container, Some(&source_of(&input)), &NoProgress)
+            .unwrap_or_else(|e| panic!("{case}: verify failed: {e}"));
+        assert!(report.compared_with_source);
+
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let out = tmp.path().join("out");
+        tpde_pack::unpack(&container, &out, &NoProgress)
+            .unwrap_or_else(|e| panic!("{case}: unpack failed: {e}"));
+        let want = files_under(&input);
+        let got = files_under(&out);
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>(),
+            "{case}: unpacked file list"
+        );
+        for (rel, p) in &want {
+            assert!(
+                read(p) == read(&got[rel]),
+                "{case}: unpacked {rel} differs from the committed input"
+            );
+            let listed = expected["inputs"]
+                .as_array()
+                .expect("inputs")
+                .iter()
+                .find(|f| f["path"] == rel.as_str())
+                .unwrap_or_else(|| panic!("{case}: {rel} missing from expected.json"));
+            assert_eq!(
+                listed["blake3"].as_str(),
+                Some(blake3::hash(&read(p)).to_hex().as_str()),
+                "{case}: blake3 of input {rel}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_container_of_version_2_is_rejected() {
+    let case = committed_cases()
+        .into_iter()
+        .next()
+        .expect("a committed case");
+    let mut bytes = read(&committed_root().join(&case).join(format!("{case}.tpde")));
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = tmp.path().join("v2.tpde");
+    std::fs::write(&path, &bytes).expect("write");
+    let err = match tpde_pack::Container::open(&path) {
+        Ok(_) => panic!("a version 2 container was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("unsupported container version"),
+        "unexpected error: {err}"
+    );
+}
