@@ -187,3 +187,39 @@ fn unpack_refuses_a_non_empty_destination_and_the_container_itself_as_output() {
     assert_clean_error(&o, 2, "model.safetensors", "one of the inputs");
     assert_eq!(std::fs::read(&src).unwrap(), before);
 }
+
+#[test]
+fn a_container_truncated_while_verify_reads_it_is_an_error_not_a_crash() {
+    let d = tmp();
+    let src = big_model(d.path());
+    let out = d.path().join("m.tpde");
+    let o = tpde(&[&"pack", &src, &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = std::fs::metadata(&out).unwrap().len();
+    let mut rng = Rng(23);
+    let mut caught = 0;
+    for round in 0..4 {
+        let copy = d.path().join(format!("c{round}.tpde"));
+        std::fs::copy(&out, &copy).unwrap();
+        let child = Command::new(tpde_bin())
+            .args(["--threads", "1", "verify"])
+            .arg(&copy)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Single-threaded verify of 48 MiB takes about 0.1 s here: cut early.
+        std::thread::sleep(std::time::Duration::from_millis(2 + rng.below(15)));
+        // Cut the data in half under the reader's feet.
+        std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(full / 2).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "round {round}: {err}");
+        if !o.status.success() {
+            assert_eq!(o.status.code(), Some(1), "round {round}: {err}");
+            assert!(err.starts_with("tpde: error: ") && err.trim_end().lines().count() == 1, "{err}");
+            caught += 1;
+        }
+    }
+    assert!(caught > 0, "verify always finished before the truncation: the test proved nothing");
+}
