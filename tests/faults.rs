@@ -211,15 +211,26 @@ fn a_container_truncated_while_verify_reads_it_is_an_error_not_a_crash() {
         // Single-threaded verify of 48 MiB takes about 0.1 s here: cut early.
         std::thread::sleep(std::time::Duration::from_millis(2 + rng.below(15)));
         // Cut the data in half under the reader's feet.
-        std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(full / 2).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(full / 2)
+            .unwrap();
         let o = child.wait_with_output().unwrap();
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "round {round}: {err}");
         if !o.status.success() {
             assert_eq!(o.status.code(), Some(1), "round {round}: {err}");
-            assert!(err.starts_with("tpde: error: ") && err.trim_end().lines().count() == 1, "{err}");
+            assert!(
+                err.starts_with("tpde: error: ") && err.trim_end().lines().count() == 1,
+                "{err}"
+            );
             caught += 1;
         }
     }
-    assert!(caught > 0, "verify always finished before the truncation: the test proved nothing");
+    assert!(
+        caught > 0,
+        "verify always finished before the truncation: the test proved nothing"
+    );
 }
