@@ -19,6 +19,7 @@
 //! [`Manifest::parse`], which validates every offset, length and reference
 //! against the file length before anything else is read.
 
+pub mod ggml;
 mod manifest;
 
 pub use manifest::*;
