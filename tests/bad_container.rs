@@ -149,11 +149,15 @@ fn bad_magic_version_flags() {
     let mut b = c.clone();
     b[1] = b'X';
     rejects(&b, "bad magic");
-    for v in [0u32, 2, 99] {
+    for v in [0u32, tpde_format::FORMAT_VERSION + 1, 99] {
         let mut b = c.clone();
         b[8..12].copy_from_slice(&v.to_le_bytes());
         rejects(&b, "unsupported container version");
     }
+    // A readable version in the header that the manifest contradicts.
+    let mut b = c.clone();
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    rejects(&b, "differs from the header's version");
     let mut b = c.clone();
     b[12] = 1;
     rejects(&b, "flags");

@@ -86,7 +86,10 @@ impl GgmlType {
     }
 
     fn row(self) -> &'static (GgmlType, u32, &'static str, u64, u64) {
-        TABLE.iter().find(|r| r.0 == self).expect("every type is in the table")
+        TABLE
+            .iter()
+            .find(|r| r.0 == self)
+            .expect("every type is in the table")
     }
 
     /// The type with ggml id `id`, `None` for unknown or removed ids.

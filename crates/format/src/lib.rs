@@ -7,7 +7,7 @@
 //!
 //! ```
 //! use tpde_format::{Header, HEADER_LEN};
-//! let h = Header { manifest_offset: 4096, manifest_len: 10, manifest_blake3: [0; 32] };
+//! let h = Header { version: tpde_format::FORMAT_VERSION, manifest_offset: 4096, manifest_len: 10, manifest_blake3: [0; 32] };
 //! let bytes = h.encode();
 //! assert_eq!(bytes.len(), HEADER_LEN);
 //! assert_eq!(Header::decode(&bytes).unwrap(), h);
@@ -31,7 +31,11 @@ pub const MAGIC: [u8; 8] = *b"\x89TPDE\r\n\x1a";
 /// Last 8 bytes of every container.
 pub const FOOTER_MAGIC: [u8; 8] = *b"TPDEEND\n";
 /// The format version this crate writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this crate reads. Version 2 added GGUF
+/// source files and ggml tensor types; a version 1 container is a valid
+/// version 2 container that uses neither.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Length of the fixed footer.
@@ -68,7 +72,7 @@ pub enum FormatError {
     TooShort { len: u64, min: u64 },
     #[error("not a tpde container (bad magic)")]
     BadMagic,
-    #[error("unsupported container version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported container version {0} (this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     #[error("unknown header flags {0:#x}")]
     UnknownFlags(u32),
@@ -97,6 +101,8 @@ pub enum FormatError {
 /// The fixed 64-byte header at offset 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// Format version ([`OLDEST_READABLE_VERSION`]..=[`FORMAT_VERSION`]).
+    pub version: u32,
     pub manifest_offset: u64,
     pub manifest_len: u64,
     pub manifest_blake3: [u8; 32],
@@ -108,7 +114,7 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&0u32.to_le_bytes());
         b[16..24].copy_from_slice(&self.manifest_offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.manifest_len.to_le_bytes());
@@ -128,7 +134,7 @@ impl Header {
             return Err(FormatError::BadMagic);
         }
         let version = le_u32(&b[8..12]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion(version));
         }
         let flags = le_u32(&b[12..16]);
@@ -136,6 +142,7 @@ impl Header {
             return Err(FormatError::UnknownFlags(flags));
         }
         Ok(Header {
+            version,
             manifest_offset: le_u64(&b[16..24]),
             manifest_len: le_u64(&b[24..32]),
             manifest_blake3: b[32..64].try_into().expect("32 bytes"),
@@ -256,6 +263,7 @@ mod tests {
 
     fn pair() -> (Header, Footer) {
         let h = Header {
+            version: FORMAT_VERSION,
             manifest_offset: 8192,
             manifest_len: 100,
             manifest_blake3: [7; 32],
@@ -284,8 +292,15 @@ mod tests {
         b[0] ^= 1;
         assert_eq!(Header::decode(&b), Err(FormatError::BadMagic));
         let mut b = h.encode();
-        b[8] = 2;
-        assert_eq!(Header::decode(&b), Err(FormatError::UnsupportedVersion(2)));
+        b[8] = 3;
+        assert_eq!(Header::decode(&b), Err(FormatError::UnsupportedVersion(3)));
+        let mut b = h.encode();
+        b[8] = 1;
+        assert_eq!(
+            Header::decode(&b).unwrap().version,
+            1,
+            "version 1 still reads"
+        );
         let mut b = h.encode();
         b[8] = 0;
         assert_eq!(Header::decode(&b), Err(FormatError::UnsupportedVersion(0)));

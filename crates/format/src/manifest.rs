@@ -124,9 +124,43 @@ pub const DTYPES: &[(&str, u64)] = &[
     ("U64", 64),
 ];
 
-/// Bits per element of a dtype name, `None` if unknown.
+/// Bits per element of a safetensors dtype name, `None` if unknown.
 pub fn dtype_bits(name: &str) -> Option<u64> {
     DTYPES.iter().find(|(n, _)| *n == name).map(|&(_, b)| b)
+}
+
+/// Byte length of a tensor of `dtype` with `shape` (row-major, slowest
+/// dimension first). `dtype` is a safetensors name or (format version 2) a
+/// ggml type name; a block-quantized ggml type needs whole blocks along the
+/// last (contiguous) dimension.
+pub fn tensor_byte_len(dtype: &str, shape: &[u64], version: u32) -> Result<u64, String> {
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or("element count overflows")?;
+    if let Some(bits) = dtype_bits(dtype) {
+        let total = numel.checked_mul(bits).ok_or("byte size overflows")?;
+        if total % 8 != 0 {
+            return Err(format!(
+                "{numel} elements of {dtype} are not a whole number of bytes"
+            ));
+        }
+        return Ok(total / 8);
+    }
+    match crate::ggml::GgmlType::from_name(dtype) {
+        Some(t) if version >= 2 => {
+            let last = shape.last().copied().unwrap_or(1);
+            if last % t.block_elems() != 0 {
+                return Err(format!(
+                    "last dimension {last} is not a multiple of the {dtype} block size {}",
+                    t.block_elems()
+                ));
+            }
+            t.bytes_for(numel)
+                .ok_or_else(|| "byte size overflows".into())
+        }
+        _ => Err(format!("unknown dtype {dtype:?}")),
+    }
 }
 
 /// Whether a dtype may be decomposed into a base and an exact residual.
@@ -257,6 +291,15 @@ pub enum FileContent {
     Safetensors { header: Blob, tensors: Vec<u32> },
     /// Any other file, kept byte for byte.
     Blob { blob: Blob },
+    /// A GGUF file (format version 2): its header bytes (magic through the
+    /// alignment padding before the data), then each listed tensor's bytes,
+    /// each followed by `pad_after[i]` bytes taken in order from `padding`.
+    Gguf {
+        header: Blob,
+        tensors: Vec<u32>,
+        pad_after: Vec<u64>,
+        padding: Blob,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,7 +442,7 @@ impl Manifest {
     /// sizes consistent with dtypes and shapes, references in range and
     /// unique. Checked arithmetic throughout.
     pub fn validate(&self, manifest_offset: u64, file_len: u64) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(FormatError::UnsupportedVersion(self.format_version));
         }
         if self.sections.len() > MAX_SECTIONS {
@@ -528,22 +571,16 @@ impl Manifest {
                 return bad(format!("duplicate {who}"));
             }
             check_digest(&who, &t.blake3)?;
-            let bits = dtype_bits(&t.dtype).ok_or_else(|| {
-                FormatError::Manifest(format!("{who}: unknown dtype {:?}", t.dtype))
-            })?;
             if t.shape.len() > MAX_DIMS {
                 return bad(format!(
                     "{who}: {} dimensions (limit {MAX_DIMS})",
                     t.shape.len()
                 ));
             }
-            let numel = t
-                .numel()
-                .ok_or_else(|| FormatError::Manifest(format!("{who}: element count overflows")))?;
-            let total_bits = numel
-                .checked_mul(bits)
-                .ok_or_else(|| FormatError::Manifest(format!("{who}: byte size overflows")))?;
-            if total_bits % 8 != 0 || total_bits / 8 != t.byte_len {
+            let expected = tensor_byte_len(&t.dtype, &t.shape, self.format_version)
+                .map_err(|m| FormatError::Manifest(format!("{who}: {m}")))?;
+            let numel = t.numel().expect("checked by tensor_byte_len");
+            if expected != t.byte_len {
                 return bad(format!(
                     "{who}: byte_len {} does not match shape {:?} of {}",
                     t.byte_len, t.shape, t.dtype
@@ -599,7 +636,7 @@ impl Manifest {
                         return bad(format!("{who}: {rows} rows × {cols} columns out of range"));
                     }
                     let layout = t.base_layout().expect("decomposed");
-                    let width = bits / 8;
+                    let width = dtype_bits(&t.dtype).expect("decomposable") / 8;
                     let mut sum_rows = 0u64;
                     for (ci, c) in chunks.iter().enumerate() {
                         let chunk_who = format!("{who} chunk {ci}");
@@ -659,10 +696,50 @@ impl Manifest {
                 b.raw_len()
                     .ok_or_else(|| FormatError::Manifest(format!("{who}: length overflows")))
             };
-            let len = match &f.content {
-                FileContent::Blob { blob } => claim_blob(blob, "blob")?,
-                FileContent::Safetensors { header, tensors } => {
-                    let mut len = claim_blob(header, "header")?;
+            let (header, tensors, extra) = match &f.content {
+                FileContent::Blob { blob } => (blob, &[][..], 0),
+                FileContent::Safetensors { header, tensors } => (header, &tensors[..], 0),
+                FileContent::Gguf {
+                    header,
+                    tensors,
+                    pad_after,
+                    padding,
+                } => {
+                    if self.format_version < 2 {
+                        return bad(format!("{who}: GGUF content needs format version 2"));
+                    }
+                    if pad_after.len() != tensors.len() {
+                        return bad(format!(
+                            "{who}: {} padding lengths for {} tensors",
+                            pad_after.len(),
+                            tensors.len()
+                        ));
+                    }
+                    let pads = pad_after
+                        .iter()
+                        .try_fold(0u64, |a, &p| a.checked_add(p))
+                        .ok_or_else(|| {
+                            FormatError::Manifest(format!("{who}: padding overflows"))
+                        })?;
+                    let stored = claim_blob(padding, "padding")?;
+                    if stored != pads {
+                        return bad(format!(
+                            "{who}: padding blob holds {stored} bytes, the tensors' padding adds up to {pads}"
+                        ));
+                    }
+                    (header, &tensors[..], pads)
+                }
+            };
+            let len = {
+                let what = if matches!(f.content, FileContent::Blob { .. }) {
+                    "blob"
+                } else {
+                    "header"
+                };
+                let mut len = claim_blob(header, what)?
+                    .checked_add(extra)
+                    .ok_or_else(|| FormatError::Manifest(format!("{who}: length overflows")))?;
+                {
                     for &ti in tensors {
                         let t = self.tensors.get(ti as usize).ok_or_else(|| {
                             FormatError::Manifest(format!("{who}: tensor index {ti} out of range"))
@@ -680,8 +757,8 @@ impl Manifest {
                             FormatError::Manifest(format!("{who}: length overflows"))
                         })?;
                     }
-                    len
                 }
+                len
             };
             if len != f.len {
                 return bad(format!(

@@ -78,6 +78,15 @@ impl Container {
         }
         let manifest =
             Manifest::parse(&mb, header.manifest_offset, len).map_err(Error::format(path))?;
+        if manifest.format_version != header.version {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                source: FormatError::Manifest(format!(
+                    "format_version {} differs from the header's version {}",
+                    manifest.format_version, header.version
+                )),
+            });
+        }
         Ok(Container {
             path: path.to_path_buf(),
             file,

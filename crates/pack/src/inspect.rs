@@ -100,6 +100,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 kind: match f.content {
                     FileContent::Safetensors { .. } => "safetensors",
                     FileContent::Blob { .. } => "blob",
+                    FileContent::Gguf { .. } => "gguf",
                 },
                 bytes: f.len,
                 blake3: f.blake3.clone(),

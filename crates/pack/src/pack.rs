@@ -356,6 +356,7 @@ pub fn pack(
     };
     write_at(&footer.encode(), manifest_offset + bytes.len() as u64)?;
     let header = Header {
+        version: FORMAT_VERSION,
         manifest_offset,
         manifest_len: bytes.len() as u64,
         manifest_blake3: digest,

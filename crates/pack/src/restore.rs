@@ -27,6 +27,58 @@ enum Job {
         chunk: usize,
         last: bool,
     },
+    /// Padding bytes after a tensor, taken in order from the file's padding blob.
+    Pad {
+        len: u64,
+    },
+}
+
+/// Reads a blob's content in order, one decompressed chunk at a time.
+struct BlobStream<'a> {
+    c: &'a Container,
+    blob: &'a tpde_format::Blob,
+    who: String,
+    next: usize,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl<'a> BlobStream<'a> {
+    fn new(c: &'a Container, blob: &'a tpde_format::Blob, who: String) -> Self {
+        BlobStream {
+            c,
+            blob,
+            who,
+            next: 0,
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// Hands the next `n` bytes to `out`, in pieces.
+    fn take(&mut self, mut n: u64, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        while n > 0 {
+            if self.at == self.buf.len() {
+                let Some(chunk) = self.blob.chunks.get(self.next) else {
+                    return Err(Error::integrity(
+                        &self.c.path,
+                        format!("{}: ends early", self.who),
+                    ));
+                };
+                let i = self.next;
+                self.buf = self
+                    .c
+                    .read_blob_chunk(chunk, || format!("{} chunk {i}", self.who))?;
+                self.next += 1;
+                self.at = 0;
+            }
+            let k = (self.buf.len() - self.at).min(n as usize);
+            out(&self.buf[self.at..self.at + k])?;
+            self.at += k;
+            n -= k as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Streams the original bytes of file `fi` to `sink` in order, checking
@@ -41,18 +93,26 @@ pub fn restore_file(
 ) -> Result<()> {
     let f = &c.manifest.files[fi];
     let mut jobs = Vec::new();
-    let blob = match &f.content {
-        FileContent::Blob { blob } => blob,
-        FileContent::Safetensors { header, .. } => header,
+    let no_pads: &[u64] = &[];
+    let (blob, tensors, pad_after, padding) = match &f.content {
+        FileContent::Blob { blob } => (blob, &[][..], no_pads, None),
+        FileContent::Safetensors { header, tensors } => (header, &tensors[..], no_pads, None),
+        FileContent::Gguf {
+            header,
+            tensors,
+            pad_after,
+            padding,
+        } => (header, &tensors[..], &pad_after[..], Some(padding)),
     };
+    let is_header = !matches!(f.content, FileContent::Blob { .. });
     for ci in 0..blob.chunks.len() {
         jobs.push(Job::Blob {
             chunk: ci,
-            header: matches!(f.content, FileContent::Safetensors { .. }),
+            header: is_header,
         });
     }
-    if let FileContent::Safetensors { tensors, .. } = &f.content {
-        for &ti in tensors {
+    {
+        for (k, &ti) in tensors.iter().enumerate() {
             let t = &c.manifest.tensors[ti as usize];
             let n = c.chunk_lens(t).len();
             if n == 0 && t.blake3 != blake3::hash(&[]).to_hex().as_str() {
@@ -68,8 +128,12 @@ pub fn restore_file(
                     last: ci + 1 == n,
                 });
             }
+            if let Some(&len) = pad_after.get(k).filter(|&&l| l > 0) {
+                jobs.push(Job::Pad { len });
+            }
         }
     }
+    let mut pads = padding.map(|b| BlobStream::new(c, b, format!("file {:?} padding", f.path)));
 
     let mut file_hash = blake3::Hasher::new();
     let mut tensor_hash = blake3::Hasher::new();
@@ -84,6 +148,7 @@ pub fn restore_file(
             Job::Blob { chunk, header } => c.read_blob_chunk(&blob.chunks[*chunk], || {
                 format!("file {:?} {} chunk {chunk}", f.path, what(*header))
             }),
+            Job::Pad { .. } => Ok(Vec::new()),
             Job::Tensor { tensor, chunk, .. } => {
                 let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
                 c.rebuild_chunk_into(*tensor, *chunk, &mut out, requantize)?;
@@ -117,6 +182,17 @@ pub fn restore_file(
                             ));
                         }
                     }
+                }
+                Job::Pad { len } => {
+                    let pads = pads
+                        .as_mut()
+                        .expect("padding jobs come with a padding blob");
+                    pads.take(*len, &mut |b: &[u8]| {
+                        file_hash.update(b);
+                        total += b.len() as u64;
+                        progress.advance(b.len() as u64);
+                        sink(b, &|| format!("file {:?} padding", f.path))
+                    })?;
                 }
             }
             progress.advance(bytes.len() as u64);

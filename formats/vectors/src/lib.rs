@@ -203,6 +203,7 @@ fn expected_of(case: &Case, container: &Path) -> Result<Expected, VectorsError> 
             let content = match m.files.iter().find(|f| &f.path == rel).map(|f| &f.content) {
                 Some(FileContent::Safetensors { .. }) => "safetensors",
                 Some(FileContent::Blob { .. }) => "blob",
+                Some(FileContent::Gguf { .. }) => "gguf",
                 None => "missing",
             };
             ExpectedFile {

@@ -1,5 +1,7 @@
-//! The committed test vectors (`formats/vectors/<case>/`) must stay exactly
-//! what the generator makes, and must stay readable by the current reader.
+//! The committed test vectors must stay exactly what the generator makes
+//! (`formats/vectors/v2/<case>/`, the current version) and must stay
+//! readable by the current reader, the frozen vectors of the previous
+//! version (`formats/vectors/v1/<case>/`) included.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,8 +11,14 @@ const REGENERATE: &str =
     "run `cargo run -p tpde-vectors --bin gen-vectors` if the change is intended, \
 and bump FORMAT_VERSION if the format changed";
 
-fn committed_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// Vectors of the version the writer produces now.
+fn committed_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("v{}", tpde_format::FORMAT_VERSION))
+}
+
+/// Frozen vectors of format version 1 (never regenerated).
+fn v1_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("v1")
 }
 
 /// Every file under `dir`, by `/`-separated path relative to it.
@@ -40,9 +48,9 @@ fn files_under(dir: &Path) -> BTreeMap<String, PathBuf> {
     out
 }
 
-/// Names of the committed cases: folders holding `<name>/<name>.tpde`.
-fn committed_cases() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(committed_root())
+/// Names of the committed cases under `root`: folders holding `<name>/<name>.tpde`.
+fn cases_in(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
         .expect("list formats/vectors")
         .filter_map(|e| {
             let p = e.expect("directory entry").path();
@@ -52,6 +60,10 @@ fn committed_cases() -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+fn committed_cases() -> Vec<String> {
+    cases_in(&committed_root())
 }
 
 fn read(p: &Path) -> Vec<u8> {
@@ -110,13 +122,23 @@ fn source_of(input: &Path) -> PathBuf {
 
 #[test]
 fn committed_containers_verify_and_unpack_to_the_committed_inputs() {
-    let cases = committed_cases();
+    check_committed(&committed_root(), tpde_format::FORMAT_VERSION);
+}
+
+#[test]
+fn version_1_containers_still_verify_and_unpack() {
+    check_committed(&v1_root(), 1);
+}
+
+fn check_committed(root: &Path, version: u32) {
+    let cases = cases_in(root);
     assert!(
         cases.len() >= 4,
-        "expected committed cases, found {cases:?}"
+        "expected committed cases in {}, found {cases:?}",
+        root.display()
     );
     for case in &cases {
-        let dir = committed_root().join(case);
+        let dir = root.join(case);
         let container = dir.join(format!("{case}.tpde"));
         let input = dir.join("input");
 
@@ -135,6 +157,11 @@ fn committed_containers_verify_and_unpack_to_the_committed_inputs() {
             "{case}: container blake3"
         );
 
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+            version,
+            "{case}: header version"
+        );
         let report = tpde_pack::verify(&container, Some(&source_of(&input)), &NoProgress)
             .unwrap_or_else(|e| panic!("{case}: verify failed: {e}"));
         assert!(report.compared_with_source);
@@ -171,18 +198,19 @@ fn committed_containers_verify_and_unpack_to_the_committed_inputs() {
 }
 
 #[test]
-fn a_container_of_version_2_is_rejected() {
+fn a_container_of_a_newer_version_is_rejected() {
     let case = committed_cases()
         .into_iter()
         .next()
         .expect("a committed case");
     let mut bytes = read(&committed_root().join(&case).join(format!("{case}.tpde")));
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let newer = tpde_format::FORMAT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&newer.to_le_bytes());
     let tmp = tempfile::tempdir().expect("temp dir");
-    let path = tmp.path().join("v2.tpde");
+    let path = tmp.path().join("newer.tpde");
     std::fs::write(&path, &bytes).expect("write");
     let err = match tpde_pack::Container::open(&path) {
-        Ok(_) => panic!("a version 2 container was accepted"),
+        Ok(_) => panic!("a version {newer} container was accepted"),
         Err(e) => e.to_string(),
     };
     assert!(
