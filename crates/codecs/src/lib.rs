@@ -1,5 +1,6 @@
 //! tpde codecs: the hot-tier quantizers (`q4`, `q8`), the exact bit-pattern
-//! residual of the cold tier (`exact-v1`), and bounded zstd framing.
+//! residual of the cold tier (`exact-v1`), and bounded zstd framing; and
+//! [`ggml`], the dequantizers of GGUF's ggml block types.
 //!
 //! Every fast path here has a plain reference beside it
 //! ([`base::quantize_reference`], [`residual::encode_reference`],
@@ -19,6 +20,7 @@
 
 pub mod base;
 pub mod float;
+pub mod ggml;
 pub mod residual;
 
 pub use float::FloatDtype;
