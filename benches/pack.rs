@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 const USAGE: &str = "\
 tpde benchmark: pack / verify / unpack throughput, ratios and peak RSS, with zstd -3 as baseline
 
-usage: cargo bench --bench pack -- [OPTIONS] [FIXTURE.safetensors ...]
+usage: cargo bench --bench pack -- [OPTIONS] [FIXTURE.safetensors|FIXTURE.gguf ...]
 
 Without FIXTURE arguments it uses the MiniLM BF16 and F32 files from $TPDE_FIXTURES
 (default ~/.cache/tpde-fixtures); get them with fixtures/fetch.sh.
@@ -185,7 +185,7 @@ fn run(args: &Args) -> Result<()> {
         })?;
         if !m.is_file() {
             bail!(
-                "{}: give a .safetensors file (folders are not supported by this benchmark)",
+                "{}: give a .safetensors or .gguf file (folders are not supported by this benchmark)",
                 f.display()
             );
         }
@@ -367,6 +367,9 @@ fn default_fixtures() -> Result<Vec<PathBuf>> {
     let files: Vec<PathBuf> = [
         "all-minilm-l6-v2-bf16/model.safetensors",
         "all-minilm-l6-v2/model.safetensors",
+        "all-minilm-l6-v2-bf16/model.gguf",
+        "all-minilm-l6-v2-f16/model.gguf",
+        "smollm2-135m-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf",
     ]
     .iter()
     .map(|p| root.join(p))
@@ -898,7 +901,8 @@ fn git_commit(dir: &Path) -> String {
 
 // ---- small helpers -------------------------------------------------------------
 
-/// `all-minilm-l6-v2-bf16` for `.../all-minilm-l6-v2-bf16/model.safetensors`, else the file name.
+/// `all-minilm-l6-v2-bf16` for `.../all-minilm-l6-v2-bf16/model.safetensors`,
+/// `all-minilm-l6-v2-bf16 (gguf)` for its `model.gguf`, else the file name.
 fn label(p: &Path) -> String {
     let name = p
         .file_name()
@@ -906,6 +910,7 @@ fn label(p: &Path) -> String {
         .unwrap_or_default();
     match p.parent().and_then(|d| d.file_name()) {
         Some(d) if name == "model.safetensors" => d.to_string_lossy().into_owned(),
+        Some(d) if name == "model.gguf" => format!("{} (gguf)", d.to_string_lossy()),
         _ => name,
     }
 }

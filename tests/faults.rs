@@ -221,7 +221,12 @@ fn a_container_truncated_while_verify_reads_it_is_an_error_not_a_crash() {
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "round {round}: {err}");
         if !o.status.success() {
-            assert_eq!(o.status.code(), Some(1), "round {round}: {err}");
+            // 1 when a read fails mid-stream; 2 when the cut lands before
+            // the container is even opened (its footer is gone).
+            assert!(
+                matches!(o.status.code(), Some(1 | 2)),
+                "round {round}: {err}"
+            );
             assert!(
                 err.starts_with("tpde: error: ") && err.trim_end().lines().count() == 1,
                 "{err}"

@@ -6,5 +6,6 @@ mod util;
 mod bad_container;
 mod bad_safetensors;
 mod faults;
+mod gguf;
 mod real_fixtures;
 mod roundtrip;

@@ -348,3 +348,165 @@ pub fn packed(bytes: &[u8], extra: &[&str]) -> (tempfile::TempDir, PathBuf, Path
     assert!(o.status.success(), "pack failed: {}", stderr(&o));
     (d, src, out)
 }
+
+/// A GGUF metadata value for [`gguf`].
+pub enum Gv {
+    U32(u32),
+    U16(u16),
+    I32(i32),
+    F32(f32),
+    Str(&'static str),
+    Strs(Vec<String>),
+}
+
+/// A GGUF tensor for [`gguf`]: name, dims (ne[0] first), ggml type id, raw bytes.
+pub struct Gt {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: u32,
+    pub data: Vec<u8>,
+}
+
+/// Serializes a GGUF v3 file (alignment 32) whose padding bytes are `pad`.
+pub fn gguf(kv: &[(&str, Gv)], tensors: &[Gt], pad: u8) -> Vec<u8> {
+    fn s(out: &mut Vec<u8>, x: &str) {
+        out.extend_from_slice(&(x.len() as u64).to_le_bytes());
+        out.extend_from_slice(x.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        s(&mut out, k);
+        match v {
+            Gv::U16(x) => {
+                out.extend_from_slice(&2u32.to_le_bytes());
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            Gv::U32(x) => {
+                out.extend_from_slice(&4u32.to_le_bytes());
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            Gv::I32(x) => {
+                out.extend_from_slice(&5u32.to_le_bytes());
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            Gv::F32(x) => {
+                out.extend_from_slice(&6u32.to_le_bytes());
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            Gv::Str(x) => {
+                out.extend_from_slice(&8u32.to_le_bytes());
+                s(&mut out, x);
+            }
+            Gv::Strs(xs) => {
+                out.extend_from_slice(&9u32.to_le_bytes());
+                out.extend_from_slice(&8u32.to_le_bytes());
+                out.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+                for x in xs {
+                    s(&mut out, x);
+                }
+            }
+        }
+    }
+    let align = |n: u64| n.div_ceil(32) * 32;
+    let mut offset = 0u64;
+    for t in tensors {
+        s(&mut out, &t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.ty.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset = align(offset + t.data.len() as u64);
+    }
+    while !out.len().is_multiple_of(32) {
+        out.push(pad);
+    }
+    for t in tensors {
+        out.extend_from_slice(&t.data);
+        while !out.len().is_multiple_of(32) {
+            out.push(pad);
+        }
+    }
+    out
+}
+
+/// A small Llama-shaped GGUF: F32/F16/BF16 matrices (decomposed), Q4_0
+/// and Q8_0 blocks (stored as they are), an F32 norm and an I32 tensor.
+pub fn gguf_model(seed: u64, pad: u8) -> Vec<u8> {
+    let mut r = Rng(seed);
+    let quant = |r: &mut Rng, blocks: usize, bytes: usize| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..blocks * bytes).map(|_| r.next() as u8).collect();
+        for b in 0..blocks {
+            // A finite, modest f16 scale at the start of each block.
+            v[b * bytes..b * bytes + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        }
+        v
+    };
+    let tensors = vec![
+        Gt {
+            name: "token_embd.weight".into(),
+            dims: vec![64, 96],
+            ty: 1,
+            data: floats("F16", 64 * 96, 0.02, &mut r),
+        },
+        Gt {
+            name: "blk.0.attn_q.weight".into(),
+            dims: vec![64, 64],
+            ty: 30,
+            data: floats("BF16", 4096, 0.02, &mut r),
+        },
+        Gt {
+            name: "blk.0.ffn_up.weight".into(),
+            dims: vec![64, 128],
+            ty: 0,
+            data: floats("F32", 8192, 0.02, &mut r),
+        },
+        Gt {
+            name: "blk.0.ffn_down.weight".into(),
+            dims: vec![128, 64],
+            ty: 2,
+            data: quant(&mut r, 256, 18),
+        },
+        Gt {
+            name: "blk.0.attn_norm.weight".into(),
+            dims: vec![64],
+            ty: 0,
+            data: floats("F32", 64, 1.0, &mut r),
+        },
+        Gt {
+            name: "blk.1.ffn_up.weight".into(),
+            dims: vec![64, 33],
+            ty: 8,
+            data: quant(&mut r, 66, 34),
+        },
+        Gt {
+            name: "output_norm.weight".into(),
+            dims: vec![64],
+            ty: 0,
+            data: floats("F32", 64, 1.0, &mut r),
+        },
+        Gt {
+            name: "rope_freqs.weight".into(),
+            dims: vec![3],
+            ty: 26,
+            data: vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0],
+        },
+    ];
+    let kv = vec![
+        ("general.architecture", Gv::Str("llama")),
+        ("general.name", Gv::Str("tiny")),
+        ("llama.block_count", Gv::U32(2)),
+        ("llama.embedding_length", Gv::U32(64)),
+        ("llama.attention.layer_norm_rms_epsilon", Gv::F32(1e-5)),
+        (
+            "tokenizer.ggml.tokens",
+            Gv::Strs((0..96).map(|i| format!("tok{i}")).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Gv::I32(1)),
+    ];
+    gguf(&kv, &tensors, pad)
+}

@@ -323,6 +323,29 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
     );
     for f in &i.files {
         println!("    {:<40} {:>12} bytes  {}", f.path, f.bytes, f.kind);
+        if let Some(g) = &f.gguf {
+            let types: Vec<String> = g
+                .tensor_types
+                .iter()
+                .map(|(t, n)| format!("{t} ×{n}"))
+                .collect();
+            println!(
+                "      GGUF v{}, architecture {}, alignment {}, tensors: {}",
+                g.version,
+                g.architecture.as_deref().unwrap_or("(none)"),
+                g.alignment,
+                types.join(", ")
+            );
+            // Hyper-parameters: the architecture's own scalar keys.
+            let prefix = format!("{}.", g.architecture.as_deref().unwrap_or("general"));
+            for (k, v) in g
+                .metadata
+                .iter()
+                .filter(|(k, v)| k.starts_with(&prefix) && !v.is_object())
+            {
+                println!("      {k} = {v}");
+            }
+        }
     }
     if tensors {
         println!(

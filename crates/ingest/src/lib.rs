@@ -6,7 +6,9 @@
 //!
 //! - [`safetensors`]: the safetensors header reader ([`safetensors::read_header`]),
 //!   which keeps the raw header bytes for a byte-identical unpack.
-//!
-//! A GGUF reader will join it here.
+//! - [`gguf`]: the GGUF (llama.cpp) header reader ([`gguf::read_header`]),
+//!   which validates key/values, tensor infos and the tensor data layout and
+//!   also keeps the raw header bytes.
 
+pub mod gguf;
 pub mod safetensors;

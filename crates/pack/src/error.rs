@@ -17,6 +17,11 @@ pub enum Error {
         source: tpde_ingest::safetensors::SafetensorsError,
     },
     #[error("{}: {source}", path.display())]
+    Gguf {
+        path: PathBuf,
+        source: tpde_ingest::gguf::GgufError,
+    },
+    #[error("{}: {source}", path.display())]
     Format {
         path: PathBuf,
         source: tpde_format::FormatError,

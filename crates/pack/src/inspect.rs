@@ -42,7 +42,26 @@ pub struct FileInfo {
     pub kind: &'static str,
     pub bytes: u64,
     pub blake3: String,
+    /// For GGUF files: what their header says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<GgufInfo>,
 }
+
+/// The metadata of a GGUF file, read back from its stored header.
+#[derive(Clone, Debug, Serialize)]
+pub struct GgufInfo {
+    pub version: u32,
+    pub alignment: u64,
+    pub architecture: Option<String>,
+    /// Every key/value; arrays longer than [`ARRAY_SHOWN`] are summarized
+    /// as `{"array": <element type>, "len": N, "first": [...]}`.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Tensor count per ggml type.
+    pub tensor_types: std::collections::BTreeMap<String, usize>,
+}
+
+/// Arrays up to this length are shown whole.
+pub const ARRAY_SHOWN: usize = 16;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorInfo {
@@ -95,17 +114,23 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         files: m
             .files
             .iter()
-            .map(|f| FileInfo {
-                path: f.path.clone(),
-                kind: match f.content {
-                    FileContent::Safetensors { .. } => "safetensors",
-                    FileContent::Blob { .. } => "blob",
-                    FileContent::Gguf { .. } => "gguf",
-                },
-                bytes: f.len,
-                blake3: f.blake3.clone(),
+            .map(|f| -> Result<FileInfo> {
+                Ok(FileInfo {
+                    path: f.path.clone(),
+                    kind: match f.content {
+                        FileContent::Safetensors { .. } => "safetensors",
+                        FileContent::Blob { .. } => "blob",
+                        FileContent::Gguf { .. } => "gguf",
+                    },
+                    bytes: f.len,
+                    blake3: f.blake3.clone(),
+                    gguf: match &f.content {
+                        FileContent::Gguf { header, .. } => Some(gguf_info(&c, header, f)?),
+                        _ => None,
+                    },
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
         tensors: m
             .tensors
             .iter()
@@ -130,4 +155,64 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             })
             .collect(),
     })
+}
+
+/// Decodes a GGUF file's stored header and describes it.
+fn gguf_info(
+    c: &Container,
+    header: &tpde_format::Blob,
+    f: &tpde_format::SourceFile,
+) -> Result<GgufInfo> {
+    let mut bytes = Vec::new();
+    for (i, chunk) in header.chunks.iter().enumerate() {
+        bytes.extend(c.read_blob_chunk(chunk, || format!("file {:?} header chunk {i}", f.path))?);
+    }
+    let (h, _) =
+        tpde_ingest::gguf::read_header(&bytes[..], f.len).map_err(|source| crate::Error::Gguf {
+            path: c.path.join(&f.path),
+            source,
+        })?;
+    let mut metadata = serde_json::Map::new();
+    for kv in &h.kv {
+        metadata.insert(kv.key.clone(), value_json(&kv.value));
+    }
+    let mut tensor_types = std::collections::BTreeMap::new();
+    for t in &h.tensors {
+        *tensor_types
+            .entry(t.ggml_type.name().to_string())
+            .or_insert(0) += 1;
+    }
+    Ok(GgufInfo {
+        version: h.version,
+        alignment: h.alignment,
+        architecture: h.architecture().map(str::to_string),
+        metadata,
+        tensor_types,
+    })
+}
+
+fn value_json(v: &tpde_ingest::gguf::Value) -> serde_json::Value {
+    use tpde_ingest::gguf::Value as V;
+    match v {
+        V::U8(x) => (*x).into(),
+        V::I8(x) => (*x).into(),
+        V::U16(x) => (*x).into(),
+        V::I16(x) => (*x).into(),
+        V::U32(x) => (*x).into(),
+        V::I32(x) => (*x).into(),
+        V::U64(x) => (*x).into(),
+        V::I64(x) => (*x).into(),
+        V::F32(x) => {
+            serde_json::Number::from_f64(*x as f64).map_or(serde_json::Value::Null, Into::into)
+        }
+        V::F64(x) => serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into),
+        V::Bool(x) => (*x).into(),
+        V::String(x) => x.clone().into(),
+        V::Array(_, items) if items.len() <= ARRAY_SHOWN => items.iter().map(value_json).collect(),
+        V::Array(ty, items) => serde_json::json!({
+            "array": ty.name(),
+            "len": items.len(),
+            "first": items.iter().take(3).map(value_json).collect::<Vec<_>>(),
+        }),
+    }
 }

@@ -19,7 +19,6 @@ use tpde_format::{
     PackParams, Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN,
     FORMAT_VERSION, MAX_CHUNK_LEN, RESIDUAL_EXACT_V1,
 };
-use tpde_ingest::safetensors::TensorEntry;
 
 /// Bytes per chunk of an exactly stored tensor or a blob.
 pub const RAW_CHUNK_BYTES: u64 = 4 << 20;
@@ -64,13 +63,53 @@ pub struct PackSummary {
     pub seconds: f64,
 }
 
-/// Where a tensor's data goes, in execution order.
-struct Planned<'a> {
+/// Where a tensor's data comes from and goes, in execution order.
+struct Planned {
     file: usize,
-    entry: &'a TensorEntry,
-    data_start: u64,
+    /// Absolute offset of the tensor's bytes in its source file.
+    src_offset: u64,
     step: String,
     tensor: Tensor,
+}
+
+/// A tensor as a source file describes it.
+struct SourceTensor<'a> {
+    name: &'a str,
+    /// Container dtype name (safetensors name, or ggml type name).
+    dtype: &'static str,
+    /// Row-major: slowest dimension first.
+    shape: Vec<u64>,
+    src_offset: u64,
+    byte_len: u64,
+}
+
+/// The tensors of a source file, in file order.
+fn source_tensors(kind: &SourceKind) -> Vec<SourceTensor<'_>> {
+    match kind {
+        SourceKind::Safetensors { header, .. } => header
+            .tensors
+            .iter()
+            .map(|e| SourceTensor {
+                name: &e.name,
+                dtype: e.dtype.name(),
+                shape: e.shape.clone(),
+                src_offset: header.data_start + e.begin,
+                byte_len: e.end - e.begin,
+            })
+            .collect(),
+        SourceKind::Gguf { header, .. } => header
+            .tensors
+            .iter()
+            .map(|t| SourceTensor {
+                name: &t.name,
+                dtype: t.ggml_type.name(),
+                shape: t.shape(),
+                src_offset: header.data_start + t.offset,
+                byte_len: t.byte_len,
+            })
+            .collect(),
+        SourceKind::Blob => Vec::new(),
+    }
 }
 
 /// One unit of parallel work.
@@ -122,7 +161,7 @@ fn step_of(name: &str, layer: Option<u32>) -> (u8, u32, String) {
         Some(l) => (1, l, format!("cold.layer.{l}")),
         None => {
             let lower = name.to_ascii_lowercase();
-            if ["embed", "wte", "wpe", "tok_"]
+            if ["embed", "embd", "wte", "wpe", "tok_"]
                 .iter()
                 .any(|k| lower.contains(k))
             {
@@ -207,7 +246,9 @@ pub fn pack(
         .files
         .par_iter()
         .map(|f| match f.kind {
-            SourceKind::Safetensors { .. } => hash_file(&f.file, &f.path, f.len).map(Some),
+            SourceKind::Safetensors { .. } | SourceKind::Gguf { .. } => {
+                hash_file(&f.file, &f.path, f.len).map(Some)
+            }
             SourceKind::Blob => Ok(None),
         })
         .collect::<Result<_>>()?;
@@ -284,6 +325,49 @@ pub fn pack(
                 let tensors = tensor_order(&planned, fi);
                 (
                     FileContent::Safetensors { header, tensors },
+                    file_digests[fi].clone().expect("hashed"),
+                )
+            }
+            SourceKind::Gguf { raw_header, .. } => {
+                let header =
+                    store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
+                let tensors = tensor_order(&planned, fi);
+                // Alignment padding after each tensor (the last one's runs to
+                // the end of the file), kept byte for byte.
+                let mut pad_after = Vec::with_capacity(tensors.len());
+                let mut pads = Vec::new();
+                let mut padding = Blob { chunks: Vec::new() };
+                for (k, &ti) in tensors.iter().enumerate() {
+                    let p = &planned[ti as usize];
+                    let end = p.src_offset + p.tensor.byte_len;
+                    let next = tensors
+                        .get(k + 1)
+                        .map_or(f.len, |&n| planned[n as usize].src_offset);
+                    let gap = next - end;
+                    pad_after.push(gap);
+                    if gap > 0 {
+                        pads.extend_from_slice(&read_at(&f.file, &f.path, end, gap)?);
+                    }
+                    if pads.len() as u64 >= RAW_CHUNK_BYTES {
+                        padding.chunks.extend(
+                            store_blob(&pads, opts.zstd_level, &mut cursor, &write_at, &wpath)?
+                                .chunks,
+                        );
+                        pads.clear();
+                    }
+                }
+                if !pads.is_empty() {
+                    padding.chunks.extend(
+                        store_blob(&pads, opts.zstd_level, &mut cursor, &write_at, &wpath)?.chunks,
+                    );
+                }
+                (
+                    FileContent::Gguf {
+                        header,
+                        tensors,
+                        pad_after,
+                        padding,
+                    },
                     file_digests[fi].clone().expect("hashed"),
                 )
             }
@@ -414,28 +498,25 @@ fn tensor_order(planned: &[Planned], file: usize) -> Vec<u32> {
         .iter()
         .enumerate()
         .filter(|(_, p)| p.file == file)
-        .map(|(i, p)| (p.entry.begin, i as u32))
+        .map(|(i, p)| (p.src_offset, i as u32))
         .collect();
     v.sort_unstable();
     v.into_iter().map(|(_, i)| i).collect()
 }
 
-fn plan<'a>(source: &'a Source, opts: &PackOptions) -> Vec<Planned<'a>> {
+fn plan(source: &Source, opts: &PackOptions) -> Vec<Planned> {
     let mut all = Vec::new();
     for (fi, f) in source.files.iter().enumerate() {
-        let SourceKind::Safetensors { header, .. } = &f.kind else {
-            continue;
-        };
-        for entry in &header.tensors {
-            let layer = layer_of(&entry.name);
-            let (group, l, step) = step_of(&entry.name, layer);
-            let tensor = plan_tensor(fi, entry, layer, opts);
+        for t in source_tensors(&f.kind) {
+            let layer = layer_of(t.name);
+            let (group, l, step) = step_of(t.name, layer);
+            let src_offset = t.src_offset;
+            let tensor = plan_tensor(fi, t, layer, opts);
             all.push((
                 (group, l, all.len()),
                 Planned {
                     file: fi,
-                    entry,
-                    data_start: header.data_start,
+                    src_offset,
                     step,
                     tensor,
                 },
@@ -446,11 +527,11 @@ fn plan<'a>(source: &'a Source, opts: &PackOptions) -> Vec<Planned<'a>> {
     all.into_iter().map(|(_, p)| p).collect()
 }
 
-fn plan_tensor(file: usize, e: &TensorEntry, layer: Option<u32>, opts: &PackOptions) -> Tensor {
-    let byte_len = e.end - e.begin;
-    let numel = e.numel();
+fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOptions) -> Tensor {
+    let byte_len = e.byte_len;
+    let numel: u64 = e.shape.iter().product();
     let cols = e.shape.last().copied().unwrap_or(0);
-    let dtype = FloatDtype::from_name(e.dtype.name());
+    let dtype = FloatDtype::from_name(e.dtype);
     let storage = match (opts.base, dtype) {
         (Some(codec), Some(dt))
             if e.shape.len() >= 2
@@ -510,9 +591,9 @@ fn plan_tensor(file: usize, e: &TensorEntry, layer: Option<u32>, opts: &PackOpti
         }
     };
     Tensor {
-        name: e.name.clone(),
-        dtype: e.dtype.name().into(),
-        shape: e.shape.clone(),
+        name: e.name.to_string(),
+        dtype: e.dtype.into(),
+        shape: e.shape,
         byte_len,
         blake3: String::new(),
         file: file as u32,
@@ -524,7 +605,7 @@ fn plan_tensor(file: usize, e: &TensorEntry, layer: Option<u32>, opts: &PackOpti
 fn jobs_of(planned: &[Planned]) -> Vec<Job> {
     let mut jobs = Vec::new();
     for (ti, p) in planned.iter().enumerate() {
-        let base = p.data_start + p.entry.begin;
+        let base = p.src_offset;
         let mut at = 0;
         match &p.tensor.storage {
             Storage::Raw { chunks } => {

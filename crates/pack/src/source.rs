@@ -1,9 +1,11 @@
-//! What `pack` reads: a `.safetensors` file or a Hugging Face model folder.
+//! What `pack` reads: a `.safetensors` file, a `.gguf` file (with its
+//! sibling shards when it is part of a split set), or a model folder.
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use tpde_ingest::gguf;
 use tpde_ingest::safetensors::{self as st, Header};
 
 /// Most files read from one model folder.
@@ -23,8 +25,32 @@ pub struct SourceFile {
 pub enum SourceKind {
     /// A safetensors file: parsed header and its raw bytes `[0, 8 + N)`.
     Safetensors { header: Header, raw_header: Vec<u8> },
+    /// A GGUF file: parsed header and its raw bytes `[0, data_start)`.
+    Gguf {
+        header: gguf::Header,
+        raw_header: Vec<u8>,
+    },
     /// Any other file, carried byte for byte.
     Blob,
+}
+
+impl SourceKind {
+    /// Names of the tensors this file holds.
+    fn tensor_names(&self) -> Vec<&str> {
+        match self {
+            SourceKind::Safetensors { header, .. } => {
+                header.tensors.iter().map(|t| t.name.as_str()).collect()
+            }
+            SourceKind::Gguf { header, .. } => {
+                header.tensors.iter().map(|t| t.name.as_str()).collect()
+            }
+            SourceKind::Blob => Vec::new(),
+        }
+    }
+
+    fn is_model(&self) -> bool {
+        !matches!(self, SourceKind::Blob)
+    }
 }
 
 /// All inputs of one pack, in restore order.
@@ -46,11 +72,11 @@ impl Source {
             for (rel, p) in rels {
                 files.push(open_file(&p, rel)?);
             }
-            if !files
-                .iter()
-                .any(|f| matches!(f.kind, SourceKind::Safetensors { .. }))
-            {
-                return Err(Error::input(path, "folder holds no .safetensors file"));
+            if !files.iter().any(|f| f.kind.is_model()) {
+                return Err(Error::input(
+                    path,
+                    "folder holds no .safetensors or .gguf file",
+                ));
             }
             check_index(path, &files)?;
         } else {
@@ -59,25 +85,28 @@ impl Source {
                 .and_then(|n| n.to_str())
                 .ok_or_else(|| Error::input(path, "file name is not valid UTF-8"))?
                 .to_string();
-            if !name.ends_with(".safetensors") {
+            if name.ends_with(".gguf") {
+                for (rel, p) in gguf_set(path, &name)? {
+                    files.push(open_file(&p, rel)?);
+                }
+            } else if name.ends_with(".safetensors") {
+                files.push(open_file(path, name)?);
+            } else {
                 return Err(Error::input(
                     path,
-                    "not a .safetensors file or a model folder",
+                    "not a .safetensors or .gguf file or a model folder",
                 ));
             }
-            files.push(open_file(path, name)?);
         }
         // Tensor names are the container's identifiers: unique across shards.
         let mut seen: HashMap<&str, &str> = HashMap::new();
         for f in &files {
-            if let SourceKind::Safetensors { header, .. } = &f.kind {
-                for t in &header.tensors {
-                    if let Some(other) = seen.insert(&t.name, &f.rel) {
-                        return Err(Error::input(
-                            &f.path,
-                            format!("tensor {:?} is also in {other}", t.name),
-                        ));
-                    }
+            for name in f.kind.tensor_names() {
+                if let Some(other) = seen.insert(name, &f.rel) {
+                    return Err(Error::input(
+                        &f.path,
+                        format!("tensor {name:?} is also in {other}"),
+                    ));
                 }
             }
         }
@@ -147,7 +176,14 @@ fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
     let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
     let len = meta.len();
     let kind =
-        if rel.ends_with(".safetensors") {
+        if rel.ends_with(".gguf") {
+            let (header, raw_header) = gguf::read_header(std::io::BufReader::new(&file), len)
+                .map_err(|source| Error::Gguf {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            SourceKind::Gguf { header, raw_header }
+        } else if rel.ends_with(".safetensors") {
             let (header, raw_header) = st::read_header(std::io::BufReader::new(&file), len)
                 .map_err(|source| Error::Safetensors {
                     path: path.to_path_buf(),
@@ -223,4 +259,30 @@ fn check_index(root: &Path, files: &[SourceFile]) -> Result<()> {
     }
     let _ = root;
     Ok(())
+}
+
+/// The files of a GGUF model given one of them: itself, or for a split
+/// file (`<prefix>-00001-of-00003.gguf`) every shard, in order, all of
+/// which must be present beside it.
+fn gguf_set(path: &Path, name: &str) -> Result<Vec<(String, PathBuf)>> {
+    let Some((prefix, _, count)) = gguf::split_name(name) else {
+        return Ok(vec![(name.to_string(), path.to_path_buf())]);
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut set = Vec::with_capacity(count as usize);
+    for i in 1..=count {
+        let shard = format!("{prefix}-{i:05}-of-{count:05}.gguf");
+        let p = dir.join(&shard);
+        if !p.is_file() {
+            return Err(Error::input(
+                path,
+                format!("split GGUF shard {shard} of {count} is missing"),
+            ));
+        }
+        set.push((shard, p));
+    }
+    Ok(set)
 }
