@@ -89,7 +89,13 @@ pub fn options(case: &str) -> Option<PackOptions> {
 
 /// Every case, in a fixed order.
 pub fn cases() -> Vec<Case> {
-    vec![bf16_q4(), float_q8_g32(), folder_q4(), raw_none()]
+    vec![
+        bf16_q4(),
+        float_q8_g32(),
+        folder_q4(),
+        raw_none(),
+        gguf_q4(),
+    ]
 }
 
 /// Packs every case into `out_dir/<case>/`, replacing what was there.
@@ -701,6 +707,124 @@ fn raw_none() -> Case {
             group_size: 64,
             chunk_elems: 1 << 18,
             min_decompose_elems: 4096,
+            zstd_level: 3,
+        },
+    }
+}
+
+/// A minimal GGUF v3 writer for the GGUF case: key/values of a few types,
+/// tensors at `alignment`-aligned offsets, padding bytes of value `pad`.
+fn gguf(
+    kv: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, &[u64], u32, Vec<u8>)],
+    alignment: usize,
+    pad: u8,
+) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (key, ty, value) in kv {
+        string(&mut out, key);
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    let mut offset = 0usize;
+    for (name, dims, ty, data) in tensors {
+        string(&mut out, name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims.iter() {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset = (offset + data.len()).div_ceil(alignment) * alignment;
+    }
+    let pad_to = |out: &mut Vec<u8>| {
+        while !out.len().is_multiple_of(alignment) {
+            out.push(pad);
+        }
+    };
+    pad_to(&mut out);
+    for (_, _, _, data) in tensors {
+        out.extend_from_slice(data);
+        pad_to(&mut out);
+    }
+    out
+}
+
+/// GGUF (format version 2): an F16 matrix with special values (decomposed,
+/// tail group), a BF16 matrix (decomposed), Q4_0 and Q8_0 blocks (stored as
+/// their own base), an F32 norm and an I32 tensor; key/values of several
+/// types including an array of strings; alignment 64 with non-zero padding
+/// bytes, which must come back as they are.
+fn gguf_q4() -> Case {
+    let mut rng = SplitMix64(0x7470_6465_0000_0006);
+    let mut f16: Vec<u8> = (0..3 * 70)
+        .flat_map(|_| half::f16::from_f64(rng.weight(0.05)).to_le_bytes())
+        .collect();
+    // NaN with payload, -0, +Inf, -Inf, smallest subnormal, largest finite.
+    for (i, bits) in [0x7E01u16, 0x8000, 0x7C00, 0xFC00, 0x0001, 0x7BFF]
+        .iter()
+        .enumerate()
+    {
+        f16[i * 2 * 13..i * 2 * 13 + 2].copy_from_slice(&bits.to_le_bytes());
+    }
+    let bf16 = bf16_bytes(&bf16_weights(&mut rng, 4 * 64, 0.02));
+    let blocks = |rng: &mut SplitMix64, n: usize, size: usize| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..n * size).map(|_| rng.next_u64() as u8).collect();
+        for b in 0..n {
+            v[b * size..b * size + 2].copy_from_slice(&half::f16::from_f32(0.0125).to_le_bytes());
+        }
+        v
+    };
+    let q4_0 = blocks(&mut rng, 2 * 3, 18);
+    let q8_0 = blocks(&mut rng, 2, 34);
+    let norm: Vec<u8> = (0..64)
+        .flat_map(|i| (1.0f32 + i as f32 / 64.0).to_le_bytes())
+        .collect();
+    let ids: Vec<u8> = [3i32, -7, i32::MIN]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let string = |s: &str| -> Vec<u8> {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let mut tokens = 8u32.to_le_bytes().to_vec(); // array of strings
+    tokens.extend_from_slice(&3u64.to_le_bytes());
+    for t in ["<s>", "</s>", "héllo"] {
+        tokens.extend_from_slice(&string(t));
+    }
+    let kv = vec![
+        ("general.architecture", 8, string("llama")),
+        ("general.alignment", 4, 64u32.to_le_bytes().to_vec()),
+        ("llama.block_count", 4, 2u32.to_le_bytes().to_vec()),
+        ("llama.rope.freq_base", 6, 10000f32.to_le_bytes().to_vec()),
+        ("llama.use_parallel_residual", 7, vec![1]),
+        ("tokenizer.ggml.tokens", 9, tokens),
+    ];
+    let tensors: Vec<(&str, &[u64], u32, Vec<u8>)> = vec![
+        ("token_embd.weight", &[70, 3], 1, f16),
+        ("blk.0.attn_q.weight", &[64, 4], 30, bf16),
+        ("blk.0.attn_norm.weight", &[64], 0, norm),
+        ("blk.0.ffn_down.weight", &[64, 3], 2, q4_0),
+        ("blk.1.ffn_up.weight", &[64], 8, q8_0),
+        ("rope_ids", &[3], 26, ids),
+    ];
+    Case {
+        name: "gguf-q4".into(),
+        files: vec![("model.gguf".into(), gguf(&kv, &tensors, 64, 0xEE))],
+        options: PackOptions {
+            base: Some(BaseCodec::Q4),
+            group_size: 64,
+            chunk_elems: 1 << 18,
+            min_decompose_elems: 64,
             zstd_level: 3,
         },
     }
