@@ -11,4 +11,5 @@
 //!   also keeps the raw header bytes.
 
 pub mod gguf;
+mod read;
 pub mod safetensors;
