@@ -9,7 +9,10 @@
 //! - [`gguf`]: the GGUF (llama.cpp) header reader ([`gguf::read_header`]),
 //!   which validates key/values, tensor infos and the tensor data layout and
 //!   also keeps the raw header bytes.
+//! - [`moe`]: recognises the routed experts of mixture-of-experts models from
+//!   tensor names and shapes ([`moe::classify`], [`moe::plan`]).
 
 pub mod gguf;
+pub mod moe;
 mod read;
 pub mod safetensors;
