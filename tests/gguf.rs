@@ -161,6 +161,12 @@ fn bad_gguf_input_is_a_clean_error_with_nothing_written() {
 fn a_gguf_without_tensors_round_trips() {
     // Vocabulary-only files (tokenizer, no weights) exist in the wild.
     let d = tmp();
-    let kv = vec![("general.architecture", Gv::Str("llama")), ("tokenizer.ggml.tokens", Gv::Strs(vec!["a".into(), "b".into()]))];
+    let kv = vec![
+        ("general.architecture", Gv::Str("llama")),
+        (
+            "tokenizer.ggml.tokens",
+            Gv::Strs(vec!["a".into(), "b".into()]),
+        ),
+    ];
     roundtrip_file(d.path(), "vocab.gguf", &gguf(&kv, &[], 0));
 }

@@ -112,3 +112,63 @@ fn split_smollm2_gguf_round_trips_as_three_shards() {
         assert_eq!(sha256(&restored.join(&n)), sha256(&dir.join(&n)), "{n}");
     }
 }
+
+/// Every MoE fixture packs and comes back byte for byte (issue: expert
+/// shards), and its experts are recognized by naming convention.
+#[test]
+fn moe_fixtures_round_trip_and_their_experts_are_detected() {
+    use tpde_ingest::moe;
+    for (rel, layers, experts) in [
+        ("moe-mixtral-tiny", 2, 4),
+        ("moe-qwen-tiny", 2, 4),
+        ("moe-minilm-experts", 2, 4),
+        ("moe-mixtral-tiny-gguf/model.gguf", 2, 4),
+    ] {
+        let src = fixture(rel);
+        let d = tmp();
+        let out = d.path().join("m.tpde");
+        let p = tpde(&[&"pack", &src, &"-o", &out]);
+        assert!(p.status.success(), "{rel}: {}", stderr(&p));
+        let v = tpde(&[&"verify", &out, &"--source", &src]);
+        assert!(v.status.success(), "{rel}: {}", stderr(&v));
+        let restored = d.path().join("restored");
+        let u = tpde(&[&"unpack", &out, &"-o", &restored]);
+        assert!(u.status.success(), "{rel}: {}", stderr(&u));
+        let j: serde_json::Value =
+            serde_json::from_slice(&tpde(&[&"inspect", &out, &"--json"]).stdout).unwrap();
+        for f in j["files"].as_array().unwrap() {
+            let name = f["path"].as_str().unwrap();
+            let orig = if src.is_dir() {
+                src.join(name)
+            } else {
+                src.clone()
+            };
+            assert_eq!(sha256(&restored.join(name)), sha256(&orig), "{rel}: {name}");
+        }
+        let shapes: Vec<(String, Vec<u64>)> = j["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let shape = t["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .collect();
+                (t["name"].as_str().unwrap().to_string(), shape)
+            })
+            .collect();
+        let refs: Vec<(&str, &[u64])> = shapes
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        let plan = moe::plan(&refs).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert!(plan.is_moe(), "{rel}");
+        assert_eq!(plan.layers.len(), layers, "{rel}: MoE layers");
+        assert!(
+            plan.layers.iter().all(|l| l.experts == experts),
+            "{rel}: experts per layer"
+        );
+    }
+}
