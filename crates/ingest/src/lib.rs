@@ -11,6 +11,13 @@
 //!   also keeps the raw header bytes.
 //! - [`moe`]: recognises the routed experts of mixture-of-experts models from
 //!   tensor names and shapes ([`moe::classify`], [`moe::plan`]).
+//!
+//! Both readers are our own rather than the `safetensors` and `gguf-rs`
+//! crates: tpde needs the raw header bytes for byte-identical restores, one
+//! error variant per rejection reason, and (for GGUF) limits that `gguf-rs`
+//! does not enforce (it allocates strings before checking their length,
+//! panics on unknown type ids, and lets duplicate keys overwrite each other).
+//! The module docs give the details. Fuzz targets for both are in `fuzz/`.
 
 pub mod gguf;
 pub mod moe;
