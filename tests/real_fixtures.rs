@@ -170,5 +170,35 @@ fn moe_fixtures_round_trip_and_their_experts_are_detected() {
             plan.layers.iter().all(|l| l.experts == experts),
             "{rel}: experts per layer"
         );
+        // inspect: a layers × experts table whose bytes are positive and
+        // add up to no more than the tensors they come from.
+        let table = j["experts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{rel}: no experts table"));
+        assert_eq!(table.len(), layers, "{rel}");
+        let mut stored = 0;
+        for l in table {
+            assert_eq!(
+                l["experts"].as_array().unwrap().len() as u32,
+                experts,
+                "{rel}"
+            );
+            for x in l["experts"].as_array().unwrap() {
+                assert!(x["original_bytes"].as_u64().unwrap() > 0, "{rel}");
+                stored += x["hot_bytes"].as_u64().unwrap() + x["cold_bytes"].as_u64().unwrap();
+            }
+        }
+        let all: u64 = j["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["hot_bytes"].as_u64().unwrap() + t["cold_bytes"].as_u64().unwrap())
+            .sum();
+        assert!(stored > 0 && stored <= all, "{rel}: {stored} of {all}");
+        let text = stdout(&tpde(&[&"inspect", &out, &"--experts"]));
+        assert!(
+            text.contains("layer") && text.contains("e3"),
+            "{rel}: {text}"
+        );
     }
 }

@@ -90,6 +90,9 @@ enum Command {
         /// List every tensor in the table.
         #[arg(long)]
         tensors: bool,
+        /// For mixture-of-experts models: a layers × experts table of sizes.
+        #[arg(long)]
+        experts: bool,
     },
     /// Run pack → verify → unpack → inspect on a small model generated on the spot.
     Demo {
@@ -252,12 +255,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             container,
             json,
             tensors,
+            experts,
         } => {
             let i = tpde_pack::inspect(&container)?;
             if json {
                 print_json(&serde_json::to_value(&i)?);
             } else {
                 print_inspection(&i, tensors);
+                if experts {
+                    print_experts(&i);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -358,6 +365,32 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
                 t.name, t.dtype, t.storage, t.original_bytes, t.hot_bytes, t.cold_bytes
             );
         }
+    }
+}
+
+/// Layers × experts: stored bytes (hot + cold) of each expert, in KiB.
+fn print_experts(i: &tpde_pack::Inspection) {
+    if i.experts.is_empty() {
+        println!("  no mixture-of-experts layers");
+        return;
+    }
+    let n = i.experts.iter().map(|l| l.experts.len()).max().unwrap_or(0);
+    println!("  experts: stored KiB (hot + cold) per layer × expert; original KiB in brackets");
+    let head: String = (0..n).map(|e| format!("{:>16}", format!("e{e}"))).collect();
+    println!("  {:>8}{head}", "layer");
+    for l in &i.experts {
+        let cells: String = l
+            .experts
+            .iter()
+            .map(|x| {
+                let stored = (x.hot_bytes + x.cold_bytes) as f64 / 1024.0;
+                format!(
+                    "{:>16}",
+                    format!("{stored:.0} [{:.0}]", x.original_bytes as f64 / 1024.0)
+                )
+            })
+            .collect();
+        println!("  {:>8}{cells}", l.layer);
     }
 }
 
