@@ -7,5 +7,6 @@ mod bad_container;
 mod bad_safetensors;
 mod faults;
 mod gguf;
+mod moe;
 mod real_fixtures;
 mod roundtrip;

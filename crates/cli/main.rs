@@ -31,6 +31,12 @@ enum Base {
     None,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum FidelityArg {
+    Base,
+    Exact,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pack a .safetensors file or a Hugging Face model folder into one container.
@@ -93,6 +99,24 @@ enum Command {
         /// For mixture-of-experts models: a layers × experts table of sizes.
         #[arg(long)]
         experts: bool,
+    },
+    /// Write one expert of a mixture-of-experts model as a .safetensors file, reading only its chunks.
+    Extract {
+        container: PathBuf,
+        /// Transformer layer.
+        #[arg(long)]
+        layer: u32,
+        /// Expert index within the layer.
+        #[arg(long)]
+        expert: u32,
+        /// `exact`: the original bytes; `base`: the hot tier's quantized values.
+        #[arg(long, value_enum, default_value = "exact")]
+        fidelity: FidelityArg,
+        /// Output .safetensors file.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Run pack → verify → unpack → inspect on a small model generated on the spot.
     Demo {
@@ -265,6 +289,51 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 if experts {
                     print_experts(&i);
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Extract {
+            container,
+            layer,
+            expert,
+            fidelity,
+            output,
+            json,
+        } => {
+            let start = std::time::Instant::now();
+            let c = tpde_pack::Container::open(&container)?;
+            let f = match fidelity {
+                FidelityArg::Base => tpde_pack::Fidelity::Base,
+                FidelityArg::Exact => tpde_pack::Fidelity::Exact,
+            };
+            let tensors = tpde_pack::extract_expert(&c, layer, expert, f)?;
+            let fname = match fidelity {
+                FidelityArg::Base => "base",
+                FidelityArg::Exact => "exact",
+            };
+            let meta = vec![(
+                "tpde.extracted".to_string(),
+                format!("layer {layer} expert {expert} fidelity {fname}"),
+            )];
+            let written = tpde_pack::extract::write_safetensors(&output, &tensors, &meta)?;
+            let seconds = start.elapsed().as_secs_f64();
+            if json {
+                print_json(&serde_json::json!({
+                    "layer": layer, "expert": expert, "fidelity": fname,
+                    "tensors": tensors.len(), "bytes_written": written,
+                    "container_bytes_read": c.bytes_read(), "seconds": seconds,
+                }));
+            } else {
+                println!(
+                    "expert {expert} of layer {layer} ({fname}): {} tensors, {written} bytes → {}",
+                    tensors.len(),
+                    output.display()
+                );
+                println!(
+                    "  read {} bytes of the {}-byte container in {seconds:.3} s",
+                    c.bytes_read(),
+                    c.len
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -764,3 +764,30 @@ fn gather<const W: usize>(
         });
     }
 }
+
+/// The base's own values (`base` fidelity): each element's prediction in
+/// the tensor's dtype, as little-endian bytes into `out` (whole rows). The
+/// same predictions the residual is measured from; a non-finite scale is
+/// refused for the same reason as in [`decode`].
+pub fn base_values(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let rows = check_shapes(dtype, layout, out.len(), base.len())?;
+    count_classes(layout, base, rows)?; // validates scales, q8 codes and padding nibbles
+    let rb = layout.row_bytes();
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        layout.for_each_group(|col, len, off| {
+            let d = block_scale(&row[off..]);
+            let payload = &row[off + 2..];
+            for i in 0..len {
+                let q = block_code(layout.codec, payload, i);
+                dtype.store_bits(out, r * layout.cols + col + i, dtype.predict_bits(q, d));
+            }
+        });
+    }
+    Ok(())
+}

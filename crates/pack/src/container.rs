@@ -34,6 +34,9 @@ pub struct Container {
     pub len: u64,
     pub header: Header,
     pub manifest: Manifest,
+    /// Bytes read from the file so far: header, footer, manifest and every
+    /// checked extent (what random access costs, for tests and figures).
+    bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl Container {
@@ -87,12 +90,14 @@ impl Container {
                 )),
             });
         }
+        let opened = (HEADER_LEN + FOOTER_LEN) as u64 + header.manifest_len;
         Ok(Container {
             path: path.to_path_buf(),
             file,
             len,
             header,
             manifest,
+            bytes_read: opened.into(),
         })
     }
 
@@ -103,6 +108,11 @@ impl Container {
         Ok(buf)
     }
 
+    /// Bytes read from the container so far (see the field).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// [`Container::read_checked`] into a reusable buffer (resized to the extent).
     pub fn read_checked_into(
         &self,
@@ -111,6 +121,8 @@ impl Container {
         who: impl Fn() -> String,
     ) -> Result<()> {
         set_len(buf, e.len as usize);
+        self.bytes_read
+            .fetch_add(e.len, std::sync::atomic::Ordering::Relaxed);
         self.file.read_exact_at(buf, e.offset).map_err(|err| {
             Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
         })?;

@@ -18,6 +18,7 @@
 pub mod atomic;
 pub mod container;
 mod error;
+pub mod extract;
 pub mod inspect;
 pub mod pack;
 mod pipeline;
@@ -26,6 +27,7 @@ pub mod source;
 
 pub use container::Container;
 pub use error::{Error, Result};
+pub use extract::{extract_expert, ExtractedTensor, Fidelity};
 pub use inspect::{inspect, Inspection};
 pub use pack::{PackOptions, PackSummary};
 pub use restore::{unpack, verify, verify_with, UnpackReport, VerifyOptions, VerifyReport};

@@ -532,6 +532,16 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
     let numel: u64 = e.shape.iter().product();
     let cols = e.shape.last().copied().unwrap_or(0);
     let dtype = FloatDtype::from_name(e.dtype);
+    // A tensor stacking every expert of a layer along dimension 0 is cut so
+    // that no chunk spans two experts: one expert is then read alone.
+    let slices = match tpde_ingest::moe::classify(e.name, &e.shape) {
+        tpde_ingest::moe::MoeRole::Stacked { count, .. }
+            if count > 0 && e.shape.first() == Some(&count) =>
+        {
+            count
+        }
+        _ => 1,
+    };
     let storage = match (opts.base, dtype) {
         (Some(codec), Some(dt))
             if e.shape.len() >= 2
@@ -547,10 +557,12 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
             let rows = numel / cols;
             let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
             let per_chunk = (opts.chunk_elems / cols).clamp(1, max_rows);
+            let per_slice = rows / slices;
             let mut chunks = Vec::new();
             let mut r = 0;
             while r < rows {
-                let n = per_chunk.min(rows - r);
+                let slice_end = (r / per_slice + 1) * per_slice;
+                let n = per_chunk.min(slice_end.min(rows) - r);
                 chunks.push(DecomposedChunk {
                     rows: n,
                     base: Extent {
@@ -578,8 +590,10 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
         _ => {
             let mut chunks = Vec::new();
             let mut at = 0;
+            let per_slice = (byte_len / slices).max(1);
             while at < byte_len {
-                let n = RAW_CHUNK_BYTES.min(byte_len - at);
+                let slice_end = (at / per_slice + 1) * per_slice;
+                let n = RAW_CHUNK_BYTES.min(slice_end.min(byte_len) - at);
                 chunks.push(Extent {
                     offset: 0,
                     len: n,

@@ -1,0 +1,243 @@
+//! One expert at a time: `extract` returns exactly an expert's original
+//! bytes (or its base), reading only that expert's chunks.
+
+use crate::util::*;
+use std::path::Path;
+use tpde_pack::{Container, Fidelity};
+
+fn fixture(rel: &str) -> std::path::PathBuf {
+    let root = std::env::var_os("TPDE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tpde-fixtures")
+        });
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "fixture {} is missing: run `fixtures/fetch.sh`",
+        p.display()
+    );
+    p
+}
+
+fn pack(src: &Path, dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("moe.tpde");
+    let o = tpde(&[&"pack", &src, &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+/// Stored bytes of expert `e` of layer `l`, summed from the manifest; also
+/// checks that no chunk of a stacked tensor spans two experts.
+fn expert_stored_bytes(c: &Container, l: u32, e: u32) -> u64 {
+    let m = &c.manifest;
+    let shapes: Vec<(&str, &[u64])> = m
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .collect();
+    let plan = tpde_ingest::moe::plan(&shapes).unwrap();
+    let layer = plan.layers.iter().find(|x| x.layer == l).unwrap();
+    let mut sum = 0;
+    for et in &layer.tensors {
+        let t = m.tensors.iter().find(|t| t.name == et.name).unwrap();
+        let n = if et.expert.is_some() {
+            1
+        } else {
+            layer.experts as u64
+        };
+        if et.expert.is_some_and(|x| x != e) {
+            continue;
+        }
+        let idx = if et.expert.is_some() { 0 } else { e as u64 };
+        match &t.storage {
+            tpde_format::Storage::Raw { chunks } => {
+                let per = t.byte_len / n;
+                let mut at = 0;
+                for ch in chunks {
+                    let (a, b) = (at, at + ch.len);
+                    at = b;
+                    assert_eq!(
+                        a / per,
+                        (b - 1) / per,
+                        "{}: a raw chunk spans two experts",
+                        t.name
+                    );
+                    if a / per == idx {
+                        sum += ch.len;
+                    }
+                }
+            }
+            tpde_format::Storage::Decomposed { chunks, rows, .. } => {
+                let per = rows / n;
+                let mut r = 0;
+                for ch in chunks {
+                    let (a, b) = (r, r + ch.rows);
+                    r = b;
+                    assert_eq!(
+                        a / per,
+                        (b - 1) / per,
+                        "{}: a chunk spans two experts",
+                        t.name
+                    );
+                    if a / per == idx {
+                        sum += ch.base.len + ch.cold.len;
+                    }
+                }
+            }
+        }
+    }
+    sum
+}
+
+#[test]
+fn every_expert_comes_back_exactly_reading_only_its_own_chunks() {
+    for rel in ["moe-mixtral-tiny", "moe-mixtral-tiny-gguf/model.gguf"] {
+        let src = fixture(rel);
+        let d = tmp();
+        let out = pack(&src, d.path());
+        // The source's tensors, by name: (bytes, number of experts stacked in it).
+        let mut source: std::collections::HashMap<String, Vec<u8>> = Default::default();
+        if src.is_dir() {
+            let f = src.join("model.safetensors");
+            let bytes = std::fs::read(&f).unwrap();
+            let (h, _) =
+                tpde_ingest::safetensors::read_header(&bytes[..], bytes.len() as u64).unwrap();
+            for t in &h.tensors {
+                let a = (h.data_start + t.begin) as usize;
+                source.insert(t.name.clone(), bytes[a..a + t.byte_len() as usize].to_vec());
+            }
+        } else {
+            let bytes = std::fs::read(&src).unwrap();
+            let (h, _) = tpde_ingest::gguf::read_header(&bytes[..], bytes.len() as u64).unwrap();
+            for t in &h.tensors {
+                let a = (h.data_start + t.offset) as usize;
+                source.insert(t.name.clone(), bytes[a..a + t.byte_len as usize].to_vec());
+            }
+        }
+        for layer in 0..2 {
+            for expert in 0..4 {
+                let c = Container::open(&out).unwrap();
+                let opened = c.bytes_read();
+                let tensors =
+                    tpde_pack::extract_expert(&c, layer, expert, Fidelity::Exact).unwrap();
+                assert_eq!(tensors.len(), 3, "{rel}: three projections per expert");
+                let stored = expert_stored_bytes(&c, layer, expert);
+                assert_eq!(
+                    c.bytes_read() - opened,
+                    stored,
+                    "{rel} l{layer} e{expert}: read exactly the expert's chunks"
+                );
+                for t in &tensors {
+                    let whole = &source[&t.name];
+                    let want = if whole.len() == t.data.len() {
+                        &whole[..]
+                    } else {
+                        // A stacked tensor: this expert's slice.
+                        let per = whole.len() / 4;
+                        &whole[expert as usize * per..(expert as usize + 1) * per]
+                    };
+                    assert!(
+                        t.data == want,
+                        "{rel} l{layer} e{expert}: {} differs from the source",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn base_fidelity_gives_the_quantized_values_close_to_the_original() {
+    let src = fixture("moe-minilm-experts");
+    let d = tmp();
+    let out = pack(&src, d.path());
+    let c = Container::open(&out).unwrap();
+    let exact = tpde_pack::extract_expert(&c, 1, 3, Fidelity::Exact).unwrap();
+    let base = tpde_pack::extract_expert(&c, 1, 3, Fidelity::Base).unwrap();
+    for (x, b) in exact.iter().zip(&base) {
+        assert_eq!((x.name.as_str(), &x.shape), (b.name.as_str(), &b.shape));
+        assert_ne!(x.data, b.data, "{}: base is a 4-bit approximation", x.name);
+        let vals = |v: &[u8]| -> Vec<f32> {
+            v.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        let (xv, bv) = (vals(&x.data), vals(&b.data));
+        let err: f32 =
+            xv.iter().zip(&bv).map(|(a, b)| (a - b).abs()).sum::<f32>() / xv.len() as f32;
+        let mag: f32 = xv.iter().map(|a| a.abs()).sum::<f32>() / xv.len() as f32;
+        assert!(
+            err < 0.2 * mag,
+            "{}: mean error {err} against mean magnitude {mag}",
+            x.name
+        );
+    }
+}
+
+#[test]
+fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
+    let src = fixture("moe-qwen-tiny");
+    let d = tmp();
+    let out = pack(&src, d.path());
+    let file = d.path().join("e.safetensors");
+    let o = tpde(&[
+        &"extract",
+        &out,
+        &"--layer",
+        &"0",
+        &"--expert",
+        &"1",
+        &"-o",
+        &file,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("a valid safetensors file");
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "model.layers.0.mlp.experts.1.down_proj.weight",
+            "model.layers.0.mlp.experts.1.gate_proj.weight",
+            "model.layers.0.mlp.experts.1.up_proj.weight"
+        ]
+    );
+    let o = tpde(&[
+        &"extract",
+        &out,
+        &"--layer",
+        &"7",
+        &"--expert",
+        &"0",
+        &"-o",
+        &d.path().join("x.safetensors"),
+    ]);
+    assert_clean_error(&o, 2, "moe.tpde", "no experts in layer 7");
+    let o = tpde(&[
+        &"extract",
+        &out,
+        &"--layer",
+        &"0",
+        &"--expert",
+        &"9",
+        &"-o",
+        &d.path().join("x.safetensors"),
+    ]);
+    assert_clean_error(&o, 2, "moe.tpde", "has 4 experts");
+    let (_d2, _s, dense) = packed(&mixed_model(1), &[]);
+    let o = tpde(&[
+        &"extract",
+        &dense,
+        &"--layer",
+        &"0",
+        &"--expert",
+        &"0",
+        &"-o",
+        &d.path().join("x.safetensors"),
+    ]);
+    assert_clean_error(&o, 2, "model.tpde", "not a mixture-of-experts");
+    assert!(!d.path().join("x.safetensors").exists());
+}
