@@ -557,7 +557,7 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
             let rows = numel / cols;
             let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
             let per_chunk = (opts.chunk_elems / cols).clamp(1, max_rows);
-            let per_slice = rows / slices;
+            let per_slice = (rows / slices).max(1);
             let mut chunks = Vec::new();
             let mut r = 0;
             while r < rows {
