@@ -5,21 +5,6 @@ use crate::util::*;
 use std::path::Path;
 use tpde_pack::{Container, Fidelity};
 
-fn fixture(rel: &str) -> std::path::PathBuf {
-    let root = std::env::var_os("TPDE_FIXTURES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tpde-fixtures")
-        });
-    let p = root.join(rel);
-    assert!(
-        p.exists(),
-        "fixture {} is missing: run `fixtures/fetch.sh`",
-        p.display()
-    );
-    p
-}
-
 fn pack(src: &Path, dir: &Path) -> std::path::PathBuf {
     let out = dir.join("moe.tpde");
     let o = tpde(&[&"pack", &src, &"-o", &out]);

@@ -4,21 +4,6 @@
 //! they fail with that instruction rather than skip.
 
 use crate::util::*;
-use std::path::PathBuf;
-
-fn fixture(rel: &str) -> PathBuf {
-    let root = std::env::var_os("TPDE_FIXTURES")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tpde-fixtures")))
-        .expect("TPDE_FIXTURES or HOME");
-    let p = root.join(rel);
-    assert!(
-        p.exists(),
-        "real-weight fixture {} is missing: run `fixtures/fetch.sh` (or set TPDE_FIXTURES)",
-        p.display()
-    );
-    p
-}
 
 fn real_roundtrip(rel: &str, max_ratio: f64) {
     let src = fixture(rel);

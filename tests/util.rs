@@ -510,3 +510,22 @@ pub fn gguf_model(seed: u64, pad: u8) -> Vec<u8> {
     ];
     gguf(&kv, &tensors, pad)
 }
+
+/// A real-weight fixture under $TPDE_FIXTURES (default ~/.cache/tpde-fixtures);
+/// missing files fail with the instruction to fetch them rather than skip.
+pub fn fixture(rel: &str) -> std::path::PathBuf {
+    let root = std::env::var_os("TPDE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/tpde-fixtures"))
+        })
+        .expect("TPDE_FIXTURES or HOME");
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "real-weight fixture {} is missing: run `fixtures/fetch.sh` (or set TPDE_FIXTURES)",
+        p.display()
+    );
+    p
+}
