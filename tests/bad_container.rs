@@ -507,3 +507,91 @@ fn requantize_catches_a_hot_tier_that_is_not_the_quantization_of_the_weights() {
     let o = tpde(&[&"verify", &out, &"--requantize"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A container with expert shards (format version 3), edited.
+fn moe_edit(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let (_d, _s, out) = packed(&moe_model(5), &[]);
+    let c = std::fs::read(out).unwrap();
+    rewrite_manifest(&c, edit)
+}
+
+#[test]
+fn expert_shards_that_break_the_rules() {
+    assert!(
+        verify_ok(&moe_edit(|_| {})),
+        "the unedited container verifies"
+    );
+    // An expert section nobody lists.
+    rejects(
+        &moe_edit(|m| {
+            m["experts"].as_array_mut().unwrap().remove(3);
+        }),
+        "is not listed in experts",
+    );
+    // Two entries for one shard, or out of order.
+    rejects(
+        &moe_edit(|m| m["experts"][1] = m["experts"][0].clone()),
+        "not sorted",
+    );
+    rejects(
+        &moe_edit(|m| {
+            let a = m["experts"][0].clone();
+            m["experts"][0] = m["experts"][1].clone();
+            m["experts"][1] = a;
+        }),
+        "not sorted",
+    );
+    // A shard pointing at a cold section, or past the sections.
+    rejects(
+        &moe_edit(|m| m["experts"][0]["section"] = json!(1)),
+        "is not an expert section",
+    );
+    rejects(
+        &moe_edit(|m| m["experts"][0]["section"] = json!(10_000)),
+        "out of range",
+    );
+    // A hot length that cuts a base off, puts a residual on the hot side,
+    // or runs past the section.
+    rejects(
+        &moe_edit(|m| {
+            let h = m["experts"][2]["hot_len"].as_u64().unwrap();
+            m["experts"][2]["hot_len"] = json!(h - 1);
+        }),
+        "wrong side of the hot length",
+    );
+    rejects(
+        &moe_edit(|m| {
+            let h = m["experts"][2]["hot_len"].as_u64().unwrap();
+            m["experts"][2]["hot_len"] = json!(h + 1);
+        }),
+        "wrong side of the hot length",
+    );
+    rejects(
+        &moe_edit(|m| m["experts"][2]["hot_len"] = json!(u64::MAX)),
+        "exceeds the section",
+    );
+    // Shards in a container that claims an older version.
+    let mut older = moe_edit(|m| m["format_version"] = json!(2));
+    older[8..12].copy_from_slice(&2u32.to_le_bytes());
+    rejects(&older, "expert shards need format version 3");
+    // A file blob moved into an expert section is not allowed there.
+    rejects(
+        &moe_edit(|m| {
+            let kinds: Vec<String> = m["sections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["kind"].as_str().unwrap().to_string())
+                .collect();
+            let files = kinds.iter().position(|k| k == "files").unwrap();
+            m["sections"][files]["kind"] = json!("expert");
+        }),
+        "is not inside a Files section",
+    );
+}
+
+fn verify_ok(bytes: &[u8]) -> bool {
+    let d = tmp();
+    let p = write(d.path(), "c.tpde", bytes);
+    tpde_pack::verify(&p, None, &NoProgress).is_ok()
+}

@@ -13,8 +13,16 @@ fn pack(src: &Path, dir: &Path) -> std::path::PathBuf {
 }
 
 /// Stored bytes of expert `e` of layer `l`, summed from the manifest; also
-/// checks that no chunk of a stacked tensor spans two experts.
-fn expert_stored_bytes(c: &Container, l: u32, e: u32) -> u64 {
+/// checks that no chunk of a stacked tensor spans two experts, and that
+/// every byte of the expert lies in `shard` (offset, length).
+fn expert_stored_bytes(c: &Container, l: u32, e: u32, shard: (u64, u64)) -> u64 {
+    let inside = |x: &tpde_format::Extent| {
+        assert!(
+            x.offset >= shard.0 && x.end() <= shard.0 + shard.1,
+            "l{l} e{e}: extent {x:?} outside its shard {shard:?}"
+        );
+        x.len
+    };
     let m = &c.manifest;
     let shapes: Vec<(&str, &[u64])> = m
         .tensors
@@ -49,7 +57,7 @@ fn expert_stored_bytes(c: &Container, l: u32, e: u32) -> u64 {
                         t.name
                     );
                     if a / per == idx {
-                        sum += ch.len;
+                        sum += inside(ch);
                     }
                 }
             }
@@ -66,13 +74,68 @@ fn expert_stored_bytes(c: &Container, l: u32, e: u32) -> u64 {
                         t.name
                     );
                     if a / per == idx {
-                        sum += ch.base.len + ch.cold.len;
+                        sum += inside(&ch.base) + inside(&ch.cold);
                     }
                 }
             }
         }
     }
     sum
+}
+
+/// The shard of expert `e` of layer `l`: (offset, length, hot length).
+fn shard_of(c: &Container, l: u32, e: u32) -> (u64, u64, u64) {
+    let m = &c.manifest;
+    let x = m
+        .experts
+        .iter()
+        .find(|x| (x.layer, x.expert) == (l, e))
+        .unwrap_or_else(|| panic!("no shard for layer {l} expert {e}"));
+    let s = &m.sections[x.section as usize];
+    assert_eq!(s.name, format!("expert.{l}.{e}"));
+    (s.offset, s.len, x.hot_len)
+}
+
+#[test]
+fn every_expert_is_one_shard_holding_exactly_its_data() {
+    for rel in [
+        "moe-mixtral-tiny",
+        "moe-qwen-tiny",
+        "moe-minilm-experts",
+        "moe-mixtral-tiny-gguf/model.gguf",
+    ] {
+        let d = tmp();
+        let out = pack(&fixture(rel), d.path());
+        let c = Container::open(&out).unwrap();
+        let m = &c.manifest;
+        assert_eq!(m.format_version, 3);
+        let layers: Vec<u32> = m.experts.iter().map(|x| x.layer).collect();
+        assert!(
+            layers.windows(2).all(|w| w[0] <= w[1]),
+            "{rel}: layer by layer"
+        );
+        assert!(m.experts.len() >= 8, "{rel}: {} shards", m.experts.len());
+        for x in &m.experts {
+            let (at, len, hot) = shard_of(&c, x.layer, x.expert);
+            assert!(hot > 0 && hot < len, "{rel}: hot data then residuals");
+            assert_eq!(
+                expert_stored_bytes(&c, x.layer, x.expert, (at, len)),
+                len,
+                "{rel} l{} e{}: the shard holds the expert's data and nothing else",
+                x.layer,
+                x.expert
+            );
+            // The shard follows its layer's dense residuals.
+            let dense = m
+                .sections
+                .iter()
+                .position(|s| s.name == format!("cold.layer.{}", x.layer));
+            assert!(
+                dense.is_none_or(|d| d < x.section as usize),
+                "{rel}: shard before its layer's dense part"
+            );
+        }
+    }
 }
 
 #[test]
@@ -103,15 +166,26 @@ fn every_expert_comes_back_exactly_reading_only_its_own_chunks() {
         for layer in 0..2 {
             for expert in 0..4 {
                 let c = Container::open(&out).unwrap();
-                let opened = c.bytes_read();
+                let (opened, calls) = (c.bytes_read(), c.reads());
                 let tensors =
                     tpde_pack::extract_expert(&c, layer, expert, Fidelity::Exact).unwrap();
                 assert_eq!(tensors.len(), 3, "{rel}: three projections per expert");
-                let stored = expert_stored_bytes(&c, layer, expert);
+                let (at, len, hot) = shard_of(&c, layer, expert);
+                assert_eq!(expert_stored_bytes(&c, layer, expert, (at, len)), len);
+                // One pass over the shard: its hot bytes and its residuals,
+                // one read each in a shard this small (under 64 KiB).
+                assert!(len < 64 << 10);
                 assert_eq!(
-                    c.bytes_read() - opened,
-                    stored,
-                    "{rel} l{layer} e{expert}: read exactly the expert's chunks"
+                    (c.bytes_read() - opened, c.reads() - calls),
+                    (len, 2),
+                    "{rel} l{layer} e{expert}: one pass over exactly the expert's shard"
+                );
+                let (opened, calls) = (c.bytes_read(), c.reads());
+                tpde_pack::extract_expert(&c, layer, expert, Fidelity::Base).unwrap();
+                assert_eq!(
+                    (c.bytes_read() - opened, c.reads() - calls),
+                    (hot, 1),
+                    "{rel} l{layer} e{expert}: base fidelity reads the shard's hot part once"
                 );
                 for t in &tensors {
                     let whole = &source[&t.name];
@@ -225,4 +299,77 @@ fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
     ]);
     assert_clean_error(&o, 2, "model.tpde", "not a mixture-of-experts");
     assert!(!d.path().join("x.safetensors").exists());
+}
+
+/// A mixture-of-experts model whose experts (6 MiB each) span several read
+/// groups of the pipelined fetch.
+fn large_expert_model() -> Vec<u8> {
+    let mut r = Rng(3);
+    let mut tensors = Vec::new();
+    for e in 0..2 {
+        for w in ["w1", "w2", "w3"] {
+            tensors.push(T::new(
+                &format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"),
+                "BF16",
+                &[1024, 1024],
+                floats("BF16", 1024 * 1024, 0.02, &mut r),
+            ));
+        }
+    }
+    safetensors(&tensors, None)
+}
+
+#[test]
+fn a_large_expert_is_fetched_in_one_pass_and_damage_is_caught() {
+    let src = large_expert_model();
+    let (d, _s, out) = packed(&src, &[]);
+    let (h, _) = tpde_ingest::safetensors::read_header(&src[..], src.len() as u64).unwrap();
+    let c = Container::open(&out).unwrap();
+    let reader = tpde_pack::ExpertReader::new(&c).unwrap();
+    for e in 0..2 {
+        let (_, len, _) = shard_of(&c, 0, e);
+        let (opened, calls) = (c.bytes_read(), c.reads());
+        let got = reader.fetch(0, e, Fidelity::Exact).unwrap();
+        let groups = len.div_ceil(len / 8);
+        assert_eq!(
+            c.bytes_read() - opened,
+            len,
+            "e{e}: the shard's bytes, once"
+        );
+        assert!(
+            (4..=2 * groups + 2).contains(&(c.reads() - calls)),
+            "e{e}: {} reads for a shard of {len} bytes",
+            c.reads() - calls
+        );
+        for t in &got {
+            let x = h.tensors.iter().find(|x| x.name == t.name).unwrap();
+            let a = (h.data_start + x.begin) as usize;
+            assert!(t.data == src[a..a + x.byte_len() as usize], "{}", t.name);
+        }
+    }
+    // One flipped byte in a residual of expert 1: its fetch fails naming the
+    // chunk; expert 0 still comes back.
+    let m = &c.manifest;
+    let t = m
+        .tensors
+        .iter()
+        .find(|t| t.name.ends_with("experts.1.w2.weight"))
+        .unwrap();
+    let tpde_format::Storage::Decomposed { chunks, .. } = &t.storage else {
+        panic!("decomposed")
+    };
+    let at = chunks[1].cold.offset + 7;
+    let mut bytes = std::fs::read(&out).unwrap();
+    bytes[at as usize] ^= 0x10;
+    let bad = write(d.path(), "bad.tpde", &bytes);
+    let c = Container::open(&bad).unwrap();
+    let reader = tpde_pack::ExpertReader::new(&c).unwrap();
+    assert!(reader.fetch(0, 0, Fidelity::Exact).is_ok());
+    let err = reader.fetch(0, 1, Fidelity::Exact).unwrap_err().to_string();
+    assert!(
+        err.contains("experts.1.w2.weight\" chunk 1") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    // Base fidelity does not read residuals, so it is unaffected.
+    assert!(reader.fetch(0, 1, Fidelity::Base).is_ok());
 }

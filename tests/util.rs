@@ -200,6 +200,50 @@ pub fn mixed_model(seed: u64) -> Vec<u8> {
     safetensors(&tensors, Some(&[("format", "pt")]))
 }
 
+/// A small Mixtral-style mixture-of-experts model: two layers, each with a
+/// router, an attention matrix and four experts of three BF16 projections.
+pub fn moe_model(seed: u64) -> Vec<u8> {
+    let mut r = Rng(seed);
+    let mut tensors = vec![T::new(
+        "model.embed_tokens.weight",
+        "BF16",
+        &[64, 64],
+        floats("BF16", 4096, 0.02, &mut r),
+    )];
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        tensors.push(T::new(
+            &format!("{p}.self_attn.q_proj.weight"),
+            "BF16",
+            &[64, 64],
+            floats("BF16", 4096, 0.02, &mut r),
+        ));
+        tensors.push(T::new(
+            &format!("{p}.block_sparse_moe.gate.weight"),
+            "BF16",
+            &[4, 64],
+            floats("BF16", 256, 0.02, &mut r),
+        ));
+        for e in 0..4 {
+            for (w, shape) in [("w1", [96u64, 64]), ("w2", [64, 96]), ("w3", [96, 64])] {
+                tensors.push(T::new(
+                    &format!("{p}.block_sparse_moe.experts.{e}.{w}.weight"),
+                    "BF16",
+                    &shape,
+                    floats("BF16", 96 * 64, 0.02, &mut r),
+                ));
+            }
+        }
+    }
+    tensors.push(T::new(
+        "model.norm.weight",
+        "BF16",
+        &[64],
+        floats("BF16", 64, 1.0, &mut r),
+    ));
+    safetensors(&tensors, None)
+}
+
 /// Writes a Hugging Face style folder with two shards, an index, a config
 /// and a tokenizer in a subfolder.
 pub fn write_sharded_folder(dir: &Path, seed: u64) {

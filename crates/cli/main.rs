@@ -183,6 +183,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bar = Bar::new(json);
             let s = tpde_pack::pack::pack(&source, &output, &opts, &bar)?;
             bar.clear();
+            for w in &s.warnings {
+                eprintln!("tpde: warning: {}: {w}", source.display());
+            }
             if json {
                 print_json(&with_rss(serde_json::to_value(&s)?));
             } else {
@@ -204,6 +207,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     s.cold_bytes,
                     r(s.cold_bytes)
                 );
+                if s.expert_shards > 0 {
+                    println!(
+                        "    experts    {:>14} bytes  {:.3} ×  ({} shards)",
+                        s.expert_bytes,
+                        r(s.expert_bytes),
+                        s.expert_shards
+                    );
+                }
                 println!(
                     "    files      {:>14} bytes  {:.3} ×",
                     s.files_bytes,
@@ -387,6 +398,7 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
     for (name, t) in [
         ("hot", &i.tiers.hot),
         ("cold", &i.tiers.cold),
+        ("experts", &i.tiers.experts),
         ("files", &i.tiers.files),
     ] {
         println!("  {:<10} {:>14} {:>9.3}", name, t.bytes, t.ratio);
@@ -444,7 +456,18 @@ fn print_experts(i: &tpde_pack::Inspection) {
         return;
     }
     let n = i.experts.iter().map(|l| l.experts.len()).max().unwrap_or(0);
-    println!("  experts: stored KiB (hot + cold) per layer × expert; original KiB in brackets");
+    let sharded = i
+        .experts
+        .iter()
+        .all(|l| l.experts.iter().all(|x| x.shard.is_some()));
+    println!(
+        "  experts: stored KiB (hot + cold) per layer × expert; original KiB in brackets; {}",
+        if sharded {
+            "each expert is one contiguous shard"
+        } else {
+            "not stored as shards (packed by an older version, or an inconsistent layout)"
+        }
+    );
     let head: String = (0..n).map(|e| format!("{:>16}", format!("e{e}"))).collect();
     println!("  {:>8}{head}", "layer");
     for l in &i.experts {

@@ -768,8 +768,77 @@ fn gather<const W: usize>(
 /// The base's own values (`base` fidelity): each element's prediction in
 /// the tensor's dtype, as little-endian bytes into `out` (whole rows). The
 /// same predictions the residual is measured from; a non-finite scale is
-/// refused for the same reason as in [`decode`].
+/// refused for the same reason as in [`decode`]. Fast path of
+/// [`base_values_reference`] (a table of the 16 predictions per q4 group;
+/// stores specialized by width), bit-identical to it.
 pub fn base_values(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    match dtype.width() {
+        2 => base_values_w::<2>(dtype, layout, base, out),
+        4 => base_values_w::<4>(dtype, layout, base, out),
+        _ => base_values_w::<8>(dtype, layout, base, out),
+    }
+}
+
+fn base_values_w<const W: usize>(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let rows = check_shapes(dtype, layout, out.len(), base.len())?;
+    count_classes(layout, base, rows)?; // validates scales, q8 codes and padding nibbles
+    let rb = layout.row_bytes();
+    let ob = layout.cols * W;
+    let mut lut = [[0u8; W]; 16];
+    for r in 0..rows {
+        let row = &base[r * rb..(r + 1) * rb];
+        let orow = &mut out[r * ob..(r + 1) * ob];
+        layout.for_each_group(|col, len, off| {
+            let scale = block_scale(&row[off..]);
+            let payload = &row[off + 2..];
+            let o = &mut orow[col * W..(col + len) * W];
+            let bits = |q: i32| -> [u8; W] {
+                dtype.predict_bits(q, scale).to_le_bytes()[..W]
+                    .try_into()
+                    .expect("width")
+            };
+            match layout.codec {
+                BaseCodec::Q4 => {
+                    for (k, v) in lut.iter_mut().enumerate() {
+                        *v = bits(k as i32 - 8);
+                    }
+                    let mut pairs = o.chunks_exact_mut(2 * W);
+                    for (pair, &b) in (&mut pairs).zip(payload) {
+                        pair[..W].copy_from_slice(&lut[(b & 0x0F) as usize]);
+                        pair[W..].copy_from_slice(&lut[(b >> 4) as usize]);
+                    }
+                    let tail = pairs.into_remainder();
+                    if !tail.is_empty() {
+                        tail.copy_from_slice(&lut[(payload[len / 2] & 0x0F) as usize]);
+                    }
+                }
+                BaseCodec::Q8 => {
+                    for (v, &q) in o.chunks_exact_mut(W).zip(payload) {
+                        v.copy_from_slice(&bits(q as i8 as i32));
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Reference for [`base_values`]: element by element. The base's own values
+/// (`base` fidelity): each element's prediction in
+/// the tensor's dtype, as little-endian bytes into `out` (whole rows). The
+/// same predictions the residual is measured from; a non-finite scale is
+/// refused for the same reason as in [`decode`].
+pub fn base_values_reference(
     dtype: FloatDtype,
     layout: &BaseLayout,
     base: &[u8],

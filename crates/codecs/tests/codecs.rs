@@ -115,6 +115,14 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
     assert!(out == src, "decode not bit-exact ({dtype:?} {layout:?})");
     let mut out_ref = vec![0xAAu8; src.len()];
     residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref).unwrap();
+    let mut base_fast = vec![0x55u8; src.len()];
+    let mut base_ref = vec![0xAAu8; src.len()];
+    residual::base_values(dtype, layout, &hot, &mut base_fast).unwrap();
+    residual::base_values_reference(dtype, layout, &hot, &mut base_ref).unwrap();
+    assert!(
+        base_fast == base_ref,
+        "base_values fast != reference ({dtype:?} {layout:?})"
+    );
     assert!(
         out_ref == src,
         "reference decode not bit-exact ({dtype:?} {layout:?})"

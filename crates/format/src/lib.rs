@@ -31,10 +31,12 @@ pub const MAGIC: [u8; 8] = *b"\x89TPDE\r\n\x1a";
 /// Last 8 bytes of every container.
 pub const FOOTER_MAGIC: [u8; 8] = *b"TPDEEND\n";
 /// The format version this crate writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this crate reads. Version 2 added GGUF
-/// source files and ggml tensor types; a version 1 container is a valid
-/// version 2 container that uses neither.
+/// source files and ggml tensor types, version 3 expert shards (one
+/// section per layer and expert of a mixture-of-experts model); a
+/// container of an older version is a valid container of a newer one that
+/// uses none of the additions.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 64;
@@ -292,8 +294,11 @@ mod tests {
         b[0] ^= 1;
         assert_eq!(Header::decode(&b), Err(FormatError::BadMagic));
         let mut b = h.encode();
-        b[8] = 3;
-        assert_eq!(Header::decode(&b), Err(FormatError::UnsupportedVersion(3)));
+        b[8] = FORMAT_VERSION as u8 + 1;
+        assert_eq!(
+            Header::decode(&b),
+            Err(FormatError::UnsupportedVersion(FORMAT_VERSION + 1))
+        );
         let mut b = h.encode();
         b[8] = 1;
         assert_eq!(

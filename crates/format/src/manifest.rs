@@ -183,8 +183,29 @@ pub struct Manifest {
     pub sections: Vec<Section>,
     /// Source files in the order they are restored.
     pub files: Vec<SourceFile>,
-    /// Tensors in execution order (the order of their hot and cold data).
+    /// Tensors in execution order (the order of their hot and cold data;
+    /// an expert's data lives in its shard, see [`ExpertShard`]).
     pub tensors: Vec<Tensor>,
+    /// Format version 3: the expert shards of a mixture-of-experts model,
+    /// sorted by layer then expert, in the order of their sections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertShard>,
+}
+
+/// One expert of one layer, stored contiguously in its own section (format
+/// version 3): first `hot_len` bytes of hot data (the quantized bases and
+/// exactly stored chunks of the expert's tensors), then their residuals. A
+/// runtime fetches an expert with one read of its section, or of its first
+/// `hot_len` bytes at base fidelity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertShard {
+    pub layer: u32,
+    pub expert: u32,
+    /// Index of the shard's section in `sections` (kind `expert`).
+    pub section: u32,
+    /// Bytes of hot data at the start of the section.
+    pub hot_len: u64,
 }
 
 /// How the container was packed. Informational except where a tensor
@@ -209,6 +230,9 @@ pub enum SectionKind {
     Hot,
     /// Compressed exact residuals, one section per execution step.
     Cold,
+    /// One expert of one layer (format version 3): its hot data, then its
+    /// residuals. Listed in [`Manifest::experts`].
+    Expert,
     /// Source-file bytes that are not tensor data (headers, configs, tokenizers).
     Files,
 }
@@ -487,11 +511,18 @@ impl Manifest {
         let mut expect = FIRST_SECTION_OFFSET;
         let mut names = HashSet::new();
         // Kinds in order: at most one hot section, cold sections, at most one files section.
+        // Expert sections (version 3) interleave with cold sections.
         let rank = |k: SectionKind| match k {
             SectionKind::Hot => 0,
-            SectionKind::Cold => 1,
+            SectionKind::Cold | SectionKind::Expert => 1,
             SectionKind::Files => 2,
         };
+        if self.format_version < 3
+            && (!self.experts.is_empty()
+                || self.sections.iter().any(|s| s.kind == SectionKind::Expert))
+        {
+            return bad("expert shards need format version 3");
+        }
         for w in self.sections.windows(2) {
             let (a, b) = (rank(w[0].kind), rank(w[1].kind));
             if a > b || (a == b && a != 1) {
@@ -534,7 +565,9 @@ impl Manifest {
         }
 
         // Every extent, tagged with its owner for error messages.
-        let mut owned: Vec<Vec<(u64, u64, String)>> = vec![Vec::new(); self.sections.len()];
+        let mut owned: Vec<Vec<(u64, u64, SectionKind, String)>> =
+            vec![Vec::new(); self.sections.len()];
+        // Hot and cold data may also sit in an expert shard.
         let mut claim = |e: &Extent, kind: SectionKind, who: String| -> Result<(), FormatError> {
             let end = e
                 .offset
@@ -543,7 +576,8 @@ impl Manifest {
             let i = self.sections.partition_point(|s| s.offset <= e.offset);
             let ok = i > 0 && {
                 let s = &self.sections[i - 1];
-                s.kind == kind && end <= s.offset + s.len
+                (s.kind == kind || (s.kind == SectionKind::Expert && kind != SectionKind::Files))
+                    && end <= s.offset + s.len
             };
             if !ok {
                 return bad(format!(
@@ -557,7 +591,7 @@ impl Manifest {
                     e.len
                 ));
             }
-            owned[i - 1].push((e.offset, end, who));
+            owned[i - 1].push((e.offset, end, kind, who));
             Ok(())
         };
 
@@ -790,9 +824,9 @@ impl Manifest {
         // Every byte of every section belongs to exactly one extent.
         for (si, list) in owned.iter_mut().enumerate() {
             let s = &self.sections[si];
-            list.sort_unstable_by_key(|&(a, b, _)| (a, b));
+            list.sort_unstable_by_key(|&(a, b, _, _)| (a, b));
             let mut at = s.offset;
-            for (a, b, who) in list.iter() {
+            for (a, b, _, who) in list.iter() {
                 if *a != at {
                     let why = if *a < at {
                         "overlaps the previous extent"
@@ -813,6 +847,59 @@ impl Manifest {
                     s.offset + s.len
                 ));
             }
+        }
+
+        // Expert shards: each expert section listed once, in section order,
+        // by ascending (layer, expert), hot data first.
+        let mut listed = vec![false; self.sections.len()];
+        for (k, x) in self.experts.iter().enumerate() {
+            let who = format!("expert shard {k} (layer {} expert {})", x.layer, x.expert);
+            let si = x.section as usize;
+            let Some(s) = self.sections.get(si) else {
+                return bad(format!("{who}: section index {si} out of range"));
+            };
+            if s.kind != SectionKind::Expert {
+                return bad(format!(
+                    "{who}: section {:?} is not an expert section",
+                    s.name
+                ));
+            }
+            listed[si] = true;
+            if let Some(p) = k.checked_sub(1).map(|p| &self.experts[p]) {
+                if (p.layer, p.expert) >= (x.layer, x.expert) || p.section >= x.section {
+                    return bad(format!(
+                        "{who}: shards are not sorted by layer and expert in section order"
+                    ));
+                }
+            }
+            let split = s
+                .offset
+                .checked_add(x.hot_len)
+                .filter(|_| x.hot_len <= s.len);
+            let Some(split) = split else {
+                return bad(format!(
+                    "{who}: hot length {} exceeds the section",
+                    x.hot_len
+                ));
+            };
+            for (a, b, kind, owner) in &owned[si] {
+                let hot = *kind == SectionKind::Hot;
+                if (hot && *b > split) || (!hot && *a < split) {
+                    return bad(format!(
+                        "{who}: {owner} lies on the wrong side of the hot length {}",
+                        x.hot_len
+                    ));
+                }
+            }
+        }
+        if let Some(s) = (0..self.sections.len())
+            .find(|&i| self.sections[i].kind == SectionKind::Expert && !listed[i])
+            .map(|i| &self.sections[i])
+        {
+            return bad(format!(
+                "expert section {:?} is not listed in experts",
+                s.name
+            ));
         }
         Ok(())
     }
@@ -846,6 +933,7 @@ impl Manifest {
                 SectionKind::Hot => "hot",
                 SectionKind::Cold => "cold",
                 SectionKind::Files => "files",
+                SectionKind::Expert => "experts",
             };
             *m.entry(k).or_insert(0) += s.len;
         }

@@ -37,6 +37,8 @@ pub struct Container {
     /// Bytes read from the file so far: header, footer, manifest and every
     /// checked extent (what random access costs, for tests and figures).
     bytes_read: std::sync::atomic::AtomicU64,
+    /// Read calls made so far, counted like `bytes_read`.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl Container {
@@ -98,6 +100,7 @@ impl Container {
             header,
             manifest,
             bytes_read: opened.into(),
+            reads: 3.into(),
         })
     }
 
@@ -113,6 +116,18 @@ impl Container {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Read calls made so far: 3 to open (header, footer, manifest), then
+    /// one per checked extent or span.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_read(&self, len: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes_read.fetch_add(len, Relaxed);
+        self.reads.fetch_add(1, Relaxed);
+    }
+
     /// [`Container::read_checked`] into a reusable buffer (resized to the extent).
     pub fn read_checked_into(
         &self,
@@ -121,12 +136,54 @@ impl Container {
         who: impl Fn() -> String,
     ) -> Result<()> {
         set_len(buf, e.len as usize);
-        self.bytes_read
-            .fetch_add(e.len, std::sync::atomic::Ordering::Relaxed);
+        self.count_read(e.len);
         self.file.read_exact_at(buf, e.offset).map_err(|err| {
             Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
         })?;
-        if xxh3(buf) != e.xxh3 {
+        self.check(e, buf, who)
+    }
+
+    /// Reads `len` bytes at `offset` in one read, unchecked: the caller
+    /// checks each extent in it with [`Container::check`]. `who` names the
+    /// range in errors.
+    pub fn read_span(&self, offset: u64, len: u64, who: impl Fn() -> String) -> Result<Vec<u8>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(Error::integrity(
+                &self.path,
+                format!(
+                    "{}: {len} bytes at {offset} run past the end of the file",
+                    who()
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.count_read(len);
+        self.file.read_exact_at(&mut buf, offset).map_err(|err| {
+            Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
+        })?;
+        Ok(buf)
+    }
+
+    /// Asks the kernel to start reading `len` bytes at `offset` into the
+    /// page cache now, asynchronously (`posix_fadvise(WILLNEED)`): the reads
+    /// that follow then find the disk already busy on the whole range
+    /// instead of waiting out one request at a time. Advice only; failures
+    /// are ignored.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        use std::os::unix::io::AsRawFd;
+        if let (Ok(o), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) {
+            // SAFETY: a plain system call on a descriptor this value owns; it
+            // only advises the kernel and touches no memory of ours.
+            unsafe {
+                libc::posix_fadvise(self.file.as_raw_fd(), o, n, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+    }
+
+    /// Checks bytes read for extent `e` against its xxh3.
+    pub fn check(&self, e: &Extent, bytes: &[u8], who: impl Fn() -> String) -> Result<()> {
+        if bytes.len() as u64 != e.len || xxh3(bytes) != e.xxh3 {
             return Err(Error::integrity(
                 &self.path,
                 format!(

@@ -2,6 +2,12 @@
 //! touching only that expert's own chunks (plus the header, footer and
 //! manifest read when the container is opened).
 //!
+//! In a container with expert shards (format version 3) the expert's data
+//! is one contiguous section: it is fetched with a single read (of the
+//! whole shard for `exact`, of its hot part for `base`), and each chunk is
+//! checked against its xxh3 before use. An older container is read chunk
+//! by chunk.
+//!
 //! Experts are recognized by naming convention ([`tpde_ingest::moe`]). A
 //! tensor stacking every expert of a layer along dimension 0 contributes
 //! the expert's slice (its shape without that dimension); `pack` cuts such
@@ -9,8 +15,10 @@
 
 use crate::container::Container;
 use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::borrow::Cow;
 use tpde_codecs::{residual, FloatDtype};
-use tpde_format::Storage;
+use tpde_format::{Extent, Storage};
 use tpde_ingest::moe;
 
 /// What to rebuild.
@@ -33,138 +41,354 @@ pub struct ExtractedTensor {
     pub data: Vec<u8>,
 }
 
-/// The tensors of expert `expert` of layer `layer`.
+/// The tensors of expert `expert` of layer `layer` (plans the model's
+/// experts on every call; [`ExpertReader`] plans once).
 pub fn extract_expert(
     c: &Container,
     layer: u32,
     expert: u32,
     fidelity: Fidelity,
 ) -> Result<Vec<ExtractedTensor>> {
-    let m = &c.manifest;
-    let shapes: Vec<(&str, &[u64])> = m
-        .tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.shape.as_slice()))
-        .collect();
-    let plan = moe::plan(&shapes)
-        .map_err(|e| Error::input(&c.path, format!("mixture-of-experts layout: {e}")))?;
-    if !plan.is_moe() {
-        return Err(Error::input(
-            &c.path,
-            "not a mixture-of-experts model (no expert tensors)",
-        ));
-    }
-    let Some(l) = plan.layers.iter().find(|l| l.layer == layer) else {
-        let have: Vec<String> = plan.layers.iter().map(|l| l.layer.to_string()).collect();
-        return Err(Error::input(
-            &c.path,
-            format!(
-                "no experts in layer {layer} (layers with experts: {})",
-                have.join(", ")
-            ),
-        ));
-    };
-    if expert >= l.experts {
-        return Err(Error::input(
-            &c.path,
-            format!(
-                "layer {layer} has {} experts, not {}",
-                l.experts,
-                expert + 1
-            ),
-        ));
-    }
-    let mut out = Vec::new();
-    for et in &l.tensors {
-        if et.expert.is_some_and(|e| e != expert) {
-            continue;
-        }
-        let ti = m
+    ExpertReader::new(c)?.fetch(layer, expert, fidelity)
+}
+
+/// Bytes of shard data read before its chunks are handed to the decoders:
+/// an eighth of the shard, within these bounds: large enough for efficient
+/// reads, small enough for decoding to start early and overlap the disk.
+const GROUP_BYTES: std::ops::RangeInclusive<u64> = (64 << 10)..=(2 << 20);
+
+/// Fetches experts of one container, as a runtime does when its router
+/// picks them: the model's experts are planned once.
+pub struct ExpertReader<'c> {
+    c: &'c Container,
+    plan: moe::MoePlan,
+    index: std::collections::HashMap<&'c str, usize>,
+}
+
+/// One chunk (or the part of it that belongs to the expert) of an output tensor.
+struct Piece {
+    out: usize,
+    ti: usize,
+    ci: usize,
+    /// Bytes of the chunk's original bytes that belong to the expert.
+    range: std::ops::Range<u64>,
+}
+
+impl<'c> ExpertReader<'c> {
+    pub fn new(c: &'c Container) -> Result<ExpertReader<'c>> {
+        let m = &c.manifest;
+        let shapes: Vec<(&str, &[u64])> = m
             .tensors
             .iter()
-            .position(|t| t.name == et.name)
-            .expect("planned from these tensors");
-        let t = &m.tensors[ti];
-        // The part of the tensor that belongs to this expert, in rows (decomposed)
-        // or bytes (raw), and its shape.
-        let (slices, shape) = match et.expert {
-            Some(_) => (1, t.shape.clone()),
-            None => (l.experts as u64, t.shape[1..].to_vec()),
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
+        let plan = moe::plan(&shapes)
+            .map_err(|e| Error::input(&c.path, format!("mixture-of-experts layout: {e}")))?;
+        if !plan.is_moe() {
+            return Err(Error::input(
+                &c.path,
+                "not a mixture-of-experts model (no expert tensors)",
+            ));
+        }
+        let index = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        Ok(ExpertReader { c, plan, index })
+    }
+
+    /// The (layer, number of experts) of every layer with experts.
+    pub fn layers(&self) -> Vec<(u32, u32)> {
+        self.plan
+            .layers
+            .iter()
+            .map(|l| (l.layer, l.experts))
+            .collect()
+    }
+
+    /// The tensors of expert `expert` of layer `layer`, at `fidelity`.
+    ///
+    /// With a shard, its bytes are read in one sequential pass in groups of
+    /// chunks (the group's hot bytes, then its residuals), and each group is
+    /// checked and decoded on the rayon pool while the calling thread reads
+    /// the next; chunks decode straight into the output.
+    pub fn fetch(
+        &self,
+        layer: u32,
+        expert: u32,
+        fidelity: Fidelity,
+    ) -> Result<Vec<ExtractedTensor>> {
+        let c = self.c;
+        let m = &c.manifest;
+        let Some(l) = self.plan.layers.iter().find(|l| l.layer == layer) else {
+            let have: Vec<String> = self
+                .plan
+                .layers
+                .iter()
+                .map(|l| l.layer.to_string())
+                .collect();
+            return Err(Error::input(
+                &c.path,
+                format!(
+                    "no experts in layer {layer} (layers with experts: {})",
+                    have.join(", ")
+                ),
+            ));
         };
-        let index = if et.expert.is_some() {
-            0
-        } else {
-            expert as u64
-        };
-        let data = match &t.storage {
-            Storage::Raw { chunks } => {
-                let per = t.byte_len / slices;
-                let (lo, hi) = (index * per, (index + 1) * per);
-                let mut data = Vec::with_capacity(per as usize);
-                let mut at = 0;
-                for (ci, ch) in chunks.iter().enumerate() {
-                    let (a, b) = (at, at + ch.len);
-                    at = b;
-                    if b <= lo || a >= hi {
-                        continue;
-                    }
-                    let bytes = c.read_checked(ch, || format!("tensor {:?} chunk {ci}", t.name))?;
-                    data.extend_from_slice(
-                        &bytes[(lo.max(a) - a) as usize..(hi.min(b) - a) as usize],
-                    );
-                }
-                data
+        if expert >= l.experts {
+            return Err(Error::input(
+                &c.path,
+                format!(
+                    "layer {layer} has {} experts, not {}",
+                    l.experts,
+                    expert + 1
+                ),
+            ));
+        }
+        // Which part of which chunk goes where, in output order.
+        let mut out = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
+        for et in &l.tensors {
+            if et.expert.is_some_and(|e| e != expert) {
+                continue;
             }
-            Storage::Decomposed {
-                chunks, rows, cols, ..
-            } => {
-                let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
-                let layout = t.base_layout().expect("decomposed");
-                let row_bytes = *cols * dtype.width() as u64;
-                let per = rows / slices;
-                let (lo, hi) = (index * per, (index + 1) * per);
-                let mut data = Vec::with_capacity((per * row_bytes) as usize);
-                let mut r = 0;
-                let mut buf = Vec::new();
-                for (ci, ch) in chunks.iter().enumerate() {
-                    let (a, b) = (r, r + ch.rows);
-                    r = b;
-                    if b <= lo || a >= hi {
-                        continue;
+            let ti = self.index[et.name.as_str()];
+            let t = &m.tensors[ti];
+            // The part of the tensor that belongs to this expert, and its shape.
+            let (slices, shape, index) = match et.expert {
+                Some(_) => (1, t.shape.clone(), 0),
+                None => (l.experts as u64, t.shape[1..].to_vec(), expert as u64),
+            };
+            let per = t.byte_len / slices;
+            let (lo, hi) = (index * per, (index + 1) * per);
+            let mut at = 0;
+            for (ci, len) in c.chunk_lens(t).into_iter().enumerate() {
+                let (a, b) = (at, at + len);
+                at = b;
+                if b > lo && a < hi {
+                    pieces.push(Piece {
+                        out: out.len(),
+                        ti,
+                        ci,
+                        range: lo.max(a) - a..hi.min(b) - a,
+                    });
+                }
+            }
+            out.push(ExtractedTensor {
+                name: t.name.clone(),
+                dtype: t.dtype.clone(),
+                shape,
+                data: vec![0u8; per as usize],
+            });
+        }
+        // Each piece's place in the output.
+        let mut dest: Vec<Option<&mut [u8]>> = Vec::with_capacity(pieces.len());
+        {
+            let mut rest: Vec<&mut [u8]> = out.iter_mut().map(|t| &mut t.data[..]).collect();
+            for p in &pieces {
+                let r = std::mem::take(&mut rest[p.out]);
+                let (head, tail) = r.split_at_mut((p.range.end - p.range.start) as usize);
+                rest[p.out] = tail;
+                dest.push(Some(head));
+            }
+        }
+        // The shard, if the container has one holding every piece (a valid
+        // container may place them elsewhere: then they are read one by one).
+        let shard = m
+            .experts
+            .iter()
+            .find(|x| x.layer == layer && x.expert == expert)
+            .map(|x| {
+                let s = &m.sections[x.section as usize];
+                let end = match fidelity {
+                    Fidelity::Exact => s.offset + s.len,
+                    Fidelity::Base => s.offset + x.hot_len,
+                };
+                (s, end)
+            })
+            .filter(|(s, end)| {
+                pieces.iter().all(|p| {
+                    let (hot, cold) = self.extents(p, fidelity);
+                    [Some(hot), cold]
+                        .into_iter()
+                        .flatten()
+                        .all(|e| e.offset >= s.offset && e.end() <= *end)
+                })
+            });
+        let failed = std::sync::Mutex::new(None::<(usize, Error)>);
+        let fail = |k: usize, e: Error| {
+            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+            if f.as_ref().is_none_or(|(j, _)| k < *j) {
+                *f = Some((k, e));
+            }
+        };
+        match shard {
+            Some((s, end)) => {
+                c.will_need(s.offset, end - s.offset);
+                // Pieces in the order of their hot bytes (the order of their
+                // residuals too), cut into groups of about GROUP_BYTES.
+                let mut order: Vec<usize> = (0..pieces.len()).collect();
+                order.sort_by_key(|&k| self.hot_extent(&pieces[k]).offset);
+                let bytes = |k: usize| {
+                    let (hot, cold) = self.extents(&pieces[k], fidelity);
+                    hot.len + cold.map_or(0, |e| e.len)
+                };
+                let total: u64 = order.iter().map(|&k| bytes(k)).sum();
+                let target = (total / 8).clamp(*GROUP_BYTES.start(), *GROUP_BYTES.end());
+                let mut groups: Vec<Vec<usize>> = Vec::new();
+                let mut size = u64::MAX;
+                for k in order {
+                    if size >= target {
+                        groups.push(Vec::new());
+                        size = 0;
                     }
-                    match fidelity {
-                        Fidelity::Exact => c.rebuild_chunk_into(ti, ci, &mut buf, false)?,
-                        Fidelity::Base => {
-                            let base = c.read_checked(&ch.base, || {
-                                format!("tensor {:?} chunk {ci} (hot base)", t.name)
-                            })?;
-                            buf.clear();
-                            buf.resize((ch.rows * row_bytes) as usize, 0);
-                            residual::base_values(dtype, &layout, &base, &mut buf).map_err(
-                                |e| {
-                                    Error::integrity(
-                                        &c.path,
-                                        format!("tensor {:?} chunk {ci}: {e}", t.name),
-                                    )
-                                },
-                            )?;
+                    size += bytes(k);
+                    groups.last_mut().expect("pushed").push(k);
+                }
+                rayon::in_place_scope(|scope| {
+                    for g in &groups {
+                        // The group's hot bytes and residuals: two contiguous
+                        // spans of the shard (with no shard, each extent alone).
+                        let span = |pick: &dyn Fn(&Piece) -> Option<Extent>| {
+                            let all: Vec<Extent> =
+                                g.iter().filter_map(|&k| pick(&pieces[k])).collect();
+                            let a = all.iter().map(|e| e.offset).min()?;
+                            let b = all.iter().map(|e| e.end()).max()?;
+                            Some((a, b))
+                        };
+                        let hot = span(&|p| Some(self.hot_extent(p)));
+                        let cold = span(&|p| self.extents(p, fidelity).1);
+                        let mut bufs = Vec::new();
+                        for (a, b) in hot.into_iter().chain(cold) {
+                            match c.read_span(a, b - a, || s.name.clone()) {
+                                Ok(v) => bufs.push((a, v)),
+                                Err(e) => {
+                                    fail(g[0], e);
+                                    return;
+                                }
+                            }
+                        }
+                        let bufs = std::sync::Arc::new(bufs);
+                        for &k in g {
+                            let to = dest[k].take().expect("each piece once");
+                            let bufs = bufs.clone();
+                            let (p, fail) = (&pieces[k], &fail);
+                            scope.spawn(move |_| {
+                                let get = |e: &Extent, who: &dyn Fn() -> String| {
+                                    let (a, v) = bufs
+                                        .iter()
+                                        .find(|(a, v)| {
+                                            e.offset >= *a && e.end() <= a + v.len() as u64
+                                        })
+                                        .expect("read with its group");
+                                    let b = &v[(e.offset - a) as usize..(e.end() - a) as usize];
+                                    c.check(e, b, who)?;
+                                    Ok(Cow::Borrowed(b))
+                                };
+                                if let Err(e) = self.decode(p, fidelity, &get, to) {
+                                    fail(k, e);
+                                }
+                            });
                         }
                     }
-                    let from = ((lo.max(a) - a) * row_bytes) as usize;
-                    let to = ((hi.min(b) - a) * row_bytes) as usize;
-                    data.extend_from_slice(&buf[from..to]);
-                }
-                data
+                });
             }
-        };
-        out.push(ExtractedTensor {
-            name: t.name.clone(),
-            dtype: t.dtype.clone(),
-            shape,
-            data,
-        });
+            None => {
+                // No shard (a container of format version 1 or 2): each
+                // extent is read on its own.
+                let get = |e: &Extent, who: &dyn Fn() -> String| -> Result<Cow<'_, [u8]>> {
+                    Ok(Cow::Owned(c.read_checked(e, who)?))
+                };
+                pieces
+                    .par_iter()
+                    .zip(dest.par_iter_mut())
+                    .enumerate()
+                    .for_each(|(k, (p, to))| {
+                        let to = to.take().expect("each piece once");
+                        if let Err(e) = self.decode(p, fidelity, &get, to) {
+                            fail(k, e);
+                        }
+                    });
+            }
+        }
+        if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        Ok(out)
     }
-    Ok(out)
+
+    /// The piece's hot extent: its base, or its raw chunk.
+    fn hot_extent(&self, p: &Piece) -> Extent {
+        match &self.c.manifest.tensors[p.ti].storage {
+            Storage::Raw { chunks } => chunks[p.ci],
+            Storage::Decomposed { chunks, .. } => chunks[p.ci].base,
+        }
+    }
+
+    /// The extents a piece needs at `fidelity`: hot, and the residual.
+    fn extents(&self, p: &Piece, fidelity: Fidelity) -> (Extent, Option<Extent>) {
+        match &self.c.manifest.tensors[p.ti].storage {
+            Storage::Decomposed { chunks, .. } if fidelity == Fidelity::Exact => {
+                (chunks[p.ci].base, Some(chunks[p.ci].cold))
+            }
+            _ => (self.hot_extent(p), None),
+        }
+    }
+
+    /// Rebuilds a piece into `to`, getting (checked) extent bytes from `get`.
+    fn decode<'a>(
+        &self,
+        p: &Piece,
+        fidelity: Fidelity,
+        get: &dyn Fn(&Extent, &dyn Fn() -> String) -> Result<Cow<'a, [u8]>>,
+        to: &mut [u8],
+    ) -> Result<()> {
+        let c = self.c;
+        let t = &c.manifest.tensors[p.ti];
+        let ci = p.ci;
+        let who = || format!("tensor {:?} chunk {ci}", t.name);
+        let (a, b) = (p.range.start as usize, p.range.end as usize);
+        match &t.storage {
+            Storage::Raw { chunks } => {
+                let bytes = get(&chunks[ci], &who)?;
+                to.copy_from_slice(&bytes[a..b]);
+            }
+            Storage::Decomposed { chunks, cols, .. } => {
+                let ch = &chunks[ci];
+                let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
+                let layout = t.base_layout().expect("decomposed");
+                let len = (ch.rows * cols) as usize * dtype.width();
+                let base = get(&ch.base, &|| format!("{} (hot base)", who()))?;
+                let cold = match fidelity {
+                    Fidelity::Exact => {
+                        Some(get(&ch.cold, &|| format!("{} (cold residual)", who()))?)
+                    }
+                    Fidelity::Base => None,
+                };
+                // Whole chunks decode in place; a part of one (only in
+                // containers without shards) goes through a scratch buffer.
+                let mut scratch = Vec::new();
+                let whole = a == 0 && b == len;
+                let buf: &mut [u8] = if whole {
+                    to
+                } else {
+                    scratch.resize(len, 0);
+                    &mut scratch
+                };
+                match &cold {
+                    Some(cold) => residual::decode(dtype, &layout, &base, cold, buf),
+                    None => residual::base_values(dtype, &layout, &base, buf),
+                }
+                .map_err(|e| Error::integrity(&c.path, format!("{}: {e}", who())))?;
+                if !whole {
+                    to.copy_from_slice(&scratch[a..b]);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Writes extracted tensors as a safetensors file, atomically. Tensors of

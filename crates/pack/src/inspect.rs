@@ -39,12 +39,29 @@ pub struct ExpertInfo {
     pub original_bytes: u64,
     pub hot_bytes: u64,
     pub cold_bytes: u64,
+    /// The expert's shard (format version 3), where the container has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+}
+
+/// Where an expert's shard lies: one read of `len` bytes at `offset`
+/// fetches the expert, of its first `hot_len` bytes its hot data.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardInfo {
+    pub section: String,
+    pub offset: u64,
+    pub len: u64,
+    pub hot_len: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Tiers {
+    /// The hot section: what a runtime keeps resident.
     pub hot: Tier,
+    /// Cold sections (residuals of dense tensors).
     pub cold: Tier,
+    /// Expert shards: each expert's hot data and residuals (format version 3).
+    pub experts: Tier,
     /// Source-file bytes that are not tensor data (headers, configs, tokenizers).
     pub files: Tier,
 }
@@ -130,6 +147,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         tiers: Tiers {
             hot: tier("hot"),
             cold: tier("cold"),
+            experts: tier("experts"),
             files: tier("files"),
         },
         sections: m.sections.clone(),
@@ -263,8 +281,20 @@ fn expert_table(m: &tpde_format::Manifest) -> Vec<ExpertLayer> {
                     original_bytes: 0,
                     hot_bytes: 0,
                     cold_bytes: 0,
+                    shard: None,
                 })
                 .collect();
+            for x in m.experts.iter().filter(|x| x.layer == l.layer) {
+                let s = &m.sections[x.section as usize];
+                if let Some(e) = experts.get_mut(x.expert as usize) {
+                    e.shard = Some(ShardInfo {
+                        section: s.name.clone(),
+                        offset: s.offset,
+                        len: s.len,
+                        hot_len: x.hot_len,
+                    });
+                }
+            }
             for et in &l.tensors {
                 let t = by_name[et.name.as_str()];
                 let (orig, hot, cold) = (t.byte_len, t.hot_bytes(), t.cold_bytes());

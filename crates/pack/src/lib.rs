@@ -27,7 +27,7 @@ pub mod source;
 
 pub use container::Container;
 pub use error::{Error, Result};
-pub use extract::{extract_expert, ExtractedTensor, Fidelity};
+pub use extract::{extract_expert, ExpertReader, ExtractedTensor, Fidelity};
 pub use inspect::{inspect, Inspection};
 pub use pack::{PackOptions, PackSummary};
 pub use restore::{unpack, verify, verify_with, UnpackReport, VerifyOptions, VerifyReport};

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 use tpde_codecs::{base, residual, xxh3, BaseCodec, BaseLayout, FloatDtype};
 use tpde_format::{
-    align_up, Blob, BlobChunk, DecomposedChunk, Extent, FileContent, Footer, Header, Manifest,
-    PackParams, Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN,
+    align_up, Blob, BlobChunk, DecomposedChunk, ExpertShard, Extent, FileContent, Footer, Header,
+    Manifest, PackParams, Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN,
     FORMAT_VERSION, MAX_CHUNK_LEN, RESIDUAL_EXACT_V1,
 };
 
@@ -60,6 +60,12 @@ pub struct PackSummary {
     pub decomposed_tensors: usize,
     pub raw_tensors: usize,
     pub files: usize,
+    /// Expert shards (one per layer and expert of a mixture-of-experts model).
+    pub expert_shards: usize,
+    /// Bytes of all expert shards (their hot data and residuals).
+    pub expert_bytes: u64,
+    /// Things the user should know that did not stop the pack.
+    pub warnings: Vec<String>,
     pub seconds: f64,
 }
 
@@ -70,6 +76,17 @@ struct Planned {
     src_offset: u64,
     step: String,
     tensor: Tensor,
+    /// The expert shard (layer, expert) of each chunk; `None` for dense data.
+    shards: Vec<Option<(u32, u32)>>,
+}
+
+/// How a tensor belongs to the experts of a mixture-of-experts model.
+#[derive(Clone, Copy)]
+struct ExpertRole {
+    layer: u32,
+    /// `None`: the tensor stacks `count` experts along dimension 0.
+    expert: Option<u32>,
+    count: u32,
 }
 
 /// A tensor as a source file describes it.
@@ -117,6 +134,8 @@ struct Job {
     tensor: usize,
     chunk: usize,
     file: usize,
+    /// The expert shard the chunk's data goes to.
+    shard: Option<(u32, u32)>,
     /// Set for decomposed tensors: element type, base layout, base bytes.
     decompose: Option<(FloatDtype, BaseLayout, u64)>,
     /// Absolute offset of the chunk's bytes in the source file.
@@ -202,20 +221,26 @@ pub fn pack(
     }
 
     // Plan every tensor in execution order, with its hot extents.
-    let mut planned = plan(&source, opts);
+    // Dense hot data is laid out now; an expert's hot data goes at the
+    // start of its shard, whose size is known now and whose place is known
+    // when the shard opens.
+    let (mut planned, warnings) = plan(&source, opts);
     let mut hot_at = FIRST_SECTION_OFFSET;
+    let mut shard_hot: std::collections::HashMap<(u32, u32), u64> = Default::default();
     for p in &mut planned {
-        match &mut p.tensor.storage {
-            Storage::Raw { chunks } => {
-                for c in chunks {
-                    c.offset = hot_at;
-                    hot_at += c.len;
-                }
-            }
-            Storage::Decomposed { chunks, .. } => {
-                for c in chunks {
-                    c.base.offset = hot_at;
-                    hot_at += c.base.len;
+        let lens: Vec<(&mut u64, u64)> = match &mut p.tensor.storage {
+            Storage::Raw { chunks } => chunks.iter_mut().map(|c| (&mut c.offset, c.len)).collect(),
+            Storage::Decomposed { chunks, .. } => chunks
+                .iter_mut()
+                .map(|c| (&mut c.base.offset, c.base.len))
+                .collect(),
+        };
+        for ((offset, len), shard) in lens.into_iter().zip(&p.shards) {
+            match shard {
+                Some(key) => *shard_hot.entry(*key).or_insert(0) += len,
+                None => {
+                    *offset = hot_at;
+                    hot_at += len;
                 }
             }
         }
@@ -253,9 +278,11 @@ pub fn pack(
         })
         .collect::<Result<_>>()?;
 
-    // Cold sections open as the execution step changes.
+    // Cold sections and expert shards open as the execution step or the
+    // expert changes.
     let mut cursor = align_up(hot_at).expect("small");
-    let mut open: Option<(String, u64)> = None;
+    let mut open: Option<Open> = None;
+    let mut experts = Vec::new();
     let mut hashers: Vec<Option<blake3::Hasher>> = planned
         .iter()
         .map(|_| Some(blake3::Hasher::new()))
@@ -278,31 +305,59 @@ pub fn pack(
             if let Some(h) = hashers[job.tensor].as_mut() {
                 h.update(&r.src);
             }
-            match &mut p.tensor.storage {
-                Storage::Raw { chunks } => {
-                    let c = &mut chunks[job.chunk];
-                    c.xxh3 = xxh3(&r.src);
-                    write_at(&r.src, c.offset)?;
+            // Job order keeps each step's dense chunks together, and each
+            // expert's chunks together after them: a section opens once and
+            // closes when the next begins.
+            let decomposed = matches!(p.tensor.storage, Storage::Decomposed { .. });
+            match job.shard {
+                Some(key) if !matches!(open, Some(Open::Shard { key: k, .. }) if k == key) => {
+                    close(&mut sections, &mut experts, &mut open, &mut cursor);
+                    open = Some(Open::Shard {
+                        key,
+                        start: cursor,
+                        hot_at: cursor,
+                        cold_at: cursor + shard_hot[&key],
+                    });
                 }
+                None if decomposed
+                    && !matches!(&open, Some(Open::Cold { name, .. }) if *name == p.step) =>
+                {
+                    close(&mut sections, &mut experts, &mut open, &mut cursor);
+                    open = Some(Open::Cold {
+                        name: p.step.clone(),
+                        start: cursor,
+                    });
+                }
+                _ => {}
+            }
+            // Where this chunk's hot bytes go (dense ones were placed by the
+            // plan) and where its residual goes.
+            let (hot_place, cold_place) = match &mut open {
+                Some(Open::Shard {
+                    hot_at, cold_at, ..
+                }) if job.shard.is_some() => (Some(hot_at), cold_at),
+                _ => (None, &mut cursor),
+            };
+            let (hot_bytes, hot_extent) = match &mut p.tensor.storage {
+                Storage::Raw { chunks } => (&r.src, &mut chunks[job.chunk]),
                 Storage::Decomposed { chunks, .. } => {
-                    // Execution order keeps each step's tensors together, so a
-                    // step's cold section opens once and closes when the next begins.
-                    if open.as_ref().map(|(n, _)| n.as_str()) != Some(p.step.as_str()) {
-                        close_section(&mut sections, &mut open, &mut cursor);
-                        open = Some((p.step.clone(), cursor));
-                    }
                     let c = &mut chunks[job.chunk];
-                    c.base.xxh3 = xxh3(&r.hot);
-                    write_at(&r.hot, c.base.offset)?;
                     c.cold = Extent {
-                        offset: cursor,
+                        offset: *cold_place,
                         len: r.cold.len() as u64,
                         xxh3: xxh3(&r.cold),
                     };
-                    write_at(&r.cold, cursor)?;
-                    cursor += r.cold.len() as u64;
+                    write_at(&r.cold, *cold_place)?;
+                    *cold_place += r.cold.len() as u64;
+                    (&r.hot, &mut c.base)
                 }
+            };
+            if let Some(at) = hot_place {
+                hot_extent.offset = *at;
+                *at += hot_bytes.len() as u64;
             }
+            hot_extent.xxh3 = xxh3(hot_bytes);
+            write_at(hot_bytes, hot_extent.offset)?;
             left[job.tensor] -= 1;
             if left[job.tensor] == 0 {
                 let h = hashers[job.tensor].take().expect("hasher");
@@ -312,7 +367,7 @@ pub fn pack(
             Ok(())
         },
     )?;
-    close_section(&mut sections, &mut open, &mut cursor);
+    close(&mut sections, &mut experts, &mut open, &mut cursor);
 
     // Files section: safetensors headers and every other file, zstd-compressed.
     let files_start = cursor;
@@ -422,6 +477,7 @@ pub fn pack(
         sections,
         files,
         tensors: planned.into_iter().map(|p| p.tensor).collect(),
+        experts,
     };
     let bytes = manifest.to_bytes();
     let manifest_offset = align_up(cursor).expect("small");
@@ -469,18 +525,61 @@ pub fn pack(
             .filter(|t| matches!(t.storage, Storage::Raw { .. }))
             .count(),
         files: manifest.files.len(),
+        expert_shards: manifest.experts.len(),
+        expert_bytes: by.get("experts").copied().unwrap_or(0),
+        warnings,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
-fn close_section(sections: &mut Vec<Section>, open: &mut Option<(String, u64)>, cursor: &mut u64) {
-    if let Some((name, start)) = open.take() {
-        sections.push(Section {
+/// The section being written.
+enum Open {
+    /// A step's residuals, appended at the cursor.
+    Cold { name: String, start: u64 },
+    /// An expert shard: hot data from `start`, residuals after all of it.
+    Shard {
+        key: (u32, u32),
+        start: u64,
+        hot_at: u64,
+        cold_at: u64,
+    },
+}
+
+/// Closes the open section (if any) and aligns the cursor for the next.
+fn close(
+    sections: &mut Vec<Section>,
+    experts: &mut Vec<ExpertShard>,
+    open: &mut Option<Open>,
+    cursor: &mut u64,
+) {
+    match open.take() {
+        Some(Open::Cold { name, start }) => sections.push(Section {
             name,
             kind: SectionKind::Cold,
             offset: start,
             len: *cursor - start,
-        });
+        }),
+        Some(Open::Shard {
+            key: (layer, expert),
+            start,
+            hot_at,
+            cold_at,
+        }) => {
+            experts.push(ExpertShard {
+                layer,
+                expert,
+                section: sections.len() as u32,
+                hot_len: hot_at - start,
+            });
+            sections.push(Section {
+                name: format!("expert.{layer}.{expert}"),
+                kind: SectionKind::Expert,
+                offset: start,
+                len: cold_at - start,
+            });
+            *cursor = cold_at;
+        }
+        None => {}
     }
     *cursor = align_up(*cursor).expect("small");
 }
@@ -504,44 +603,109 @@ fn tensor_order(planned: &[Planned], file: usize) -> Vec<u32> {
     v.into_iter().map(|(_, i)| i).collect()
 }
 
-fn plan(source: &Source, opts: &PackOptions) -> Vec<Planned> {
+/// Every tensor in execution order, with the expert shard of each chunk,
+/// and warnings.
+fn plan(source: &Source, opts: &PackOptions) -> (Vec<Planned>, Vec<String>) {
+    let listed: Vec<(usize, SourceTensor)> = source
+        .files
+        .iter()
+        .enumerate()
+        .flat_map(|(fi, f)| source_tensors(&f.kind).into_iter().map(move |t| (fi, t)))
+        .collect();
+    let (roles, warnings) = expert_roles(&listed);
     let mut all = Vec::new();
-    for (fi, f) in source.files.iter().enumerate() {
-        for t in source_tensors(&f.kind) {
-            let layer = layer_of(t.name);
-            let (group, l, step) = step_of(t.name, layer);
-            let src_offset = t.src_offset;
-            let tensor = plan_tensor(fi, t, layer, opts);
-            all.push((
-                (group, l, all.len()),
-                Planned {
-                    file: fi,
-                    src_offset,
-                    step,
-                    tensor,
-                },
-            ));
-        }
+    for (fi, t) in listed {
+        let layer = layer_of(t.name);
+        let (group, l, step) = step_of(t.name, layer);
+        let src_offset = t.src_offset;
+        let role = roles.get(t.name).copied();
+        let (tensor, shards) = plan_tensor(fi, t, layer, role, opts);
+        all.push((
+            (group, l, all.len()),
+            Planned {
+                file: fi,
+                src_offset,
+                step,
+                tensor,
+                shards,
+            },
+        ));
     }
     all.sort_by_key(|(k, _)| *k);
-    all.into_iter().map(|(_, p)| p).collect()
+    (all.into_iter().map(|(_, p)| p).collect(), warnings)
 }
 
-fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOptions) -> Tensor {
+/// The expert tensors by name. A model whose expert tensors do not form a
+/// consistent layout is packed without shards (still losslessly), with a
+/// warning saying why.
+fn expert_roles<'a>(
+    listed: &[(usize, SourceTensor<'a>)],
+) -> (std::collections::HashMap<&'a str, ExpertRole>, Vec<String>) {
+    let shapes: Vec<(&str, &[u64])> = listed
+        .iter()
+        .map(|(_, t)| (t.name, t.shape.as_slice()))
+        .collect();
+    let names: std::collections::HashMap<&str, &'a str> =
+        listed.iter().map(|(_, t)| (t.name, t.name)).collect();
+    let mut roles = std::collections::HashMap::new();
+    match tpde_ingest::moe::plan(&shapes) {
+        Ok(plan) => {
+            for l in &plan.layers {
+                for t in &l.tensors {
+                    let name = names[t.name.as_str()];
+                    roles.insert(
+                        name,
+                        ExpertRole {
+                            layer: l.layer,
+                            expert: t.expert,
+                            count: l.experts,
+                        },
+                    );
+                }
+            }
+            (roles, Vec::new())
+        }
+        Err(e) => (
+            roles,
+            vec![format!(
+                "expert tensors are not stored as per-expert shards: {e}"
+            )],
+        ),
+    }
+}
+
+fn plan_tensor(
+    file: usize,
+    e: SourceTensor,
+    layer: Option<u32>,
+    role: Option<ExpertRole>,
+    opts: &PackOptions,
+) -> (Tensor, Vec<Option<(u32, u32)>>) {
     let byte_len = e.byte_len;
     let numel: u64 = e.shape.iter().product();
     let cols = e.shape.last().copied().unwrap_or(0);
     let dtype = FloatDtype::from_name(e.dtype);
     // A tensor stacking every expert of a layer along dimension 0 is cut so
-    // that no chunk spans two experts: one expert is then read alone.
-    let slices = match tpde_ingest::moe::classify(e.name, &e.shape) {
-        tpde_ingest::moe::MoeRole::Stacked { count, .. }
-            if count > 0 && e.shape.first() == Some(&count) =>
-        {
-            count
-        }
+    // that no chunk spans two experts: each slice goes to its expert's shard.
+    let slices = match role {
+        Some(ExpertRole {
+            expert: None,
+            count,
+            ..
+        }) if count > 0 && e.shape.first() == Some(&(count as u64)) => count as u64,
         _ => 1,
     };
+    // Chunk start (in rows or bytes) → shard.
+    let shard_of = |start: u64, per_slice: u64| match role {
+        Some(ExpertRole {
+            layer,
+            expert: Some(x),
+            ..
+        }) => Some((layer, x)),
+        Some(ExpertRole { layer, .. }) if slices > 1 => Some((layer, (start / per_slice) as u32)),
+        _ => None,
+    };
+    let mut shards = Vec::new();
     let storage = match (opts.base, dtype) {
         (Some(codec), Some(dt))
             if e.shape.len() >= 2
@@ -556,13 +720,22 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
             };
             let rows = numel / cols;
             let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
-            let per_chunk = (opts.chunk_elems / cols).clamp(1, max_rows);
+            // An expert is fetched alone, on all cores: a small expert's
+            // tensors are cut into at least three chunks each (down to a
+            // quarter of the usual size) so that they decode in parallel.
+            let target = if role.is_some() {
+                (numel / slices / 3).clamp((opts.chunk_elems / 4).max(1), opts.chunk_elems)
+            } else {
+                opts.chunk_elems
+            };
+            let per_chunk = (target / cols).clamp(1, max_rows);
             let per_slice = (rows / slices).max(1);
             let mut chunks = Vec::new();
             let mut r = 0;
             while r < rows {
                 let slice_end = (r / per_slice + 1) * per_slice;
                 let n = per_chunk.min(slice_end.min(rows) - r);
+                shards.push(shard_of(r, per_slice));
                 chunks.push(DecomposedChunk {
                     rows: n,
                     base: Extent {
@@ -594,6 +767,7 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
             while at < byte_len {
                 let slice_end = (at / per_slice + 1) * per_slice;
                 let n = RAW_CHUNK_BYTES.min(slice_end.min(byte_len) - at);
+                shards.push(shard_of(at, per_slice));
                 chunks.push(Extent {
                     offset: 0,
                     len: n,
@@ -604,7 +778,7 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
             Storage::Raw { chunks }
         }
     };
-    Tensor {
+    let tensor = Tensor {
         name: e.name.to_string(),
         dtype: e.dtype.into(),
         shape: e.shape,
@@ -613,9 +787,13 @@ fn plan_tensor(file: usize, e: SourceTensor, layer: Option<u32>, opts: &PackOpti
         file: file as u32,
         layer,
         storage,
-    }
+    };
+    (tensor, shards)
 }
 
+/// Every chunk of every tensor as a job, in the order their data is
+/// written: step by step, each step's dense chunks first, then each of its
+/// experts' chunks together, by expert.
 fn jobs_of(planned: &[Planned]) -> Vec<Job> {
     let mut jobs = Vec::new();
     for (ti, p) in planned.iter().enumerate() {
@@ -628,6 +806,7 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
                         tensor: ti,
                         chunk: ci,
                         file: p.file,
+                        shard: p.shards[ci],
                         decompose: None,
                         src_offset: base + at,
                         src_len: c.len,
@@ -644,6 +823,7 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
                         tensor: ti,
                         chunk: ci,
                         file: p.file,
+                        shard: p.shards[ci],
                         decompose: Some((dtype, layout, c.base.len)),
                         src_offset: base + at,
                         src_len: len,
@@ -653,6 +833,27 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
             }
         }
     }
+    // A step is named by its first tensor; a shard belongs to the first step
+    // holding any of its tensors, so each shard stays in one piece.
+    let mut step_rank = vec![0usize; planned.len()];
+    for ti in 1..planned.len() {
+        step_rank[ti] = if planned[ti].step == planned[ti - 1].step {
+            step_rank[ti - 1]
+        } else {
+            ti
+        };
+    }
+    let mut shard_rank: std::collections::HashMap<(u32, u32), usize> = Default::default();
+    for j in &jobs {
+        if let Some(key) = j.shard {
+            let r = shard_rank.entry(key).or_insert(usize::MAX);
+            *r = (*r).min(step_rank[j.tensor]);
+        }
+    }
+    jobs.sort_by_key(|j| match j.shard {
+        None => (step_rank[j.tensor], 0, 0, 0, j.tensor, j.chunk),
+        Some((l, x)) => (shard_rank[&(l, x)], 1, l, x, j.tensor, j.chunk),
+    });
     jobs
 }
 
