@@ -570,6 +570,36 @@ fn expert_shards_that_break_the_rules() {
         &moe_edit(|m| m["experts"][2]["hot_len"] = json!(u64::MAX)),
         "exceeds the section",
     );
+    // A shard labelled with another expert than its section's name says.
+    rejects(
+        &moe_edit(|m| {
+            let l = m["experts"][0]["layer"].as_u64().unwrap();
+            m["experts"][0]["layer"] = json!(l + 5);
+        }),
+        "is named",
+    );
+    // Two chunks of different shards swap residuals: each shard is still
+    // tiled, but a chunk's base and residual are now in different shards.
+    rejects(
+        &moe_edit(|m| {
+            let tensors = m["tensors"].as_array_mut().unwrap();
+            let find = |tensors: &[serde_json::Value], e: u32| {
+                tensors
+                    .iter()
+                    .position(|t| {
+                        t["name"]
+                            == format!("model.layers.0.block_sparse_moe.experts.{e}.w1.weight")
+                    })
+                    .unwrap()
+            };
+            let (a, b) = (find(tensors, 0), find(tensors, 1));
+            let ca = tensors[a]["storage"]["chunks"][0]["cold"].clone();
+            let cb = tensors[b]["storage"]["chunks"][0]["cold"].clone();
+            tensors[a]["storage"]["chunks"][0]["cold"] = cb;
+            tensors[b]["storage"]["chunks"][0]["cold"] = ca;
+        }),
+        "not in the same expert section",
+    );
     // Shards in a container that claims an older version.
     let mut older = moe_edit(|m| m["format_version"] = json!(2));
     older[8..12].copy_from_slice(&2u32.to_le_bytes());

@@ -567,33 +567,36 @@ impl Manifest {
         // Every extent, tagged with its owner for error messages.
         let mut owned: Vec<Vec<(u64, u64, SectionKind, String)>> =
             vec![Vec::new(); self.sections.len()];
-        // Hot and cold data may also sit in an expert shard.
-        let mut claim = |e: &Extent, kind: SectionKind, who: String| -> Result<(), FormatError> {
-            let end = e
-                .offset
-                .checked_add(e.len)
-                .ok_or_else(|| FormatError::Manifest(format!("{who}: extent overflows")))?;
-            let i = self.sections.partition_point(|s| s.offset <= e.offset);
-            let ok = i > 0 && {
-                let s = &self.sections[i - 1];
-                (s.kind == kind || (s.kind == SectionKind::Expert && kind != SectionKind::Files))
-                    && end <= s.offset + s.len
+        // Hot and cold data may also sit in an expert shard. Returns the
+        // index of the section holding the extent.
+        let mut claim =
+            |e: &Extent, kind: SectionKind, who: String| -> Result<usize, FormatError> {
+                let end = e
+                    .offset
+                    .checked_add(e.len)
+                    .ok_or_else(|| FormatError::Manifest(format!("{who}: extent overflows")))?;
+                let i = self.sections.partition_point(|s| s.offset <= e.offset);
+                let ok = i > 0 && {
+                    let s = &self.sections[i - 1];
+                    (s.kind == kind
+                        || (s.kind == SectionKind::Expert && kind != SectionKind::Files))
+                        && end <= s.offset + s.len
+                };
+                if !ok {
+                    return bad(format!(
+                        "{who}: extent {}+{} is not inside a {kind:?} section",
+                        e.offset, e.len
+                    ));
+                }
+                if e.len > MAX_CHUNK_LEN {
+                    return bad(format!(
+                        "{who}: chunk of {} bytes exceeds the limit {MAX_CHUNK_LEN}",
+                        e.len
+                    ));
+                }
+                owned[i - 1].push((e.offset, end, kind, who));
+                Ok(i - 1)
             };
-            if !ok {
-                return bad(format!(
-                    "{who}: extent {}+{} is not inside a {kind:?} section",
-                    e.offset, e.len
-                ));
-            }
-            if e.len > MAX_CHUNK_LEN {
-                return bad(format!(
-                    "{who}: chunk of {} bytes exceeds the limit {MAX_CHUNK_LEN}",
-                    e.len
-                ));
-            }
-            owned[i - 1].push((e.offset, end, kind, who));
-            Ok(())
-        };
 
         let mut tensor_names = HashSet::new();
         for (ti, t) in self.tensors.iter().enumerate() {
@@ -691,8 +694,15 @@ impl Manifest {
                             return bad(format!("{chunk_who}: empty residual"));
                         }
                         sum_rows = sum_rows.saturating_add(c.rows);
-                        claim(&c.base, SectionKind::Hot, format!("{chunk_who} base"))?;
-                        claim(&c.cold, SectionKind::Cold, format!("{chunk_who} residual"))?;
+                        let a = claim(&c.base, SectionKind::Hot, format!("{chunk_who} base"))?;
+                        let b = claim(&c.cold, SectionKind::Cold, format!("{chunk_who} residual"))?;
+                        // A chunk is in one expert shard, base and residual, or in none.
+                        let shard = |i: usize| self.sections[i].kind == SectionKind::Expert;
+                        if (shard(a) || shard(b)) && a != b {
+                            return bad(format!(
+                                "{chunk_who}: base and residual are not in the same expert section"
+                            ));
+                        }
                     }
                     if sum_rows != *rows {
                         return bad(format!(
@@ -862,6 +872,12 @@ impl Manifest {
                 return bad(format!(
                     "{who}: section {:?} is not an expert section",
                     s.name
+                ));
+            }
+            if s.name != format!("expert.{}.{}", x.layer, x.expert) {
+                return bad(format!(
+                    "{who}: its section is named {:?}, not \"expert.{}.{}\"",
+                    s.name, x.layer, x.expert
                 ));
             }
             listed[si] = true;

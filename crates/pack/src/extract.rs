@@ -57,6 +57,9 @@ pub fn extract_expert(
 /// reads, small enough for decoding to start early and overlap the disk.
 const GROUP_BYTES: std::ops::RangeInclusive<u64> = (64 << 10)..=(2 << 20);
 
+/// Checked bytes of an extent; the second argument names it in errors.
+type GetExtent<'f, 'a> = dyn Fn(&Extent, &dyn Fn() -> String) -> Result<Cow<'a, [u8]>> + 'f;
+
 /// Fetches experts of one container, as a runtime does when its router
 /// picks them: the model's experts are planned once.
 pub struct ExpertReader<'c> {
@@ -342,7 +345,7 @@ impl<'c> ExpertReader<'c> {
         &self,
         p: &Piece,
         fidelity: Fidelity,
-        get: &dyn Fn(&Extent, &dyn Fn() -> String) -> Result<Cow<'a, [u8]>>,
+        get: &GetExtent<'_, 'a>,
         to: &mut [u8],
     ) -> Result<()> {
         let c = self.c;

@@ -206,6 +206,9 @@ pub fn pack(
             format!("group size {} out of range", opts.group_size),
         ));
     }
+    if opts.chunk_elems == 0 {
+        return Err(Error::input(src, "chunk size 0 (elements per chunk)"));
+    }
     let source = Source::open(src)?;
     if let Ok(d) = dest.canonicalize() {
         if source

@@ -1,5 +1,7 @@
-//! Committed test vectors of the tpde container format version 1
-//! (`formats/tpde-v1.md`) and the program that makes them.
+//! Committed test vectors of the tpde container format (the current
+//! version, `FORMAT_VERSION`, is specified in `formats/tpde-v3.md`; older
+//! versions in `formats/tpde-v1.md` and `formats/tpde-v2.md`) and the
+//! program that makes them.
 //!
 //! Each case is a small source model built from literal values and a fixed
 //! splitmix64 stream (no random numbers, no clock), packed with fixed
@@ -9,15 +11,21 @@
 //! - `<case>.tpde`: the container `tpde_pack::pack::pack` makes of them;
 //! - `expected.json`: the facts a third-party implementation can check
 //!   without this code (container length and blake3, the manifest location,
-//!   every input file's length and blake3, the sections and the tensors with
-//!   their storage kind).
+//!   every input file's length and blake3, the sections, the tensors with
+//!   their storage kind, and the expert shards if there are any).
 //!
-//! The committed copies live next to this crate (`formats/vectors/<case>/`);
-//! `tests/drift.rs` fails when the generator's output no longer matches them.
+//! The committed copies of the current version live next to this crate, in
+//! `formats/vectors/v<FORMAT_VERSION>/<case>/`; `tests/drift.rs` fails when
+//! the generator's output no longer matches them. The folders of older
+//! versions (`formats/vectors/v1/`, `formats/vectors/v2/`) are frozen: the
+//! generator never writes them, and the current reader must still verify
+//! and unpack them.
 //!
 //! ```no_run
 //! // What `cargo run -p tpde-vectors --bin gen-vectors` does.
-//! tpde_vectors::generate(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))?;
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+//!     .join(format!("v{}", tpde_format::FORMAT_VERSION));
+//! tpde_vectors::generate(&dir)?;
 //! # Ok::<(), tpde_vectors::VectorsError>(())
 //! ```
 //!
@@ -53,7 +61,8 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Ve
 
 /// One test vector: a source model and how it is packed.
 pub struct Case {
-    /// Folder name under `formats/vectors/`, also the container's file stem.
+    /// Folder name under `formats/vectors/v<FORMAT_VERSION>/`, also the
+    /// container's file stem.
     pub name: String,
     /// Source files, sorted by path.
     pub files: SourceFiles,
@@ -95,6 +104,7 @@ pub fn cases() -> Vec<Case> {
         folder_q4(),
         raw_none(),
         gguf_q4(),
+        moe_q4(),
     ]
 }
 
@@ -139,6 +149,10 @@ pub struct Expected {
     pub sections: Vec<ExpectedSection>,
     /// `manifest.tensors`, in execution (manifest) order.
     pub tensors: Vec<ExpectedTensor>,
+    /// `manifest.experts` (format version 3): the expert shards, by layer
+    /// and expert; absent when the container has none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpectedExpert>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +191,19 @@ pub struct ExpectedSection {
     pub kind: String,
     pub offset: u64,
     pub len: u64,
+}
+
+/// One expert shard: the section holding expert `expert` of layer `layer`,
+/// its first `hot_len` bytes the hot data, the rest the residuals.
+#[derive(Serialize)]
+pub struct ExpectedExpert {
+    pub layer: u32,
+    pub expert: u32,
+    /// The section's name (`expert.<layer>.<expert>`) and place.
+    pub section: String,
+    pub offset: u64,
+    pub len: u64,
+    pub hot_len: u64,
 }
 
 #[derive(Serialize)]
@@ -256,6 +283,7 @@ fn expected_of(case: &Case, container: &Path) -> Result<Expected, VectorsError> 
                 kind: match s.kind {
                     SectionKind::Hot => "hot",
                     SectionKind::Cold => "cold",
+                    SectionKind::Expert => "expert",
                     SectionKind::Files => "files",
                 }
                 .into(),
@@ -294,6 +322,21 @@ fn expected_of(case: &Case, container: &Path) -> Result<Expected, VectorsError> 
                 }
             })
             .collect(),
+        experts: m
+            .experts
+            .iter()
+            .map(|x| {
+                let s = &m.sections[x.section as usize];
+                ExpectedExpert {
+                    layer: x.layer,
+                    expert: x.expert,
+                    section: s.name.clone(),
+                    offset: s.offset,
+                    len: s.len,
+                    hot_len: x.hot_len,
+                }
+            })
+            .collect(),
     })
 }
 
@@ -326,16 +369,16 @@ impl SplitMix64 {
 
 /// A tensor to write into a safetensors file.
 struct St {
-    name: &'static str,
+    name: String,
     dtype: &'static str,
     shape: Vec<u64>,
     data: Vec<u8>,
 }
 
 impl St {
-    fn new(name: &'static str, dtype: &'static str, shape: &[u64], data: Vec<u8>) -> St {
+    fn new(name: impl Into<String>, dtype: &'static str, shape: &[u64], data: Vec<u8>) -> St {
         St {
-            name,
+            name: name.into(),
             dtype,
             shape: shape.to_vec(),
             data,
@@ -611,8 +654,8 @@ fn folder_q4() -> Case {
     let total: usize = shard1.iter().chain(&shard2).map(|t| t.data.len()).sum();
     let mut map: Vec<(&str, &str)> = shard1
         .iter()
-        .map(|t| (t.name, n1))
-        .chain(shard2.iter().map(|t| (t.name, n2)))
+        .map(|t| (t.name.as_str(), n1))
+        .chain(shard2.iter().map(|t| (t.name.as_str(), n2)))
         .collect();
     map.sort();
     let lines: Vec<String> = map
@@ -757,11 +800,11 @@ fn gguf(
     out
 }
 
-/// GGUF (format version 2): an F16 matrix with special values (decomposed,
-/// tail group), a BF16 matrix (decomposed), Q4_0 and Q8_0 blocks (stored as
-/// their own base), an F32 norm and an I32 tensor; key/values of several
-/// types including an array of strings; alignment 64 with non-zero padding
-/// bytes, which must come back as they are.
+/// (e) GGUF (since format version 2): an F16 matrix with special values
+/// (decomposed, tail group), a BF16 matrix (decomposed), Q4_0 and Q8_0
+/// blocks (stored as their own base), an F32 norm and an I32 tensor;
+/// key/values of several types including an array of strings; alignment 64
+/// with non-zero padding bytes, which must come back as they are.
 fn gguf_q4() -> Case {
     let mut rng = SplitMix64(0x7470_6465_0000_0006);
     let mut f16: Vec<u8> = (0..3 * 70)
@@ -825,6 +868,118 @@ fn gguf_q4() -> Case {
             group_size: 64,
             chunk_elems: 1 << 18,
             min_decompose_elems: 64,
+            zstd_level: 3,
+        },
+    }
+}
+
+/// (f) A mixture-of-experts model (format version 3: expert shards).
+/// Layer 0: a router, a dense attention matrix and two experts with one
+/// tensor per expert and part, named as Qwen2/3-MoE name them
+/// (`….mlp.experts.{e}.{gate,up}_proj.weight` `[4, 64]`,
+/// `….down_proj.weight` `[64, 4]`, and a `down_proj.bias` `[64]` stored
+/// raw). Layer 1: a norm, a router and fused tensors stacking both experts
+/// along dimension 0 (`….mlp.experts.gate_up_proj` `[2, 8, 64]`,
+/// `….down_proj` `[2, 64, 4]`, `….gate_up_proj_bias` `[2, 8]` stored raw).
+/// The writer cuts an expert's tensors into chunks of about a third of the
+/// expert's part (at least a quarter of the 192 elements asked for): 1 row
+/// of 64, 2 rows of 64 in a stacked slice, 21 rows of 4; the stacked
+/// `down_proj` then has chunks of 21, 21, 21 and 1 rows per expert, cut at
+/// the expert boundary. Each expert's data goes to its own section
+/// `expert.<l>.<e>`, after its layer's `cold.layer.<l>` (when it has one)
+/// and before `cold.post` (the output head).
+fn moe_q4() -> Case {
+    let mut rng = SplitMix64(0x7470_6465_0000_0007);
+    let mut w = |n: usize, s: f64| bf16_bytes(&bf16_weights(&mut rng, n, s));
+    let mut tensors = vec![
+        St::new(
+            "model.embed_tokens.weight",
+            "BF16",
+            &[8, 64],
+            w(8 * 64, 0.5),
+        ),
+        St::new(
+            "model.layers.0.mlp.gate.weight",
+            "BF16",
+            &[2, 64],
+            w(2 * 64, 0.1),
+        ),
+    ];
+    for e in 0..2 {
+        let p = format!("model.layers.0.mlp.experts.{e}");
+        tensors.extend([
+            St::new(
+                format!("{p}.gate_proj.weight"),
+                "BF16",
+                &[4, 64],
+                w(4 * 64, 0.05),
+            ),
+            St::new(
+                format!("{p}.up_proj.weight"),
+                "BF16",
+                &[4, 64],
+                w(4 * 64, 0.05),
+            ),
+            St::new(
+                format!("{p}.down_proj.weight"),
+                "BF16",
+                &[64, 4],
+                w(64 * 4, 0.05),
+            ),
+            St::new(format!("{p}.down_proj.bias"), "BF16", &[64], w(64, 0.05)),
+        ]);
+    }
+    tensors.extend([
+        St::new(
+            "model.layers.0.self_attn.o_proj.weight",
+            "BF16",
+            &[4, 64],
+            w(4 * 64, 0.05),
+        ),
+        St::new(
+            "model.layers.1.input_layernorm.weight",
+            "BF16",
+            &[64],
+            w(64, 0.1),
+        ),
+        St::new(
+            "model.layers.1.mlp.gate.weight",
+            "BF16",
+            &[2, 64],
+            w(2 * 64, 0.1),
+        ),
+        St::new(
+            "model.layers.1.mlp.experts.gate_up_proj",
+            "BF16",
+            &[2, 8, 64],
+            w(2 * 8 * 64, 0.05),
+        ),
+        St::new(
+            "model.layers.1.mlp.experts.gate_up_proj_bias",
+            "BF16",
+            &[2, 8],
+            w(2 * 8, 0.05),
+        ),
+        St::new(
+            "model.layers.1.mlp.experts.down_proj",
+            "BF16",
+            &[2, 64, 4],
+            w(2 * 64 * 4, 0.05),
+        ),
+        St::new("model.norm.weight", "BF16", &[64], w(64, 0.1)),
+        St::new("lm_head.weight", "BF16", &[8, 64], w(8 * 64, 0.05)),
+    ]);
+    Case {
+        name: "moe-q4".into(),
+        files: vec![(
+            "model.safetensors".into(),
+            safetensors(&tensors, &[("format", "pt")]),
+        )],
+        options: PackOptions {
+            base: Some(BaseCodec::Q4),
+            group_size: 64,
+            chunk_elems: 192,
+            min_decompose_elems: 256,
             zstd_level: 3,
         },
     }

@@ -1,7 +1,8 @@
 //! The committed test vectors must stay exactly what the generator makes
-//! (`formats/vectors/v2/<case>/`, the current version) and must stay
-//! readable by the current reader, the frozen vectors of the previous
-//! version (`formats/vectors/v1/<case>/`) included.
+//! (`formats/vectors/v<FORMAT_VERSION>/<case>/`, the current version) and
+//! must stay readable by the current reader, the frozen vectors of every
+//! older readable version (`formats/vectors/v1/<case>/`,
+//! `formats/vectors/v2/<case>/`, …) included.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,9 +17,9 @@ fn committed_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("v{}", tpde_format::FORMAT_VERSION))
 }
 
-/// Frozen vectors of format version 1 (never regenerated).
-fn v1_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("v1")
+/// Frozen vectors of an older format version (never regenerated).
+fn frozen_root(version: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("v{version}"))
 }
 
 /// Every file under `dir`, by `/`-separated path relative to it.
@@ -125,9 +126,19 @@ fn committed_containers_verify_and_unpack_to_the_committed_inputs() {
     check_committed(&committed_root(), tpde_format::FORMAT_VERSION);
 }
 
+/// Every older version the reader still reads has its frozen vectors, and
+/// they still verify and unpack.
 #[test]
-fn version_1_containers_still_verify_and_unpack() {
-    check_committed(&v1_root(), 1);
+fn frozen_containers_of_older_versions_still_verify_and_unpack() {
+    for version in tpde_format::OLDEST_READABLE_VERSION..tpde_format::FORMAT_VERSION {
+        let root = frozen_root(version);
+        assert!(
+            root.is_dir(),
+            "{}: the frozen vectors of format version {version} are missing",
+            root.display()
+        );
+        check_committed(&root, version);
+    }
 }
 
 fn check_committed(root: &Path, version: u32) {
@@ -195,6 +206,108 @@ fn check_committed(root: &Path, version: u32) {
             );
         }
     }
+}
+
+/// The tensors of a committed one-file safetensors input: name → (shape, bytes).
+fn safetensors_tensors(bytes: &[u8]) -> BTreeMap<String, (Vec<u64>, Vec<u8>)> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors header");
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .expect("header object")
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dimension"))
+                .collect();
+            let at = |i: usize| t["data_offsets"][i].as_u64().expect("offset") as usize;
+            (name.clone(), (shape, data[at(0)..at(1)].to_vec()))
+        })
+        .collect()
+}
+
+/// Format version 3: each expert shard listed in `expected.json` is where
+/// the manifest says, and reading it (the whole section for exact fidelity,
+/// its hot part for the base, nothing else) yields exactly that expert's
+/// tensors: its own ones whole, its slice of each stacked one.
+#[test]
+fn expert_shards_hold_exactly_their_experts() {
+    let mut shards = 0;
+    for case in committed_cases() {
+        let dir = committed_root().join(&case);
+        let expected: serde_json::Value =
+            serde_json::from_slice(&read(&dir.join("expected.json"))).expect("expected.json");
+        let Some(listed) = expected.get("experts").and_then(|x| x.as_array()) else {
+            continue;
+        };
+        let input = source_of(&dir.join("input"));
+        let originals = safetensors_tensors(&read(&input));
+        let c = tpde_pack::Container::open(&dir.join(format!("{case}.tpde")))
+            .unwrap_or_else(|e| panic!("{case}: open failed: {e}"));
+        let m = &c.manifest;
+        assert_eq!(m.experts.len(), listed.len(), "{case}: number of shards");
+        for (x, want) in m.experts.iter().zip(listed) {
+            let s = &m.sections[x.section as usize];
+            let who = format!("{case}: expert {} of layer {}", x.expert, x.layer);
+            assert_eq!(want["layer"].as_u64(), Some(u64::from(x.layer)), "{who}");
+            assert_eq!(want["expert"].as_u64(), Some(u64::from(x.expert)), "{who}");
+            assert_eq!(want["section"].as_str(), Some(s.name.as_str()), "{who}");
+            assert_eq!(s.name, format!("expert.{}.{}", x.layer, x.expert), "{who}");
+            assert_eq!(want["offset"].as_u64(), Some(s.offset), "{who}");
+            assert_eq!(want["len"].as_u64(), Some(s.len), "{who}");
+            assert_eq!(want["hot_len"].as_u64(), Some(x.hot_len), "{who}");
+
+            let before = c.bytes_read();
+            let exact =
+                tpde_pack::extract_expert(&c, x.layer, x.expert, tpde_pack::Fidelity::Exact)
+                    .unwrap_or_else(|e| panic!("{who}: extract failed: {e}"));
+            assert_eq!(
+                c.bytes_read() - before,
+                s.len,
+                "{who}: exact extract reads the whole shard and nothing else"
+            );
+            assert!(!exact.is_empty(), "{who}: no tensors");
+            for t in &exact {
+                let (shape, bytes) = &originals[&t.name];
+                let want: &[u8] = if shape.len() == t.shape.len() {
+                    bytes
+                } else {
+                    // A stacked tensor: the expert's slice along dimension 0.
+                    assert_eq!(&shape[1..], t.shape.as_slice(), "{who}: {}", t.name);
+                    let per = bytes.len() / shape[0] as usize;
+                    &bytes[x.expert as usize * per..(x.expert as usize + 1) * per]
+                };
+                assert!(t.data == want, "{who}: {} differs from the source", t.name);
+            }
+
+            let before = c.bytes_read();
+            let base = tpde_pack::extract_expert(&c, x.layer, x.expert, tpde_pack::Fidelity::Base)
+                .unwrap_or_else(|e| panic!("{who}: base extract failed: {e}"));
+            assert_eq!(
+                c.bytes_read() - before,
+                x.hot_len,
+                "{who}: base extract reads the shard's hot part and nothing else"
+            );
+            assert_eq!(
+                base.iter()
+                    .map(|t| (&t.name, t.data.len()))
+                    .collect::<Vec<_>>(),
+                exact
+                    .iter()
+                    .map(|t| (&t.name, t.data.len()))
+                    .collect::<Vec<_>>(),
+                "{who}: base and exact tensors"
+            );
+            shards += 1;
+        }
+    }
+    assert!(shards > 0, "no committed case has expert shards");
 }
 
 #[test]
