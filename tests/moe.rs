@@ -301,24 +301,6 @@ fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
     assert!(!d.path().join("x.safetensors").exists());
 }
 
-/// A mixture-of-experts model whose experts (6 MiB each) span several read
-/// groups of the pipelined fetch.
-fn large_expert_model() -> Vec<u8> {
-    let mut r = Rng(3);
-    let mut tensors = Vec::new();
-    for e in 0..2 {
-        for w in ["w1", "w2", "w3"] {
-            tensors.push(T::new(
-                &format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"),
-                "BF16",
-                &[1024, 1024],
-                floats("BF16", 1024 * 1024, 0.02, &mut r),
-            ));
-        }
-    }
-    safetensors(&tensors, None)
-}
-
 #[test]
 fn a_large_expert_is_fetched_in_one_pass_and_damage_is_caught() {
     let src = large_expert_model();

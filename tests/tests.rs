@@ -7,6 +7,7 @@ mod bad_container;
 mod bad_safetensors;
 mod faults;
 mod gguf;
+mod loader;
 mod moe;
 mod real_fixtures;
 mod roundtrip;

@@ -244,6 +244,24 @@ pub fn moe_model(seed: u64) -> Vec<u8> {
     safetensors(&tensors, None)
 }
 
+/// A mixture-of-experts model whose experts (6 MiB each) span several read
+/// groups of the pipelined fetch, and whose one layer streams as an 8 MB step.
+pub fn large_expert_model() -> Vec<u8> {
+    let mut r = Rng(3);
+    let mut tensors = Vec::new();
+    for e in 0..2 {
+        for w in ["w1", "w2", "w3"] {
+            tensors.push(T::new(
+                &format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"),
+                "BF16",
+                &[1024, 1024],
+                floats("BF16", 1024 * 1024, 0.02, &mut r),
+            ));
+        }
+    }
+    safetensors(&tensors, None)
+}
+
 /// Writes a Hugging Face style folder with two shards, an index, a config
 /// and a tokenizer in a subfolder.
 pub fn write_sharded_folder(dir: &Path, seed: u64) {

@@ -118,6 +118,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream a container as a runtime would and report engineering figures with an audit trail.
+    ///
+    /// `--stream-only` runs the loader over the whole model, step by step in execution order,
+    /// under the `--ram` budget, and measures it against the raw sequential read of the same file
+    /// in the same run. (Running the model itself is not implemented yet: `--stream-only` is
+    /// required.)
+    Bench {
+        container: PathBuf,
+        /// Only load: read, check, decompress and reconstruct every tensor, then drop it.
+        #[arg(long)]
+        stream_only: bool,
+        /// `exact`: the original bytes; `base`: the hot tier's values.
+        #[arg(long, value_enum, default_value = "exact")]
+        fidelity: FidelityArg,
+        /// Memory budget of the whole process, e.g. 512MiB, 2GiB, 100MB (default: no limit).
+        #[arg(long, value_parser = parse_size)]
+        ram: Option<u64>,
+        /// Read with O_DIRECT (aligned buffers, bypassing the page cache).
+        #[arg(long)]
+        direct: bool,
+        /// Steps read ahead of the consumer (2: double buffering).
+        #[arg(long, default_value_t = 2)]
+        prefetch: usize,
+        /// Keep the page cache warm (default: drop the container from it before each read).
+        #[arg(long)]
+        warm: bool,
+        /// Passes; figures are medians over passes.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run pack → verify → unpack → inspect on a small model generated on the spot.
     Demo {
         /// Work folder (default: a new temporary folder, removed afterwards).
@@ -157,8 +189,83 @@ fn main() -> ExitCode {
     }
 }
 
+/// A byte count with an optional unit: B, KB, MB, GB, TB (powers of 1000)
+/// or KiB, MiB, GiB, TiB (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (for example 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "tib" | "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 1.0 || v > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(v as u64)
+}
+
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Bench {
+            container,
+            stream_only,
+            fidelity,
+            ram,
+            direct,
+            prefetch,
+            warm,
+            reps,
+            json,
+        } => {
+            if !stream_only {
+                anyhow::bail!(
+                    "tpde bench runs the loader only for now: add --stream-only (running the model is not implemented yet)"
+                );
+            }
+            let opts = tpde_loader::bench::BenchOptions {
+                load: tpde_loader::LoadOptions {
+                    fidelity: match fidelity {
+                        FidelityArg::Base => tpde_pack::Fidelity::Base,
+                        FidelityArg::Exact => tpde_pack::Fidelity::Exact,
+                    },
+                    ram_budget: ram,
+                    prefetch: prefetch.max(1),
+                    direct,
+                },
+                cold: !warm,
+                reps: reps.max(1),
+                argv: std::env::args().collect(),
+            };
+            if !json && std::io::stderr().is_terminal() {
+                eprintln!(
+                    "tpde bench: {} pass(es) over {} …",
+                    opts.reps,
+                    container.display()
+                );
+            }
+            let r = tpde_loader::bench::run(&container, &opts)?;
+            if json {
+                print_json(&serde_json::to_value(&r)?);
+            } else {
+                print_bench(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pack {
             source,
             output,
@@ -350,6 +457,125 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { dir } => demo::run(dir.as_deref()),
     }
+}
+
+/// The readable report of `tpde bench --stream-only`.
+fn print_bench(b: &tpde_loader::bench::BenchReport) {
+    let r = &b.results;
+    let gb = |x: f64| format!("{x:.3} GB/s");
+    let mib = |x: u64| format!("{:.1} MiB", x as f64 / (1 << 20) as f64);
+    let env = &b.audit["environment"];
+    println!(
+        "tpde bench --stream-only: fidelity {}, {}, page cache {}, {} pass(es), {} decode threads",
+        r.fidelity,
+        if r.direct {
+            "O_DIRECT"
+        } else {
+            "buffered reads"
+        },
+        r.page_cache,
+        b.passes.len(),
+        b.audit["threads"]
+    );
+    println!(
+        "  container {}  ({} original bytes, {} steps, {} tensors)",
+        b.audit["container"]["path"].as_str().unwrap_or(""),
+        r.original_bytes,
+        r.steps,
+        r.tensors
+    );
+    println!(
+        "  {:<34} {:>14}",
+        "raw read, O_DIRECT",
+        r.raw_direct_gbps.map_or("n/a".into(), gb)
+    );
+    println!(
+        "  {:<34} {:>14}",
+        "raw read, buffered",
+        gb(r.raw_buffered_gbps)
+    );
+    println!(
+        "  {:<34} {:>14}  {:.2} × raw (goal ≥ 0.9)",
+        "container read",
+        gb(r.container_read_gbps),
+        r.read_vs_raw
+    );
+    println!(
+        "  {:<34} {:>14}  {:.2} × raw; {:.2} × the disk bound raw × original ÷ read (goal ≥ 0.9)",
+        "effective (original bytes / s)",
+        gb(r.effective_gbps),
+        r.effective_vs_raw,
+        r.effective_vs_bound
+    );
+    println!(
+        "  {:<34} {:>14}  ({:.3} × original)",
+        "bytes read",
+        r.bytes_read,
+        r.bytes_read as f64 / r.original_bytes.max(1) as f64
+    );
+    println!("  stages (busy seconds summed over threads; GB/s per busy second):");
+    let st = &r.stages;
+    for (name, s, g) in [
+        ("read", st.read, Some(r.stage_gbps.read)),
+        ("checksum", st.checksum, Some(r.stage_gbps.checksum)),
+        ("decompress", st.decompress, Some(r.stage_gbps.decompress)),
+        (
+            "reconstruct",
+            st.reconstruct,
+            Some(r.stage_gbps.reconstruct),
+        ),
+        ("consume", st.consume, None),
+    ] {
+        println!(
+            "    {:<12} {:>9.4} s  {}",
+            name,
+            s,
+            g.map_or(String::new(), gb)
+        );
+    }
+    println!(
+        "  bottleneck {}; overlap efficiency {:.2} (slowest stage ÷ wall)",
+        r.bottleneck, r.overlap_efficiency
+    );
+    println!(
+        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + {} × {} read buffers + {} output",
+        r.peak_rss_bytes.map_or("n/a".into(), mib),
+        r.ram_budget.map_or("none".into(), mib),
+        mib(r.memory.baseline_rss),
+        mib(r.memory.hot),
+        r.memory.pool_buffers,
+        mib(r.memory.pool_buffer_bytes),
+        mib(r.memory.output_bytes)
+    );
+    println!(
+        "  by place: RAM {}, GPU {}, left on SSD {}",
+        mib(r.composition.ram_bytes),
+        mib(r.composition.gpu_bytes),
+        mib(r.composition.ssd_bytes)
+    );
+    match &r.disk {
+        Some(d) => println!(
+            "  disk {}: {} read in {} requests ({:.0} IOPS) during the median pass",
+            d.device,
+            mib(d.read_bytes),
+            d.reads,
+            d.iops
+        ),
+        None => println!("  disk: no block-device counters for this file system"),
+    }
+    println!(
+        "  audit: tpde {} ({}), {}, {}, {}, {} cores, {} RAM; started {}, ended {}",
+        env["tpde_version"].as_str().unwrap_or("?"),
+        env["git_commit"].as_str().unwrap_or("?"),
+        env["rustc"].as_str().unwrap_or("?"),
+        env["os"].as_str().unwrap_or("?"),
+        env["cpu_model"].as_str().unwrap_or("?"),
+        env["logical_cores"],
+        env["ram_bytes"].as_u64().map_or("?".into(), mib),
+        b.audit["started"].as_str().unwrap_or("?"),
+        b.audit["ended"].as_str().unwrap_or("?"),
+    );
+    println!("  (--json prints everything, the audit trail included)");
 }
 
 fn print_json(v: &serde_json::Value) {

@@ -648,16 +648,31 @@ pub fn decode(
     chunk: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    decode_timed(dtype, layout, base, chunk, out).map(|_| ())
+}
+
+/// [`decode`], also returning how long its two stages took: decompressing
+/// the residual's zstd frames, and reconstructing the values from the
+/// base's predictions and the residuals.
+pub fn decode_timed(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    base: &[u8],
+    chunk: &[u8],
+    out: &mut [u8],
+) -> Result<(std::time::Duration, std::time::Duration), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
+        let t0 = std::time::Instant::now();
         let (offsets, counts) = decompress_planes(dtype, layout, base, rows, chunk, planes)?;
+        let t1 = std::time::Instant::now();
         match dtype.width() {
             2 => gather::<2>(dtype, layout, base, rows, &offsets, &counts, planes, out),
             4 => gather::<4>(dtype, layout, base, rows, &offsets, &counts, planes, out),
             _ => gather::<8>(dtype, layout, base, rows, &offsets, &counts, planes, out),
         }
-        Ok(())
+        Ok((t1 - t0, t1.elapsed()))
     })
 }
 
@@ -802,10 +817,15 @@ fn base_values_w<const W: usize>(
             let scale = block_scale(&row[off..]);
             let payload = &row[off + 2..];
             let o = &mut orow[col * W..(col + len) * W];
+            // The scale widened once per group (what `predict_bits` does per call).
+            let df = scale.to_f32();
             let bits = |q: i32| -> [u8; W] {
-                dtype.predict_bits(q, scale).to_le_bytes()[..W]
-                    .try_into()
-                    .expect("width")
+                let v = match dtype {
+                    FloatDtype::BF16 => crate::float::bf16_bits_rne(q as f32 * df) as u64,
+                    FloatDtype::F32 => (q as f32 * df).to_bits() as u64,
+                    _ => dtype.predict_bits(q, scale),
+                };
+                v.to_le_bytes()[..W].try_into().expect("width")
             };
             match layout.codec {
                 BaseCodec::Q4 => {

@@ -57,14 +57,16 @@ impl Error {
         }
     }
 
-    pub(crate) fn input(path: &Path, msg: impl Into<String>) -> Error {
+    /// An unusable input, named by `path`.
+    pub fn input(path: &Path, msg: impl Into<String>) -> Error {
         Error::Input {
             path: path.to_path_buf(),
             msg: msg.into(),
         }
     }
 
-    pub(crate) fn integrity(path: &Path, what: impl Into<String>) -> Error {
+    /// Stored data that is not what the manifest says, named by `path`.
+    pub fn integrity(path: &Path, what: impl Into<String>) -> Error {
         Error::Integrity {
             path: path.to_path_buf(),
             what: what.into(),

@@ -1,0 +1,902 @@
+//! Streaming a container in execution order under a memory budget.
+//!
+//! [`Loader::open`] plans the steps and the memory (a budget that cannot
+//! hold the hot tier is refused there). [`Loader::stream`] then walks the
+//! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). A reader
+//! thread reads, for each step, its part of the hot section into the
+//! resident hot buffer (first pass only: the hot tier stays resident), then
+//! its streamed sections (its cold section and its expert shards; at base
+//! fidelity only the shards' hot parts) into a buffer from a fixed pool, in
+//! pieces of about [`PIECE_BYTES`]. The calling thread starts checking
+//! (xxh3), decompressing and reconstructing each chunk on the rayon pool as
+//! soon as the pieces holding it have landed, into the step's output
+//! buffer, and hands the step to the consumer when all its chunks are done.
+//! The reader runs up to `pool_buffers` steps ahead and waits for a free
+//! buffer when it gets there (backpressure); a step's bytes reach the
+//! consumer only after every one of their checksums passed.
+
+use crate::telemetry;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+use tpde_codecs::{residual, xxh3, FloatDtype};
+use tpde_format::{Extent, Section, SectionKind, Storage, SECTION_ALIGN};
+use tpde_pack::{Container, Error, Fidelity, Result};
+
+/// How to stream.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub fidelity: Fidelity,
+    /// Most resident memory of the whole process, bytes; `None`: no limit.
+    pub ram_budget: Option<u64>,
+    /// Steps read ahead of the consumer (buffers in the pool); 2 is double
+    /// buffering. Lowered to fit the budget, never below 1.
+    pub prefetch: usize,
+    /// Read with `O_DIRECT` (aligned buffers, no page cache).
+    pub direct: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            fidelity: Fidelity::Exact,
+            ram_budget: None,
+            prefetch: 2,
+            direct: false,
+        }
+    }
+}
+
+/// Where the loader's memory goes, bytes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Resident size of the process before the loader allocated anything.
+    pub baseline_rss: u64,
+    /// The resident hot tier (as read: rounded to whole blocks with `O_DIRECT`).
+    pub hot: u64,
+    /// Read buffers in the pool, and the size of each (the largest step's reads).
+    pub pool_buffers: usize,
+    pub pool_buffer_bytes: u64,
+    /// The largest step's delivered tensors.
+    pub output_bytes: u64,
+    /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes`.
+    pub total: u64,
+}
+
+/// One step of execution order and what it reads.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// `pre`, `layer.N` or `post`.
+    pub name: String,
+    /// Manifest indices of its tensors, in manifest (execution) order.
+    pub tensors: Vec<usize>,
+    /// The part of the hot section read with this step on the first pass
+    /// (file offsets; whole blocks with `O_DIRECT`).
+    pub hot: (u64, u64),
+    /// Byte ranges of the container streamed for this step (every pass),
+    /// in file order.
+    pub spans: Vec<(u64, u64)>,
+    /// Sum of the spans' lengths.
+    pub read_bytes: u64,
+    /// Original bytes of its tensors.
+    pub original_bytes: u64,
+}
+
+/// A delivered step: its tensors, back to back in `data`. The consumer may
+/// take `data` (`std::mem::take`) and own it; otherwise the loader reuses
+/// the buffer for the next step.
+#[derive(Debug, Default)]
+pub struct LoadedStep {
+    /// The step's name (`pre`, `layer.N`, `post`).
+    pub name: String,
+    pub tensors: Vec<LoadedTensor>,
+    pub data: Vec<u8>,
+}
+
+impl LoadedStep {
+    /// The bytes of one of this step's tensors.
+    pub fn bytes(&self, t: &LoadedTensor) -> &[u8] {
+        &self.data[t.range.clone()]
+    }
+}
+
+/// A tensor of a delivered step. At `exact` fidelity its bytes are the
+/// original ones; at `base` the hot tier's values in the tensor's dtype
+/// (tensors stored exactly come back exactly).
+#[derive(Clone, Debug)]
+pub struct LoadedTensor {
+    /// Index in the manifest.
+    pub index: usize,
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// Where its bytes are in [`LoadedStep::data`].
+    pub range: std::ops::Range<usize>,
+}
+
+/// Seconds each stage was busy, summed over the threads that ran it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageSeconds {
+    /// The reader thread inside `pread`.
+    pub read: f64,
+    /// xxh3 of every extent read.
+    pub checksum: f64,
+    /// zstd frames of the residuals (exact fidelity).
+    pub decompress: f64,
+    /// Values rebuilt from bases and residuals, or from bases alone, or copied.
+    pub reconstruct: f64,
+    /// The consumer's callback.
+    pub consume: f64,
+}
+
+/// What one pass over the model did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StreamReport {
+    pub steps: usize,
+    pub tensors: usize,
+    /// Bytes read from the container: the hot tier (first pass) and every
+    /// streamed section.
+    pub read_bytes: u64,
+    /// Of which the hot tier.
+    pub hot_bytes: u64,
+    /// Original bytes delivered to the consumer.
+    pub delivered_bytes: u64,
+    pub wall_seconds: f64,
+    pub stages: StageSeconds,
+    /// Rayon threads that ran the checksum, decompress and reconstruct stages.
+    pub decode_threads: usize,
+}
+
+/// A buffer whose usable part starts at a 4096-aligned address, as
+/// `O_DIRECT` requires.
+pub(crate) struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl AlignedBuf {
+    pub(crate) fn new(cap: u64) -> AlignedBuf {
+        let cap = cap as usize;
+        let raw = vec![0u8; cap + SECTION_ALIGN as usize];
+        let start = raw.as_ptr().align_offset(SECTION_ALIGN as usize);
+        AlignedBuf { raw, start, cap }
+    }
+
+    pub(crate) fn get_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len.min(self.cap)]
+    }
+}
+
+/// Bytes read at once while streaming: large enough for efficient reads,
+/// small enough that decoding starts soon after a step's first read.
+pub const PIECE_BYTES: u64 = 2 << 20;
+
+/// A buffer that one thread fills in disjoint ranges while others read the
+/// ranges already filled. The synchronization is the loader's messages: a
+/// range is read only after the message saying it was filled, and is not
+/// written again while anything may read it.
+struct Shared {
+    _buf: AlignedBuf,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: access goes through `fill` and `filled`, whose callers uphold
+// the exclusivity rules stated there.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(len: u64) -> Shared {
+        let mut buf = AlignedBuf::new(len);
+        let s = buf.get_mut(len as usize);
+        let (ptr, len) = (s.as_mut_ptr(), s.len());
+        Shared {
+            _buf: buf,
+            ptr,
+            len,
+        }
+    }
+
+    /// # Safety
+    ///
+    /// Nothing else reads or writes `[a, b)` while the result lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn fill(&self, a: usize, b: usize) -> &mut [u8] {
+        assert!(a <= b && b <= self.len, "range in the buffer");
+        std::slice::from_raw_parts_mut(self.ptr.add(a), b - a)
+    }
+
+    /// # Safety
+    ///
+    /// `[a, b)` was filled before (and that is synchronized with this
+    /// thread), and is not filled again while the result lives.
+    unsafe fn filled(&self, a: usize, b: usize) -> &[u8] {
+        assert!(a <= b && b <= self.len, "range in the buffer");
+        std::slice::from_raw_parts(self.ptr.add(a), b - a)
+    }
+}
+
+/// An open container ready to stream.
+pub struct Loader {
+    pub container: Container,
+    pub options: LoadOptions,
+    pub memory: MemoryPlan,
+    steps: Vec<Step>,
+    /// The file read while streaming (opened with `O_DIRECT` when asked).
+    file: File,
+    /// The hot section as read (whole blocks with `O_DIRECT`), resident,
+    /// and the file offset of its first byte.
+    hot: Shared,
+    hot_at: u64,
+    hot_len: u64,
+    /// Whether a complete pass read and checked the hot tier.
+    hot_loaded: bool,
+    /// Read buffers, each `memory.pool_buffer_bytes` long.
+    pool: Vec<Shared>,
+    /// The step buffer given back by the consumer, reused.
+    spare: Vec<u8>,
+}
+
+fn align_down(x: u64) -> u64 {
+    x - x % SECTION_ALIGN
+}
+
+fn align_up(x: u64) -> u64 {
+    x.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
+}
+
+/// Reads `buf.len()` bytes at `offset`; a short file is an integrity error.
+fn read_into(file: &File, path: &Path, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        Error::integrity(
+            path,
+            format!("{what}: cannot read {} bytes at {offset}: {e}", buf.len()),
+        )
+    })
+}
+
+/// What the reader tells the calling thread, in order.
+enum Msg {
+    /// The hot buffer is filled up to this file offset.
+    Hot(u64),
+    /// Pool buffer `slot` holds this step's streamed bytes up to `upto`.
+    Streamed {
+        slot: usize,
+        upto: usize,
+    },
+    /// Everything of step `step` was read; `slot` is its pool buffer.
+    StepRead {
+        step: usize,
+        slot: Option<usize>,
+    },
+    Failed(Error),
+}
+
+/// Pieces of `[0, len)` of about [`PIECE_BYTES`] (multiples of the
+/// alignment when `len` is one).
+fn pieces(len: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(PIECE_BYTES)).map(move |k| {
+        let a = k * PIECE_BYTES;
+        (a, (a + PIECE_BYTES).min(len))
+    })
+}
+
+impl Loader {
+    /// Opens `path` and plans the steps and the memory. A budget that
+    /// cannot hold the hot tier, or one step besides it, is an error here,
+    /// before anything big is allocated.
+    pub fn open(path: &Path, options: LoadOptions) -> Result<Loader> {
+        let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
+        let container = Container::open(path)?;
+        let direct = options.direct;
+        let file = if direct {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .map_err(|e| {
+                    Error::input(
+                        path,
+                        format!(
+                            "cannot open with O_DIRECT (does the file system support it?): {e}"
+                        ),
+                    )
+                })?
+        } else {
+            container
+                .file
+                .try_clone()
+                .map_err(|e| Error::input(path, format!("cannot reopen: {e}")))?
+        };
+        let span = |offset: u64, len: u64| {
+            if direct {
+                let a = align_down(offset);
+                (a, align_up(offset + len) - a)
+            } else {
+                (offset, len)
+            }
+        };
+        let m = &container.manifest;
+        let hot_section = m.sections.iter().find(|s| s.kind == SectionKind::Hot);
+        let (hot_at, hot_len) = hot_section.map_or((0, 0), |s| span(s.offset, s.len));
+        let steps = plan_steps(
+            &container,
+            options.fidelity,
+            &span,
+            (hot_at, hot_len),
+            direct,
+        );
+        let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
+        let out = steps.iter().map(|s| s.original_bytes).max().unwrap_or(0);
+        let need = |n: u64| baseline_rss + hot_len + n * slot + out;
+        let mut buffers = options.prefetch.max(1);
+        if let Some(budget) = options.ram_budget {
+            if baseline_rss + hot_len > budget {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "memory budget of {budget} bytes cannot hold the hot tier ({hot_len} bytes) \
+                         besides the process itself ({baseline_rss} bytes resident)"
+                    ),
+                ));
+            }
+            while buffers > 1 && need(buffers as u64) > budget {
+                buffers -= 1;
+            }
+            if need(buffers as u64) > budget {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
+                         (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
+                         the largest step's tensors {out})",
+                        need(1)
+                    ),
+                ));
+            }
+        }
+        let memory = MemoryPlan {
+            baseline_rss,
+            hot: hot_len,
+            pool_buffers: buffers,
+            pool_buffer_bytes: slot,
+            output_bytes: out,
+            total: need(buffers as u64),
+        };
+        Ok(Loader {
+            container,
+            options,
+            memory,
+            steps,
+            file,
+            hot: Shared::new(hot_len),
+            hot_at,
+            hot_len,
+            hot_loaded: false,
+            pool: (0..buffers).map(|_| Shared::new(slot)).collect(),
+            spare: Vec::new(),
+        })
+    }
+
+    /// The steps, in the order [`Loader::stream`] delivers them.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// Bytes of the hot tier (as read: whole blocks with `O_DIRECT`).
+    pub fn hot_bytes(&self) -> u64 {
+        self.hot_len
+    }
+
+    /// Streams every step in order to `consume`. The first error (a read, a
+    /// checksum, a decode, or the consumer's) stops the stream and is
+    /// returned; the failing step is not delivered.
+    pub fn stream(
+        &mut self,
+        mut consume: impl FnMut(&mut LoadedStep) -> Result<()>,
+    ) -> Result<StreamReport> {
+        let wall = Instant::now();
+        let mut spare = std::mem::take(&mut self.spare);
+        let this = &*self;
+        let path = &this.container.path;
+        let first_pass = !this.hot_loaded;
+        let read_ns = AtomicU64::new(0);
+        let timers = Timers::default();
+        let mut consume_ns = 0u64;
+        let (free_tx, free_rx) = mpsc::channel::<usize>();
+        for k in 0..this.pool.len() {
+            free_tx.send(k).expect("receiver alive");
+        }
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let mut delivered = (0u64, 0usize);
+        let result = std::thread::scope(|scope| -> Result<()> {
+            let read_ns = &read_ns;
+            scope.spawn(move || {
+                let fail = |e| {
+                    let _ = tx.send(Msg::Failed(e));
+                };
+                let timed = |f: &mut dyn FnMut() -> Result<()>| {
+                    let t = Instant::now();
+                    let r = f();
+                    read_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                    r
+                };
+                for (i, step) in this.steps.iter().enumerate() {
+                    if first_pass && step.hot.1 > 0 {
+                        let base = step.hot.0 - this.hot_at;
+                        for (a, b) in pieces(step.hot.1) {
+                            // SAFETY: the reader is the only writer; the steps'
+                            // hot ranges are disjoint and each piece is read
+                            // before the message that makes it readable.
+                            let buf =
+                                unsafe { this.hot.fill((base + a) as usize, (base + b) as usize) };
+                            let at = step.hot.0 + a;
+                            if let Err(e) =
+                                timed(&mut || read_into(&this.file, path, at, buf, "hot tier"))
+                            {
+                                return fail(e);
+                            }
+                            if tx.send(Msg::Hot(step.hot.0 + b)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let mut slot = None;
+                    if step.read_bytes > 0 {
+                        // Backpressure: wait for a buffer the consumer is done with.
+                        let Ok(k) = free_rx.recv() else { return };
+                        slot = Some(k);
+                        let mut at = 0u64;
+                        for &(offset, len) in &step.spans {
+                            for (a, b) in pieces(len) {
+                                // SAFETY: buffer `k` was given back, so nothing
+                                // reads it; pieces are disjoint and announced
+                                // only once read.
+                                let buf = unsafe {
+                                    this.pool[k].fill((at + a) as usize, (at + b) as usize)
+                                };
+                                let what = format!("step {}", step.name);
+                                if let Err(e) = timed(&mut || {
+                                    read_into(&this.file, path, offset + a, buf, &what)
+                                }) {
+                                    return fail(e);
+                                }
+                                let upto = (at + b) as usize;
+                                if tx.send(Msg::Streamed { slot: k, upto }).is_err() {
+                                    return;
+                                }
+                            }
+                            at += len;
+                        }
+                    }
+                    if tx.send(Msg::StepRead { step: i, slot }).is_err() {
+                        return;
+                    }
+                }
+            });
+            // The channels move in here, so that an early return closes
+            // them and the reader stops instead of waiting forever.
+            let (free_tx, rx) = (free_tx, rx);
+            let mut hot_upto = if first_pass {
+                this.hot_at
+            } else {
+                this.hot_at + this.hot_len
+            };
+            for (i, step) in this.steps.iter().enumerate() {
+                let mut loaded = this.layout(step, &mut spare);
+                let jobs = this.jobs(step, &mut loaded);
+                let failed = Mutex::new(None::<(usize, Error)>);
+                let mut slot = None;
+                let mut streamed_upto = 0usize;
+                let mut done = false;
+                let mut pending: Vec<Job> = jobs;
+                rayon::in_place_scope(|s| -> Result<()> {
+                    while !(done && pending.is_empty()) {
+                        match rx.recv() {
+                            Ok(Msg::Hot(upto)) => hot_upto = upto,
+                            Ok(Msg::Streamed { slot: k, upto }) => {
+                                slot = Some(k);
+                                streamed_upto = upto;
+                            }
+                            Ok(Msg::StepRead { step: j, slot: k }) => {
+                                debug_assert_eq!(j, i, "steps arrive in order");
+                                slot = slot.or(k);
+                                done = true;
+                            }
+                            Ok(Msg::Failed(e)) => return Err(e),
+                            Err(_) => {
+                                return Err(Error::integrity(path, "the reader stopped early"))
+                            }
+                        }
+                        let ready =
+                            |j: &Job| j.hot_end <= hot_upto && j.streamed_end <= streamed_upto;
+                        let (now, later): (Vec<Job>, Vec<Job>) =
+                            pending.drain(..).partition(|j| ready(j));
+                        pending = later;
+                        if done && !pending.is_empty() {
+                            return Err(Error::integrity(
+                                path,
+                                format!("step {}: chunks outside what was read", step.name),
+                            ));
+                        }
+                        for job in now {
+                            let (failed, timers) = (&failed, &timers);
+                            s.spawn(move |_| {
+                                let order = job.order;
+                                if let Err(e) = this.run_job(step, job, slot, first_pass, timers) {
+                                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                    if f.as_ref().is_none_or(|(k, _)| order < *k) {
+                                        *f = Some((order, e));
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    Ok(())
+                })?;
+                if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    return Err(e);
+                }
+                delivered.0 += step.original_bytes;
+                delivered.1 += loaded.tensors.len();
+                let t = Instant::now();
+                consume(&mut loaded)?;
+                consume_ns += t.elapsed().as_nanos() as u64;
+                spare = std::mem::take(&mut loaded.data);
+                if let Some(k) = slot {
+                    let _ = free_tx.send(k);
+                }
+            }
+            Ok(())
+        });
+        self.spare = spare;
+        result?;
+        self.hot_loaded = true;
+        let s = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
+        let hot_bytes = if first_pass { self.hot_len } else { 0 };
+        Ok(StreamReport {
+            steps: self.steps.len(),
+            tensors: delivered.1,
+            read_bytes: hot_bytes + self.steps.iter().map(|s| s.read_bytes).sum::<u64>(),
+            hot_bytes,
+            delivered_bytes: delivered.0,
+            wall_seconds: wall.elapsed().as_secs_f64(),
+            stages: StageSeconds {
+                read: s(read_ns.load(Relaxed)),
+                checksum: s(timers.checksum.load(Relaxed)),
+                decompress: s(timers.decompress.load(Relaxed)),
+                reconstruct: s(timers.reconstruct.load(Relaxed)),
+                consume: s(consume_ns),
+            },
+            decode_threads: rayon::current_num_threads(),
+        })
+    }
+
+    /// A step's output: one buffer (the spare one, grown as needed), the
+    /// tensors back to back.
+    fn layout(&self, step: &Step, spare: &mut Vec<u8>) -> LoadedStep {
+        let m = &self.container.manifest;
+        let mut data = std::mem::take(spare);
+        // Every byte is written by the decoders; a reused buffer is not cleared.
+        if data.len() < step.original_bytes as usize {
+            data.resize(step.original_bytes as usize, 0);
+        }
+        data.truncate(step.original_bytes as usize);
+        let mut at = 0usize;
+        let tensors = step
+            .tensors
+            .iter()
+            .map(|&ti| {
+                let t = &m.tensors[ti];
+                let range = at..at + t.byte_len as usize;
+                at = range.end;
+                LoadedTensor {
+                    index: ti,
+                    name: t.name.clone(),
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                    range,
+                }
+            })
+            .collect();
+        LoadedStep {
+            name: step.name.clone(),
+            tensors,
+            data,
+        }
+    }
+
+    /// Every chunk of a step as a job, with what it waits for and where it writes.
+    fn jobs<'a>(&self, step: &Step, loaded: &'a mut LoadedStep) -> Vec<Job<'a>> {
+        let LoadedStep { tensors, data, .. } = loaded;
+        let c = &self.container;
+        let m = &c.manifest;
+        // Where a streamed extent ends in the step's pool buffer.
+        let streamed_end = |e: &Extent| -> Option<usize> {
+            let mut at = 0u64;
+            for &(offset, len) in &step.spans {
+                if e.offset >= offset && e.end() <= offset + len {
+                    return Some((at + e.end() - offset) as usize);
+                }
+                at += len;
+            }
+            None
+        };
+        let hot_end = self.hot_at + self.hot_len;
+        let in_hot = |e: &Extent| e.offset >= self.hot_at && e.end() <= hot_end;
+        let mut jobs = Vec::new();
+        let mut rest = &mut data[..];
+        for t in tensors.iter() {
+            let tensor = &m.tensors[t.index];
+            for (ci, len) in c.chunk_lens(tensor).into_iter().enumerate() {
+                let (out, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+                rest = tail;
+                let (hot, cold) = match &tensor.storage {
+                    Storage::Raw { chunks } => (chunks[ci], None),
+                    Storage::Decomposed { chunks, .. } => (
+                        chunks[ci].base,
+                        (self.options.fidelity == Fidelity::Exact).then_some(chunks[ci].cold),
+                    ),
+                };
+                let mut job = Job {
+                    order: jobs.len(),
+                    ti: t.index,
+                    ci,
+                    out,
+                    hot_end: 0,
+                    streamed_end: 0,
+                };
+                for e in std::iter::once(hot).chain(cold) {
+                    if in_hot(&e) {
+                        job.hot_end = job.hot_end.max(e.end());
+                    } else if let Some(end) = streamed_end(&e) {
+                        job.streamed_end = job.streamed_end.max(end);
+                    } else {
+                        // Not read for this step: never ready, reported by `stream`.
+                        job.streamed_end = usize::MAX;
+                    }
+                }
+                jobs.push(job);
+            }
+        }
+        jobs
+    }
+
+    /// Checks, decompresses and reconstructs one chunk into its place.
+    fn run_job(
+        &self,
+        step: &Step,
+        job: Job,
+        slot: Option<usize>,
+        check_hot: bool,
+        timers: &Timers,
+    ) -> Result<()> {
+        let c = &self.container;
+        let Job { ti, ci, out, .. } = job;
+        let t = &c.manifest.tensors[ti];
+        let who = || format!("tensor {:?} chunk {ci}", t.name);
+        let hot_end = self.hot_at + self.hot_len;
+        // An extent's bytes, checked (resident hot bytes only on the first pass).
+        let get = |e: &Extent, what: &str| -> Result<&[u8]> {
+            let (b, check) = if e.offset >= self.hot_at && e.end() <= hot_end {
+                let a = (e.offset - self.hot_at) as usize;
+                // SAFETY: the job became ready after the hot buffer was filled
+                // past this extent, and the hot buffer is not written again
+                // during this pass.
+                (unsafe { self.hot.filled(a, a + e.len as usize) }, check_hot)
+            } else {
+                let mut at = 0u64;
+                let mut found = None;
+                for &(offset, len) in &step.spans {
+                    if e.offset >= offset && e.end() <= offset + len {
+                        found = Some((at + e.offset - offset) as usize);
+                        break;
+                    }
+                    at += len;
+                }
+                let (Some(a), Some(k)) = (found, slot) else {
+                    return Err(Error::integrity(
+                        &c.path,
+                        format!("{}{what}: not read", who()),
+                    ));
+                };
+                // SAFETY: the job became ready after this part of the pool
+                // buffer was filled, and the buffer is given back to the
+                // reader only after the step's jobs are done.
+                (unsafe { self.pool[k].filled(a, a + e.len as usize) }, true)
+            };
+            if check {
+                let t0 = Instant::now();
+                let ok = xxh3(b) == e.xxh3;
+                timers.add(&timers.checksum, t0);
+                if !ok {
+                    return Err(Error::integrity(
+                        &c.path,
+                        format!(
+                            "{}{what}: checksum mismatch (xxh3 of bytes {}..{})",
+                            who(),
+                            e.offset,
+                            e.end()
+                        ),
+                    ));
+                }
+            }
+            Ok(b)
+        };
+        match &t.storage {
+            Storage::Raw { chunks } => {
+                let b = get(&chunks[ci], "")?;
+                let t0 = Instant::now();
+                out.copy_from_slice(b);
+                timers.add(&timers.reconstruct, t0);
+            }
+            Storage::Decomposed { chunks, .. } => {
+                let ch = &chunks[ci];
+                let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
+                let layout = t.base_layout().expect("decomposed");
+                let base = get(&ch.base, " (hot base)")?;
+                let bad = |e| Error::integrity(&c.path, format!("{}: {e}", who()));
+                if self.options.fidelity == Fidelity::Exact {
+                    let cold = get(&ch.cold, " (cold residual)")?;
+                    let (z, g) =
+                        residual::decode_timed(dtype, &layout, base, cold, out).map_err(bad)?;
+                    timers.decompress.fetch_add(z.as_nanos() as u64, Relaxed);
+                    timers.reconstruct.fetch_add(g.as_nanos() as u64, Relaxed);
+                } else {
+                    let t0 = Instant::now();
+                    residual::base_values(dtype, &layout, base, out).map_err(bad)?;
+                    timers.add(&timers.reconstruct, t0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One chunk to rebuild.
+struct Job<'a> {
+    /// Position in the step (the first failing job's error is reported).
+    order: usize,
+    ti: usize,
+    ci: usize,
+    out: &'a mut [u8],
+    /// Ready when the hot buffer is filled to this file offset…
+    hot_end: u64,
+    /// …and the step's pool buffer to this offset.
+    streamed_end: usize,
+}
+
+/// Busy nanoseconds of the decode stages, summed over threads.
+#[derive(Default)]
+struct Timers {
+    checksum: AtomicU64,
+    decompress: AtomicU64,
+    reconstruct: AtomicU64,
+}
+
+impl Timers {
+    fn add(&self, to: &AtomicU64, since: Instant) {
+        to.fetch_add(since.elapsed().as_nanos() as u64, Relaxed);
+    }
+}
+
+/// The section holding byte `offset`, by binary search.
+fn section_at(sections: &[Section], offset: u64) -> Option<usize> {
+    let i = sections.partition_point(|s| s.offset <= offset);
+    (i > 0 && offset < sections[i - 1].offset + sections[i - 1].len).then(|| i - 1)
+}
+
+/// Execution steps from the manifest's tensor order (execution order):
+/// tensors before the first layer are `pre`, each layer's tensors one step,
+/// the rest `post`. Each step reads, on the first pass, its part of the hot
+/// section (`hot`: the hot section's bytes up to its last hot extent, from
+/// where the previous step's part ended), and on every pass the sections
+/// that hold its streamed extents: cold sections (exact fidelity) and
+/// expert shards (their hot part only at base fidelity). `span` maps a
+/// section's range to what is read (whole blocks with `O_DIRECT`).
+fn plan_steps(
+    c: &Container,
+    fidelity: Fidelity,
+    span: &dyn Fn(u64, u64) -> (u64, u64),
+    (hot_at, hot_len): (u64, u64),
+    direct: bool,
+) -> Vec<Step> {
+    let m = &c.manifest;
+    let mut steps: Vec<(Step, Vec<usize>, u64)> = Vec::new();
+    let mut seen_layer = false;
+    let in_hot = |e: &Extent| e.offset >= hot_at && e.end() <= hot_at + hot_len;
+    for (ti, t) in m.tensors.iter().enumerate() {
+        let name = match t.layer {
+            Some(l) => {
+                seen_layer = true;
+                format!("layer.{l}")
+            }
+            None if !seen_layer => "pre".to_string(),
+            None => "post".to_string(),
+        };
+        if steps.last().map(|(s, _, _)| &s.name) != Some(&name) {
+            steps.push((
+                Step {
+                    name,
+                    tensors: Vec::new(),
+                    hot: (0, 0),
+                    spans: Vec::new(),
+                    read_bytes: 0,
+                    original_bytes: 0,
+                },
+                Vec::new(),
+                0,
+            ));
+        }
+        let (step, sections, hot_end) = steps.last_mut().expect("pushed");
+        step.tensors.push(ti);
+        step.original_bytes += t.byte_len;
+        let mut note = |e: &Extent, cold: bool| {
+            if in_hot(e) {
+                *hot_end = (*hot_end).max(e.end());
+            } else if let Some(si) = section_at(&m.sections, e.offset) {
+                let kind = m.sections[si].kind;
+                if kind == SectionKind::Expert || (cold && fidelity == Fidelity::Exact) {
+                    sections.push(si);
+                }
+            }
+        };
+        match &t.storage {
+            Storage::Raw { chunks } => chunks.iter().for_each(|c| note(c, false)),
+            Storage::Decomposed { chunks, .. } => {
+                for ch in chunks {
+                    note(&ch.base, false);
+                    if fidelity == Fidelity::Exact {
+                        note(&ch.cold, true);
+                    }
+                }
+            }
+        }
+    }
+    let last_hot = steps.iter().rposition(|(_, _, e)| *e > 0);
+    let mut hot_from = hot_at;
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut step, mut sections, hot_end))| {
+            if hot_end > 0 {
+                let end = if Some(i) == last_hot {
+                    hot_at + hot_len
+                } else if direct {
+                    hot_end.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
+                } else {
+                    hot_end
+                };
+                let end = end.max(hot_from);
+                step.hot = (hot_from, end - hot_from);
+                hot_from = end;
+            } else {
+                step.hot = (hot_from, 0);
+            }
+            sections.sort_unstable();
+            sections.dedup();
+            for si in sections {
+                let s = &m.sections[si];
+                let len = match (s.kind, fidelity) {
+                    (SectionKind::Expert, Fidelity::Base) => m
+                        .experts
+                        .iter()
+                        .find(|x| x.section as usize == si)
+                        .map_or(s.len, |x| x.hot_len),
+                    _ => s.len,
+                };
+                if len > 0 {
+                    let (a, n) = span(s.offset, len);
+                    step.spans.push((a, n));
+                    step.read_bytes += n;
+                }
+            }
+            step
+        })
+        .collect()
+}

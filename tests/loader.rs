@@ -1,0 +1,396 @@
+//! The runtime loader: execution order, exact bytes, the memory budget,
+//! damage found mid-stream, a file truncated under it, and `tpde bench
+//! --stream-only`.
+
+use crate::util::*;
+use std::path::Path;
+use tpde_loader::{LoadOptions, Loader};
+use tpde_pack::Fidelity;
+
+/// A delivered tensor: manifest index, name, bytes.
+struct Got {
+    index: usize,
+    name: String,
+    data: Vec<u8>,
+}
+
+/// Streams the whole container (twice: the second pass finds the hot tier
+/// resident and must deliver the same); returns (step name, tensors) in
+/// delivery order.
+fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
+    let mut loader = Loader::open(path, opts).unwrap();
+    let mut passes = Vec::new();
+    for pass in 0..2 {
+        let mut got = Vec::new();
+        let report = loader
+            .stream(|step| {
+                let ts: Vec<Got> = step
+                    .tensors
+                    .iter()
+                    .map(|t| Got {
+                        index: t.index,
+                        name: t.name.clone(),
+                        data: step.bytes(t).to_vec(),
+                    })
+                    .collect();
+                got.push((step.name.clone(), ts));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(report.steps, got.len());
+        assert_eq!(
+            report.hot_bytes == 0,
+            pass == 1,
+            "the hot tier is read once"
+        );
+        passes.push(got);
+    }
+    let second = passes.pop().unwrap();
+    let first = passes.pop().unwrap();
+    for ((a, ta), (b, tb)) in first.iter().zip(&second) {
+        assert_eq!(a, b);
+        for (x, y) in ta.iter().zip(tb) {
+            assert!(x.data == y.data, "{}: second pass differs", x.name);
+        }
+    }
+    first
+}
+
+/// A folder model with layers 0 and 1 (plus pre and post tensors) and a
+/// mixture-of-experts model.
+fn containers() -> Vec<(tempfile::TempDir, std::path::PathBuf)> {
+    let d = tmp();
+    write_sharded_folder(d.path(), 4);
+    let out = d.path().join("folder.tpde");
+    let o = tpde(&[&"pack", &d.path(), &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (d2, _, moe) = packed(&moe_model(8), &[]);
+    vec![(d, out), (d2, moe)]
+}
+
+#[test]
+fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
+    for (_d, path) in containers() {
+        let c = tpde_pack::Container::open(&path).unwrap();
+        let m = &c.manifest;
+        for direct in [false, true] {
+            let opts = LoadOptions {
+                direct,
+                ..LoadOptions::default()
+            };
+            if direct && Loader::open(&path, opts.clone()).is_err() {
+                // tmpfs and some overlay file systems refuse O_DIRECT.
+                eprintln!(
+                    "note: O_DIRECT is not supported where the tests write ({}); the O_DIRECT pass is not run",
+                    path.display()
+                );
+                continue;
+            }
+            let got = stream_all(&path, opts);
+            let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+            // Steps: pre, then layers in ascending order, then post.
+            let rank = |n: &str| match n {
+                "pre" => (0, 0),
+                "post" => (2, 0),
+                l => (1, l.trim_start_matches("layer.").parse::<u32>().unwrap()),
+            };
+            assert!(
+                names.windows(2).all(|w| rank(w[0]) < rank(w[1])),
+                "{}: steps out of order: {names:?}",
+                path.display()
+            );
+            let order: Vec<usize> = got
+                .iter()
+                .flat_map(|(_, ts)| ts.iter().map(|t| t.index))
+                .collect();
+            assert_eq!(
+                order,
+                (0..m.tensors.len()).collect::<Vec<_>>(),
+                "every tensor once, in manifest (execution) order"
+            );
+            for (_, ts) in &got {
+                for t in ts {
+                    let want = &m.tensors[t.index];
+                    assert_eq!(
+                        blake3::hash(&t.data).to_hex().as_str(),
+                        want.blake3,
+                        "{}: exact bytes",
+                        t.name
+                    );
+                }
+            }
+        }
+        // Base fidelity: same tensors and lengths; decomposed ones are the
+        // base's values, the others exact.
+        let base = stream_all(
+            &path,
+            LoadOptions {
+                fidelity: Fidelity::Base,
+                ..LoadOptions::default()
+            },
+        );
+        for (_, ts) in &base {
+            for t in ts {
+                let want = &m.tensors[t.index];
+                assert_eq!(t.data.len() as u64, want.byte_len);
+                let same = blake3::hash(&t.data).to_hex().as_str() == want.blake3;
+                let decomposed = matches!(want.storage, tpde_format::Storage::Decomposed { .. });
+                assert_eq!(same, !decomposed, "{}", t.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn base_fidelity_reads_no_dense_residual_and_only_the_hot_part_of_shards() {
+    let (_d, _s, moe) = packed(&moe_model(9), &[]);
+    let c = tpde_pack::Container::open(&moe).unwrap();
+    let m = &c.manifest;
+    let opts = |fidelity| LoadOptions {
+        fidelity,
+        ..LoadOptions::default()
+    };
+    let exact = Loader::open(&moe, opts(Fidelity::Exact)).unwrap();
+    let base = Loader::open(&moe, opts(Fidelity::Base)).unwrap();
+    let sum = |l: &Loader| l.steps().iter().map(|s| s.read_bytes).sum::<u64>();
+    let kind_bytes = |k| {
+        m.sections
+            .iter()
+            .filter(|s| s.kind == k)
+            .map(|s| s.len)
+            .sum::<u64>()
+    };
+    use tpde_format::SectionKind;
+    assert_eq!(
+        sum(&exact),
+        kind_bytes(SectionKind::Cold) + kind_bytes(SectionKind::Expert),
+        "exact: every cold section and shard, once"
+    );
+    assert_eq!(
+        sum(&base),
+        m.experts.iter().map(|x| x.hot_len).sum::<u64>(),
+        "base: the shards' hot parts only"
+    );
+}
+
+/// `tpde bench --stream-only --json` with `extra` flags: the JSON, or the failed output.
+fn bench_json(c: &Path, extra: &[&str]) -> Result<serde_json::Value, std::process::Output> {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"bench", &c, &"--stream-only", &"--reps", &"1", &"--json"];
+    for e in extra {
+        args.push(e);
+    }
+    let o = tpde(&args);
+    if !o.status.success() {
+        return Err(o);
+    }
+    Ok(serde_json::from_slice(&o.stdout).expect("one JSON object"))
+}
+
+#[test]
+fn the_memory_budget_is_enforced_before_anything_big_is_allocated() {
+    // In a process of its own, so that the resident baseline is this
+    // loader's, not the test harness's.
+    let (_d, _s, c) = packed(&large_expert_model(), &[]);
+    let free = bench_json(&c, &[]).unwrap();
+    let plan = &free["results"]["memory"];
+    let n = |k: &str| plan[k].as_u64().unwrap();
+    let (base, hot, slot, out) = (
+        n("baseline_rss"),
+        n("hot"),
+        n("pool_buffer_bytes"),
+        n("output_bytes"),
+    );
+    assert_eq!(n("pool_buffers"), 2, "double buffering by default");
+    assert!(slot > 4 << 20 && out > 4 << 20, "{plan}");
+    let budget = |b: u64| b.to_string();
+    // Too small for the process and its hot tier.
+    let o = bench_json(&c, &["--ram", &budget(base / 2)]).unwrap_err();
+    assert_clean_error(&o, 2, "model.tpde", "cannot hold the hot tier");
+    // Room for the hot tier, not for one step besides.
+    let o = bench_json(&c, &["--ram", &budget(base + hot + slot / 2)]).unwrap_err();
+    assert_clean_error(&o, 2, "model.tpde", "too small to stream");
+    // Room for one read buffer, not two: prefetch drops to 1, and the
+    // whole process stays within the budget.
+    let b = base + hot + slot + out + slot / 2;
+    let one = bench_json(&c, &["--ram", &budget(b)]).unwrap();
+    let r = &one["results"];
+    assert_eq!(r["memory"]["pool_buffers"], 1, "{}", r["memory"]);
+    assert!(r["memory"]["total"].as_u64().unwrap() <= b);
+    let peak = r["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak <= b, "peak RSS {peak} over the budget {b}");
+    assert_eq!(r["tensors"], 6);
+}
+
+#[test]
+fn a_damaged_chunk_mid_stream_stops_the_stream_before_its_step() {
+    let (d, _s, moe) = packed(&moe_model(11), &[]);
+    let c = tpde_pack::Container::open(&moe).unwrap();
+    // A byte of a residual in layer 1's first expert shard.
+    let s = c
+        .manifest
+        .sections
+        .iter()
+        .find(|s| s.name == "expert.1.0")
+        .unwrap()
+        .clone();
+    let x = c
+        .manifest
+        .experts
+        .iter()
+        .find(|x| (x.layer, x.expert) == (1, 0))
+        .unwrap();
+    let mut bytes = std::fs::read(&moe).unwrap();
+    bytes[(s.offset + x.hot_len + 5) as usize] ^= 0x40;
+    let bad = write(d.path(), "bad.tpde", &bytes);
+    let mut loader = Loader::open(&bad, LoadOptions::default()).unwrap();
+    let mut steps = Vec::new();
+    let e = loader
+        .stream(|step| {
+            // Whatever arrives is exact.
+            for t in &step.tensors {
+                assert_eq!(
+                    blake3::hash(step.bytes(t)).to_hex().as_str(),
+                    c.manifest.tensors[t.index].blake3
+                );
+            }
+            steps.push(step.name.clone());
+            Ok(())
+        })
+        .expect_err("damage found");
+    assert!(e.is_integrity());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("bad.tpde") && msg.contains("checksum mismatch") && msg.contains("experts.0."),
+        "{msg}"
+    );
+    assert_eq!(steps, ["pre", "layer.0"], "layer 1 is never delivered");
+}
+
+#[test]
+fn a_container_truncated_while_streaming_gives_a_clean_error() {
+    let (d, _s, moe) = packed(&moe_model(12), &[]);
+    let copy = d.path().join("t.tpde");
+    std::fs::copy(&moe, &copy).unwrap();
+    let mut loader = Loader::open(&copy, LoadOptions::default()).unwrap();
+    // Cut the file in the middle of the streamed sections, after opening.
+    let cut = loader
+        .container
+        .manifest
+        .sections
+        .iter()
+        .find(|s| s.name == "expert.1.2")
+        .unwrap()
+        .offset;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let mut seen = 0;
+    let e = loader
+        .stream(|_| {
+            seen += 1;
+            Ok(())
+        })
+        .expect_err("the cut is noticed");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("t.tpde") && msg.contains("cannot read"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1);
+    assert!(seen <= 2, "nothing from the cut step on is delivered");
+}
+
+#[test]
+fn a_consumer_error_stops_the_reader() {
+    let (_d, _s, moe) = packed(&moe_model(13), &[]);
+    let mut loader = Loader::open(&moe, LoadOptions::default()).unwrap();
+    let e = loader
+        .stream(|step| {
+            if step.name == "layer.0" {
+                Err(tpde_pack::Error::input(Path::new("consumer"), "enough"))
+            } else {
+                Ok(())
+            }
+        })
+        .expect_err("the consumer's error");
+    assert_eq!(e.to_string(), "consumer: enough");
+}
+
+#[test]
+fn bench_stream_only_reports_figures_and_an_audit_trail() {
+    let (d, _s, moe) = packed(&moe_model(14), &[]);
+    let o = tpde(&[
+        &"bench",
+        &moe,
+        &"--stream-only",
+        &"--ram",
+        &"256MiB",
+        &"--reps",
+        &"1",
+        &"--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let r = &j["results"];
+    for k in [
+        "raw_read_gbps",
+        "container_read_gbps",
+        "effective_gbps",
+        "bytes_read",
+        "original_bytes",
+        "peak_rss_bytes",
+    ] {
+        assert!(r[k].is_number(), "results.{k}: {}", r[k]);
+    }
+    let c = tpde_pack::Container::open(&moe).unwrap();
+    assert_eq!(
+        r["original_bytes"],
+        c.manifest.tensors.iter().map(|t| t.byte_len).sum::<u64>()
+    );
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() <= 256 << 20);
+    assert_eq!(r["fidelity"], "exact");
+    let a = &j["audit"];
+    for k in [
+        "tpde_version",
+        "git_commit",
+        "rustc",
+        "os",
+        "kernel",
+        "cpu_model",
+        "ram_bytes",
+    ] {
+        assert!(!a["environment"][k].is_null(), "audit.environment.{k}");
+    }
+    assert_eq!(
+        a["container"]["manifest_blake3"].as_str().unwrap(),
+        tpde_format::hex(&c.header.manifest_blake3)
+    );
+    assert!(a["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "--stream-only"));
+    assert!(a["started"].as_str().unwrap() <= a["ended"].as_str().unwrap());
+    // The readable table, and the errors.
+    let o = tpde(&[
+        &"bench",
+        &moe,
+        &"--stream-only",
+        &"--reps",
+        &"1",
+        &"--fidelity",
+        &"base",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("effective") && stdout(&o).contains("bottleneck"));
+    let o = tpde(&[&"bench", &moe, &"--stream-only", &"--ram", &"1MiB"]);
+    assert_clean_error(&o, 2, "model.tpde", "memory budget");
+    let o = tpde(&[&"bench", &moe]);
+    assert_clean_error(&o, 2, "", "--stream-only");
+    let o = tpde(&[&"bench", &d.path().join("none.tpde"), &"--stream-only"]);
+    assert_clean_error(&o, 2, "none.tpde", "");
+}
