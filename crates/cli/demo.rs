@@ -1,5 +1,6 @@
 //! `tpde demo`: the whole job on a small model generated on the spot, so a
-//! newcomer sees pack → verify → unpack → inspect end to end with no download.
+//! newcomer sees pack → verify → bench (stream-only) → unpack → inspect end
+//! to end with no download.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -197,6 +198,42 @@ pub fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
         v.tensors, v.seconds
     );
 
+    for fidelity in ["exact", "base"] {
+        println!(
+            "\n== tpde bench {} --stream-only --fidelity {fidelity} --ram 256MiB --reps 1",
+            container.display()
+        );
+        let opts = tpde_loader::bench::BenchOptions {
+            load: tpde_loader::LoadOptions {
+                fidelity: if fidelity == "exact" {
+                    tpde_pack::Fidelity::Exact
+                } else {
+                    tpde_pack::Fidelity::Base
+                },
+                ram_budget: Some(256 << 20),
+                ..tpde_loader::LoadOptions::default()
+            },
+            cold: true,
+            reps: 1,
+            argv: std::env::args().collect(),
+        };
+        let b = tpde_loader::bench::run(&container, &opts)?;
+        let r = &b.results;
+        println!(
+            "streamed {} steps, {} tensors: read {} bytes ({:.3} × original), delivered at {:.2} GB/s \
+             ({:.2} × the raw read of the file, {:.2} GB/s, measured just before); bottleneck {}; peak RSS {:.0} MiB",
+            r.steps,
+            r.tensors,
+            r.bytes_read,
+            r.bytes_read as f64 / r.original_bytes.max(1) as f64,
+            r.effective_gbps,
+            r.effective_vs_raw,
+            r.raw_read_gbps,
+            r.bottleneck,
+            r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
+
     println!(
         "\n== tpde unpack {} -o {}",
         container.display(),
@@ -213,7 +250,7 @@ pub fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
 
     println!("\n== tpde inspect {}", container.display());
     crate::print_inspection(&tpde_pack::inspect(&container)?, false);
-    println!("\nnext: `tpde pack <your model.safetensors or folder> -o model.tpde`, then verify, unpack, inspect");
+    println!("\nnext: `tpde pack <your model.safetensors or folder> -o model.tpde`, then verify, bench --stream-only, unpack, inspect");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -288,8 +288,9 @@ fn read_into(file: &File, path: &Path, offset: u64, buf: &mut [u8], what: &str) 
 enum Msg {
     /// The hot buffer is filled up to this file offset.
     Hot(u64),
-    /// Pool buffer `slot` holds this step's streamed bytes up to `upto`.
+    /// Pool buffer `slot` holds step `step`'s streamed bytes up to `upto`.
     Streamed {
+        step: usize,
         slot: usize,
         upto: usize,
     },
@@ -443,7 +444,7 @@ impl Loader {
         let this = &*self;
         let path = &this.container.path;
         let first_pass = !this.hot_loaded;
-        let read_ns = AtomicU64::new(0);
+        let clock = ReadClock::default();
         let timers = Timers::default();
         let mut consume_ns = 0u64;
         let (free_tx, free_rx) = mpsc::channel::<usize>();
@@ -453,40 +454,33 @@ impl Loader {
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut delivered = (0u64, 0usize);
         let result = std::thread::scope(|scope| -> Result<()> {
-            let read_ns = &read_ns;
+            // Two readers, so that the disk always has a request queued: one
+            // reads the hot tier front to back (first pass only), the other
+            // each step's streamed sections, in order, into pool buffers.
+            let clock = &clock;
+            let hot_tx = tx.clone();
             scope.spawn(move || {
-                let fail = |e| {
-                    let _ = tx.send(Msg::Failed(e));
-                };
-                let timed = |f: &mut dyn FnMut() -> Result<()>| {
-                    let t = Instant::now();
-                    let r = f();
-                    read_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                    r
-                };
                 let hot_end = this.hot_at + this.hot_len;
                 let mut hot_read = this.hot_at;
-                for (i, step) in this.steps.iter().enumerate() {
-                    // The hot tier in whole pieces, up to what this step needs
-                    // (a piece may run into the next steps' part: fewer, larger reads).
-                    let need = step.hot.0 + step.hot.1;
-                    while first_pass && hot_read < need {
-                        let (a, b) = (hot_read, (hot_read + PIECE_BYTES).min(hot_end));
-                        let at = (a - this.hot_at) as usize;
-                        // SAFETY: the reader is the only writer; pieces are
-                        // disjoint, and each is read before the message that
-                        // makes it readable.
-                        let buf = unsafe { this.hot.fill(at, at + (b - a) as usize) };
-                        if let Err(e) =
-                            timed(&mut || read_into(&this.file, path, a, buf, "hot tier"))
-                        {
-                            return fail(e);
-                        }
-                        if tx.send(Msg::Hot(b)).is_err() {
-                            return;
-                        }
-                        hot_read = b;
+                while first_pass && hot_read < hot_end {
+                    let (a, b) = (hot_read, (hot_read + PIECE_BYTES).min(hot_end));
+                    let at = (a - this.hot_at) as usize;
+                    // SAFETY: this thread is the hot buffer's only writer;
+                    // pieces are disjoint, and each is read before the
+                    // message that makes it readable.
+                    let buf = unsafe { this.hot.fill(at, at + (b - a) as usize) };
+                    if let Err(e) = clock.time(|| read_into(&this.file, path, a, buf, "hot tier")) {
+                        let _ = hot_tx.send(Msg::Failed(e));
+                        return;
                     }
+                    if hot_tx.send(Msg::Hot(b)).is_err() {
+                        return;
+                    }
+                    hot_read = b;
+                }
+            });
+            scope.spawn(move || {
+                for (i, step) in this.steps.iter().enumerate() {
                     let mut slot = None;
                     if step.read_bytes > 0 {
                         // Backpressure: wait for a buffer the consumer is done with.
@@ -502,13 +496,21 @@ impl Loader {
                                     this.pool[k].fill((at + a) as usize, (at + b) as usize)
                                 };
                                 let what = format!("step {}", step.name);
-                                if let Err(e) = timed(&mut || {
-                                    read_into(&this.file, path, offset + a, buf, &what)
-                                }) {
-                                    return fail(e);
+                                if let Err(e) = clock
+                                    .time(|| read_into(&this.file, path, offset + a, buf, &what))
+                                {
+                                    let _ = tx.send(Msg::Failed(e));
+                                    return;
                                 }
                                 let upto = (at + b) as usize;
-                                if tx.send(Msg::Streamed { slot: k, upto }).is_err() {
+                                if tx
+                                    .send(Msg::Streamed {
+                                        step: i,
+                                        slot: k,
+                                        upto,
+                                    })
+                                    .is_err()
+                                {
                                     return;
                                 }
                             }
@@ -523,6 +525,7 @@ impl Loader {
             // The channels move in here, so that an early return closes
             // them and the reader stops instead of waiting forever.
             let (free_tx, rx) = (free_tx, rx);
+            let mut deferred: Vec<Msg> = Vec::new();
             let mut hot_upto = if first_pass {
                 this.hot_at
             } else {
@@ -536,16 +539,28 @@ impl Loader {
                 let mut streamed_upto = 0usize;
                 let mut done = false;
                 let mut pending: Vec<Job> = jobs;
+                // Messages of this step that arrived while the previous
+                // one was finishing.
+                let mut early = std::mem::take(&mut deferred).into_iter();
                 this.decoders.in_place_scope(|s| -> Result<()> {
-                    while !(done && pending.is_empty()) {
-                        match rx.recv() {
+                    // (Early messages of later steps are passed on in order.)
+                    while !(done && pending.is_empty()) || early.len() > 0 {
+                        let msg = match early.next() {
+                            Some(m) => Ok(m),
+                            None => rx.recv(),
+                        };
+                        match msg {
                             Ok(Msg::Hot(upto)) => hot_upto = upto,
-                            Ok(Msg::Streamed { slot: k, upto }) => {
+                            Ok(m @ (Msg::Streamed { .. } | Msg::StepRead { .. }))
+                                if m.step() != i =>
+                            {
+                                deferred.push(m)
+                            }
+                            Ok(Msg::Streamed { slot: k, upto, .. }) => {
                                 slot = Some(k);
                                 streamed_upto = upto;
                             }
-                            Ok(Msg::StepRead { step: j, slot: k }) => {
-                                debug_assert_eq!(j, i, "steps arrive in order");
+                            Ok(Msg::StepRead { slot: k, .. }) => {
                                 slot = slot.or(k);
                                 done = true;
                             }
@@ -559,7 +574,7 @@ impl Loader {
                         let (now, later): (Vec<Job>, Vec<Job>) =
                             pending.drain(..).partition(|j| ready(j));
                         pending = later;
-                        if done && !pending.is_empty() {
+                        if done && hot_upto >= this.hot_at + this.hot_len && !pending.is_empty() {
                             return Err(Error::integrity(
                                 path,
                                 format!("step {}: chunks outside what was read", step.name),
@@ -608,7 +623,7 @@ impl Loader {
             delivered_bytes: delivered.0,
             wall_seconds: wall.elapsed().as_secs_f64(),
             stages: StageSeconds {
-                read: s(read_ns.load(Relaxed)),
+                read: clock.seconds(),
                 checksum: s(timers.checksum.load(Relaxed)),
                 decompress: s(timers.decompress.load(Relaxed)),
                 reconstruct: s(timers.reconstruct.load(Relaxed)),
@@ -810,6 +825,51 @@ struct Job<'a> {
     hot_end: u64,
     /// …and the step's pool buffer to this offset.
     streamed_end: usize,
+}
+
+impl Msg {
+    /// The step a streamed-section message is about.
+    fn step(&self) -> usize {
+        match self {
+            Msg::Streamed { step, .. } | Msg::StepRead { step, .. } => *step,
+            _ => usize::MAX,
+        }
+    }
+}
+
+/// Wall time during which at least one read was in flight.
+#[derive(Default)]
+struct ReadClock {
+    state: Mutex<(u32, Option<Instant>, Duration)>,
+}
+
+impl ReadClock {
+    fn time<T>(&self, read: impl FnOnce() -> T) -> T {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.0 == 0 {
+                s.1 = Some(Instant::now());
+            }
+            s.0 += 1;
+        }
+        let r = read();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 -= 1;
+        if s.0 == 0 {
+            if let Some(t) = s.1.take() {
+                s.2 += t.elapsed();
+            }
+        }
+        r
+    }
+
+    fn seconds(&self) -> f64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .2
+            .as_secs_f64()
+    }
 }
 
 /// Busy nanoseconds of the decode stages, summed over threads.
