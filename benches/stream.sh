@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 reps=${1:-5}
 fx=${TPDE_FIXTURES:-$HOME/.cache/tpde-fixtures}
 out=${OUT:-$(mktemp -d -t tpde-stream-XXXXXX)}
+mkdir -p "$out"
 echo "stream bench: JSON in $out" >&2
 cargo build --release --quiet --bin tpde
 tpde=target/release/tpde
