@@ -1,5 +1,6 @@
 //! Single-thread throughput of each codec stage on a real safetensors file:
 //! quantize, residual encode, residual decode (and its zstd part alone),
+//! base values (fast and reference),
 //! xxh3 and blake3, in MB/s of original bytes. A tool for tuning the
 //! codecs; the end-to-end figures come from `cargo bench --bench pack`.
 //!
@@ -74,6 +75,16 @@ fn main() {
     time("decode", &mut || {
         for (((d, l, s), h), c) in chunks.iter().zip(&hot).zip(&cold) {
             residual::decode(*d, l, h, c, &mut out[..s.len()]).expect("decode");
+        }
+    });
+    time("base values", &mut || {
+        for ((d, l, s), h) in chunks.iter().zip(&hot) {
+            residual::base_values(*d, l, h, &mut out[..s.len()]).expect("base values");
+        }
+    });
+    time("  reference", &mut || {
+        for ((d, l, s), h) in chunks.iter().zip(&hot) {
+            residual::base_values_reference(*d, l, h, &mut out[..s.len()]).expect("base values");
         }
     });
     time("  zstd part", &mut || {
