@@ -735,6 +735,9 @@ fn gather<const W: usize>(
         dst[..W].copy_from_slice(&orig.to_le_bytes()[..W]);
     }
     let _ = bits;
+    // Groups of 64 q4 codes of a 2-byte type go 64 elements at a time
+    // through AVX-512 (byte expand-loads from each class's planes).
+    let wide = W == 2 && layout.codec == BaseCodec::Q4 && gather_avx512::available();
     for (row, orow) in base
         .chunks_exact(rb)
         .take(rows)
@@ -747,6 +750,19 @@ fn gather<const W: usize>(
             match layout.codec {
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
+                    if wide && len == 64 {
+                        let keys: [u16; 16] = std::array::from_fn(|k| table[k] as u16);
+                        // SAFETY: the features are present (`available`); the
+                        // planes hold this group's bytes at the cursors, as
+                        // `plane_byte` argues; `payload` is 32 bytes and
+                        // `vals` 128.
+                        unsafe {
+                            gather_avx512::group64_w2(
+                                &keys, payload, &mut cur, &stride, planes, vals,
+                            )
+                        };
+                        return;
+                    }
                     let mut pairs = vals.chunks_exact_mut(2 * W);
                     for (pair, &b) in (&mut pairs).zip(payload) {
                         let (lo, hi) = ((b & 15) as usize, (b >> 4) as usize);
@@ -901,6 +917,126 @@ fn base_values_w<const W: usize>(
     Ok(())
 }
 
+/// The exact residual's gather for one q4 group of 64 elements of a 2-byte
+/// type, 64 elements at a time (AVX-512 with VBMI and VBMI2 on x86-64;
+/// elsewhere never used). Output identical to the scalar gather, which the
+/// tests compare with the reference decoder.
+mod gather_avx512 {
+    /// Whether [`group64_w2`] may be called on this machine.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vbmi")
+                && std::is_x86_feature_detected!("avx512vbmi2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Rebuilds 64 elements: element `e`'s code is nibble `e` of `payload`
+    /// (low nibble first), its class `Q4_CLASS[code]`, its residual the next
+    /// byte of its class's plane 0 (at `cur[class]`) and plane 1 (at
+    /// `cur[class] + stride[class]`), its predicted key `keys[code]`.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `payload` holds 32 bytes and `out` 128; for
+    /// each class, `planes` holds as many bytes at both plane positions as
+    /// the group has elements of that class.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn group64_w2(
+        keys: &[u16; 16],
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(payload.len() >= 32 && out.len() >= 128);
+        let mut class_tab = [0u8; 64];
+        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
+        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
+        let mut key_tab = [0u16; 32];
+        key_tab[..16].copy_from_slice(keys);
+        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
+        // Codes in element order: payload byte i holds elements 2i (low
+        // nibble) and 2i + 1 (high nibble).
+        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
+        let codes = _mm512_or_si512(
+            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
+            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
+        );
+        let classes = _mm512_permutexvar_epi8(codes, class_tab);
+        let (mut z0, mut z1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        for c in 0..9 {
+            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
+            if m == 0 {
+                continue;
+            }
+            let at = planes.as_ptr().add(cur[c]);
+            z0 = _mm512_mask_expandloadu_epi8(z0, m, at as *const i8);
+            z1 = _mm512_mask_expandloadu_epi8(z1, m, at.add(stride[c]) as *const i8);
+            cur[c] += m.count_ones() as usize;
+        }
+        for half in 0..2 {
+            let (lo, hi, idx) = if half == 0 {
+                (
+                    _mm512_castsi512_si256(z0),
+                    _mm512_castsi512_si256(z1),
+                    _mm512_castsi512_si256(codes),
+                )
+            } else {
+                (
+                    _mm512_extracti64x4_epi64(z0, 1),
+                    _mm512_extracti64x4_epi64(z1, 1),
+                    _mm512_extracti64x4_epi64(codes, 1),
+                )
+            };
+            let z = _mm512_or_si512(
+                _mm512_cvtepu8_epi16(lo),
+                _mm512_slli_epi16(_mm512_cvtepu8_epi16(hi), 8),
+            );
+            // Unzigzag, add the prediction's key, and invert the key.
+            let r = _mm512_xor_si512(
+                _mm512_srli_epi16(z, 1),
+                _mm512_sub_epi16(
+                    _mm512_setzero_si512(),
+                    _mm512_and_si512(z, _mm512_set1_epi16(1)),
+                ),
+            );
+            let pred = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), key_tab);
+            let k = _mm512_add_epi16(pred, r);
+            let flip = _mm512_or_si512(
+                _mm512_xor_si512(_mm512_srai_epi16(k, 15), _mm512_set1_epi16(-1)),
+                _mm512_set1_epi16(i16::MIN),
+            );
+            let v = _mm512_xor_si512(k, flip);
+            _mm512_storeu_si512(out.as_mut_ptr().add(64 * half) as *mut _, v);
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn group64_w2(
+        _: &[u16; 16],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+}
+
+/// [`Q4_CLASS`] as bytes, for table lookups.
+const Q4_CLASS_U8: [u8; 16] = [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7];
+
 /// The q4 codes' values, code `k` (a nibble) meaning `k - 8`.
 const Q4_VALUES: [f32; 16] = [
     -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
@@ -1006,6 +1142,21 @@ mod tests {
     use super::q4_simd;
     use crate::{base, FloatDtype};
     use tpde_format::{BaseCodec, BaseLayout};
+
+    #[test]
+    fn the_class_tables_agree() {
+        let wide: Vec<usize> = super::Q4_CLASS_U8.iter().map(|&c| c as usize).collect();
+        assert_eq!(wide, super::Q4_CLASS);
+        // Which gather the round-trip tests (tests/codecs.rs) exercise here.
+        eprintln!(
+            "note: AVX-512 gather {}",
+            if super::gather_avx512::available() {
+                "in use (compared with the reference decoder by the round-trip tests)"
+            } else {
+                "not available on this machine: the scalar gather is tested alone"
+            }
+        );
+    }
 
     /// The fast base values refuse exactly the bases the reference refuses,
     /// with the same message.
