@@ -212,7 +212,8 @@ fn the_memory_budget_is_enforced_before_anything_big_is_allocated() {
     assert_clean_error(&o, 2, "model.tpde", "too small to stream");
     // Room for one read buffer, not two: prefetch drops to 1, and the
     // whole process stays within the budget.
-    let b = base + hot + slot + out + slot / 2;
+    let threads = n("decode_threads") * n("per_thread_bytes");
+    let b = base + hot + slot + out + threads + slot / 2;
     let one = bench_json(&c, &["--ram", &budget(b)]).unwrap();
     let r = &one["results"];
     assert_eq!(r["memory"]["pool_buffers"], 1, "{}", r["memory"]);

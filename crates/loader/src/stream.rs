@@ -2,12 +2,12 @@
 //!
 //! [`Loader::open`] plans the steps and the memory (a budget that cannot
 //! hold the hot tier is refused there). [`Loader::stream`] then walks the
-//! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). A reader
-//! thread reads, for each step, its part of the hot section into the
-//! resident hot buffer (first pass only: the hot tier stays resident), then
-//! its streamed sections (its cold section and its expert shards; at base
-//! fidelity only the shards' hot parts) into a buffer from a fixed pool, in
-//! pieces of about [`PIECE_BYTES`]. The calling thread starts checking
+//! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). Two reader
+//! threads keep the disk busy: one reads the hot section front to back into
+//! the resident hot buffer (first pass only: the hot tier stays resident),
+//! the other each step's streamed sections (its cold section and its expert
+//! shards; at base fidelity only the shards' hot parts) into a buffer from a
+//! fixed pool; both in pieces of about [`PIECE_BYTES`]. The calling thread starts checking
 //! (xxh3), decompressing and reconstructing each chunk on the rayon pool as
 //! soon as the pieces holding it have landed, into the step's output
 //! buffer, and hands the step to the consumer when all its chunks are done.
@@ -54,7 +54,8 @@ impl Default for LoadOptions {
 /// Where the loader's memory goes, bytes.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MemoryPlan {
-    /// Resident size of the process before the loader allocated anything.
+    /// Resident size of the process once the container is open (the
+    /// manifest parsed and validated), before the loader's buffers.
     pub baseline_rss: u64,
     /// The resident hot tier (as read: rounded to whole blocks with `O_DIRECT`).
     pub hot: u64,
@@ -63,7 +64,13 @@ pub struct MemoryPlan {
     pub pool_buffer_bytes: u64,
     /// The largest step's delivered tensors.
     pub output_bytes: u64,
-    /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes`.
+    /// Decode threads, and what each keeps while decoding: residual planes
+    /// as large as the largest chunk it rebuilds (exact fidelity), a zstd
+    /// context, its stack.
+    pub decode_threads: usize,
+    pub per_thread_bytes: u64,
+    /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes
+    /// + decode_threads × per_thread_bytes`.
     pub total: u64,
 }
 
@@ -74,9 +81,9 @@ pub struct Step {
     pub name: String,
     /// Manifest indices of its tensors, in manifest (execution) order.
     pub tensors: Vec<usize>,
-    /// The part of the hot section read with this step on the first pass
-    /// (file offsets; whole blocks with `O_DIRECT`).
-    pub hot: (u64, u64),
+    /// Where the step's hot data ends in the file: its chunks wait for the
+    /// hot tier to be read this far (first pass).
+    pub hot_end: u64,
     /// Byte ranges of the container streamed for this step (every pass),
     /// in file order.
     pub spans: Vec<(u64, u64)>,
@@ -169,6 +176,35 @@ impl AlignedBuf {
 
     pub(crate) fn get_mut(&mut self, len: usize) -> &mut [u8] {
         &mut self.raw[self.start..self.start + len.min(self.cap)]
+    }
+}
+
+/// What a decode thread keeps besides its residual planes: a zstd
+/// decompression context (about 160 KiB) and the touched part of its stack.
+const PER_THREAD_BYTES: u64 = 512 << 10;
+
+/// Original bytes of the largest decomposed chunk: the residual planes a
+/// decode thread keeps are this large.
+fn largest_decomposed_chunk(c: &Container) -> u64 {
+    c.manifest
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.storage, Storage::Decomposed { .. }))
+        .flat_map(|t| c.chunk_lens(t))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `f`, if it is the file `c` was opened from (not one put at its path since).
+fn same_file(c: &Container, f: File) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
+    match (meta(&c.file), meta(&f)) {
+        (Ok(a), Ok(b)) if a == b => Ok(f),
+        _ => Err(Error::input(
+            &c.path,
+            "the file changed while it was being opened",
+        )),
     }
 }
 
@@ -318,8 +354,8 @@ impl Loader {
     /// hot tier, or one step besides it, is an error here, before anything
     /// big is allocated.
     pub fn open(path: &Path, options: LoadOptions) -> Result<Loader> {
-        let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
         let container = Container::open(path)?;
+        let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
         let direct = options.direct;
         let file = if direct {
             std::fs::OpenOptions::new()
@@ -333,7 +369,8 @@ impl Loader {
                             "cannot open with O_DIRECT (does the file system support it?): {e}"
                         ),
                     )
-                })?
+                })
+                .and_then(|f| same_file(&container, f))?
         } else {
             container
                 .file
@@ -351,16 +388,17 @@ impl Loader {
         let m = &container.manifest;
         let hot_section = m.sections.iter().find(|s| s.kind == SectionKind::Hot);
         let (hot_at, hot_len) = hot_section.map_or((0, 0), |s| span(s.offset, s.len));
-        let steps = plan_steps(
-            &container,
-            options.fidelity,
-            &span,
-            (hot_at, hot_len),
-            direct,
-        );
+        let steps = plan_steps(&container, options.fidelity, &span, (hot_at, hot_len));
         let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
         let out = steps.iter().map(|s| s.original_bytes).max().unwrap_or(0);
-        let need = |n: u64| baseline_rss + hot_len + n * slot + out;
+        let threads = rayon::current_num_threads();
+        let per_thread = PER_THREAD_BYTES
+            + match options.fidelity {
+                Fidelity::Exact => largest_decomposed_chunk(&container),
+                Fidelity::Base => 0,
+            };
+        let fixed = baseline_rss + hot_len + out + threads as u64 * per_thread;
+        let need = |n: u64| fixed + n * slot;
         let mut buffers = options.prefetch.max(1);
         if let Some(budget) = options.ram_budget {
             if baseline_rss + hot_len > budget {
@@ -381,7 +419,7 @@ impl Loader {
                     format!(
                         "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
                          (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
-                         the largest step's tensors {out})",
+                         the largest step's tensors {out}, {threads} decode threads × {per_thread})",
                         need(1)
                     ),
                 ));
@@ -393,6 +431,8 @@ impl Loader {
             pool_buffers: buffers,
             pool_buffer_bytes: slot,
             output_bytes: out,
+            decode_threads: threads,
+            per_thread_bytes: per_thread,
             total: need(buffers as u64),
         };
         Ok(Loader {
@@ -407,7 +447,7 @@ impl Loader {
             hot_loaded: false,
             pool: (0..buffers).map(|_| Shared::committed(slot)).collect(),
             decoders: rayon::ThreadPoolBuilder::new()
-                .num_threads(rayon::current_num_threads())
+                .num_threads(threads)
                 .thread_name(|i| format!("tpde-decode-{i}"))
                 .start_handler(|_| {
                     // SAFETY: lowers this thread's own priority (nice +5);
@@ -434,7 +474,8 @@ impl Loader {
 
     /// Streams every step in order to `consume`. The first error (a read, a
     /// checksum, a decode, or the consumer's) stops the stream and is
-    /// returned; the failing step is not delivered.
+    /// returned; no step is delivered after it (a read error of a later
+    /// step also stops the one being decoded).
     pub fn stream(
         &mut self,
         mut consume: impl FnMut(&mut LoadedStep) -> Result<()>,
@@ -538,13 +579,18 @@ impl Loader {
                 let mut slot = None;
                 let mut streamed_upto = 0usize;
                 let mut done = false;
-                let mut pending: Vec<Job> = jobs;
+                // Jobs by when their streamed bytes are in, then (a heap) by
+                // when their hot bytes are: each job is looked at a bounded
+                // number of times, whatever the number of pieces.
+                let mut jobs = jobs;
+                jobs.sort_by_key(|j| std::cmp::Reverse(j.streamed_end));
+                let mut by_hot: std::collections::BinaryHeap<ByHot> = Default::default();
                 // Messages of this step that arrived while the previous
                 // one was finishing.
                 let mut early = std::mem::take(&mut deferred).into_iter();
                 this.decoders.in_place_scope(|s| -> Result<()> {
                     // (Early messages of later steps are passed on in order.)
-                    while !(done && pending.is_empty()) || early.len() > 0 {
+                    while !(done && jobs.is_empty() && by_hot.is_empty()) || early.len() > 0 {
                         let msg = match early.next() {
                             Some(m) => Ok(m),
                             None => rx.recv(),
@@ -569,12 +615,15 @@ impl Loader {
                                 return Err(Error::integrity(path, "the reader stopped early"))
                             }
                         }
-                        let ready =
-                            |j: &Job| j.hot_end <= hot_upto && j.streamed_end <= streamed_upto;
-                        let (now, later): (Vec<Job>, Vec<Job>) =
-                            pending.drain(..).partition(|j| ready(j));
-                        pending = later;
-                        if done && hot_upto >= this.hot_at + this.hot_len && !pending.is_empty() {
+                        while jobs.last().is_some_and(|j| j.streamed_end <= streamed_upto) {
+                            by_hot.push(ByHot(jobs.pop().expect("checked")));
+                        }
+                        let mut now = Vec::new();
+                        while by_hot.peek().is_some_and(|j| j.0.hot_end <= hot_upto) {
+                            now.push(by_hot.pop().expect("checked").0);
+                        }
+                        let all_read = done && hot_upto >= this.hot_at + this.hot_len;
+                        if all_read && !(jobs.is_empty() && by_hot.is_empty()) {
                             return Err(Error::integrity(
                                 path,
                                 format!("step {}: chunks outside what was read", step.name),
@@ -637,12 +686,15 @@ impl Loader {
     /// tensors back to back.
     fn layout(&self, step: &Step, spare: &mut Vec<u8>) -> LoadedStep {
         let m = &self.container.manifest;
+        let n = step.original_bytes as usize;
+        // Every byte is written by the decoders: a reused buffer is not
+        // cleared, and a new one (the consumer kept the last) comes zeroed
+        // from the allocator rather than filled here.
         let mut data = std::mem::take(spare);
-        // Every byte is written by the decoders; a reused buffer is not cleared.
-        if data.len() < step.original_bytes as usize {
-            data.resize(step.original_bytes as usize, 0);
+        if data.len() < n {
+            data = vec![0u8; n];
         }
-        data.truncate(step.original_bytes as usize);
+        data.truncate(n);
         let mut at = 0usize;
         let tensors = step
             .tensors
@@ -814,6 +866,26 @@ impl Loader {
     }
 }
 
+/// A job ordered for a min-heap on `hot_end`.
+struct ByHot<'a>(Job<'a>);
+
+impl PartialEq for ByHot<'_> {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.hot_end == o.0.hot_end
+    }
+}
+impl Eq for ByHot<'_> {}
+impl PartialOrd for ByHot<'_> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for ByHot<'_> {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.hot_end.cmp(&self.0.hot_end)
+    }
+}
+
 /// One chunk to rebuild.
 struct Job<'a> {
     /// Position in the step (the first failing job's error is reported).
@@ -892,20 +964,19 @@ fn section_at(sections: &[Section], offset: u64) -> Option<usize> {
     (i > 0 && offset < sections[i - 1].offset + sections[i - 1].len).then(|| i - 1)
 }
 
-/// Execution steps from the manifest's tensor order (execution order):
-/// tensors before the first layer are `pre`, each layer's tensors one step,
-/// the rest `post`. Each step reads, on the first pass, its part of the hot
-/// section (`hot`: the hot section's bytes up to its last hot extent, from
-/// where the previous step's part ended), and on every pass the sections
-/// that hold its streamed extents: cold sections (exact fidelity) and
-/// expert shards (their hot part only at base fidelity). `span` maps a
-/// section's range to what is read (whole blocks with `O_DIRECT`).
+/// Execution steps from the manifest's tensor order (execution order, as
+/// tpde's writer lays it out): tensors before the first layer are `pre`,
+/// each layer's tensors one step, the rest `post`. (A manifest that
+/// interleaves them gets more steps, with repeated names; every tensor is
+/// still delivered once.) Each step reads the sections that hold its
+/// streamed extents: cold sections (exact fidelity) and expert shards (their
+/// hot part only at base fidelity); `span` maps a section's range to what is
+/// read (whole blocks with `O_DIRECT`).
 fn plan_steps(
     c: &Container,
     fidelity: Fidelity,
     span: &dyn Fn(u64, u64) -> (u64, u64),
     (hot_at, hot_len): (u64, u64),
-    direct: bool,
 ) -> Vec<Step> {
     let m = &c.manifest;
     let mut steps: Vec<(Step, Vec<usize>, u64)> = Vec::new();
@@ -925,7 +996,7 @@ fn plan_steps(
                 Step {
                     name,
                     tensors: Vec::new(),
-                    hot: (0, 0),
+                    hot_end: 0,
                     spans: Vec::new(),
                     read_bytes: 0,
                     original_bytes: 0,
@@ -959,26 +1030,10 @@ fn plan_steps(
             }
         }
     }
-    let last_hot = steps.iter().rposition(|(_, _, e)| *e > 0);
-    let mut hot_from = hot_at;
     steps
         .into_iter()
-        .enumerate()
-        .map(|(i, (mut step, mut sections, hot_end))| {
-            if hot_end > 0 {
-                let end = if Some(i) == last_hot {
-                    hot_at + hot_len
-                } else if direct {
-                    hot_end.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
-                } else {
-                    hot_end
-                };
-                let end = end.max(hot_from);
-                step.hot = (hot_from, end - hot_from);
-                hot_from = end;
-            } else {
-                step.hot = (hot_from, 0);
-            }
+        .map(|(mut step, mut sections, hot_end)| {
+            step.hot_end = hot_end;
             sections.sort_unstable();
             sections.dedup();
             for si in sections {
