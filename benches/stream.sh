@@ -29,7 +29,7 @@ done
 python3 - "$out" <<'PY'
 import json, sys, glob, os
 out = sys.argv[1]
-print("| model | fidelity | reads | raw O_DIRECT GB/s | container read GB/s (× raw) | effective GB/s (× raw) | × disk bound | read ÷ original | bottleneck | overlap | peak RSS MiB |")
+print("| model | fidelity | reads | raw GB/s (read the same way) | container read GB/s (× raw) | effective GB/s (× raw) | × disk bound | read ÷ original | bottleneck | overlap | peak RSS MiB |")
 print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
 for f in sorted(glob.glob(os.path.join(out, "*.json"))):
     if f.endswith(".pack.json"):
