@@ -181,6 +181,29 @@ impl Container {
         }
     }
 
+    /// [`Container::read_span`] into `buf` (all of it, at `offset`).
+    pub fn read_span_into(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        who: impl Fn() -> String,
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(Error::integrity(
+                &self.path,
+                format!(
+                    "{}: {len} bytes at {offset} run past the end of the file",
+                    who()
+                ),
+            ));
+        }
+        self.count_read(len);
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|err| Error::integrity(&self.path, format!("{}: cannot read: {err}", who())))
+    }
+
     /// Checks bytes read for extent `e` against its xxh3.
     pub fn check(&self, e: &Extent, bytes: &[u8], who: impl Fn() -> String) -> Result<()> {
         if bytes.len() as u64 != e.len || xxh3(bytes) != e.xxh3 {
