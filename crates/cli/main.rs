@@ -762,3 +762,20 @@ impl Progress for Bar {
         self.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        use super::parse_size;
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        for bad in ["", "MiB", "12 parsecs", "0", "-5MiB", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

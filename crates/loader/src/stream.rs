@@ -7,10 +7,11 @@
 //! the resident hot buffer (first pass only: the hot tier stays resident),
 //! the other each step's streamed sections (its cold section and its expert
 //! shards; at base fidelity only the shards' hot parts) into a buffer from a
-//! fixed pool; both in pieces of about [`PIECE_BYTES`]. The calling thread starts checking
-//! (xxh3), decompressing and reconstructing each chunk on the rayon pool as
-//! soon as the pieces holding it have landed, into the step's output
-//! buffer, and hands the step to the consumer when all its chunks are done.
+//! fixed pool; both in pieces of about [`PIECE_BYTES`]. The calling thread
+//! has each chunk checked (xxh3), decompressed and reconstructed on the
+//! loader's decode threads as soon as the pieces holding it have landed,
+//! into the step's output buffer, and hands the step to the consumer when
+//! all its chunks are done.
 //! The reader runs up to `pool_buffers` steps ahead and waits for a free
 //! buffer when it gets there (backpressure); a step's bytes reach the
 //! consumer only after every one of their checksums passed.
