@@ -195,7 +195,7 @@ pub struct Manifest {
 /// One expert of one layer, stored contiguously in its own section (format
 /// version 3): first `hot_len` bytes of hot data (the quantized bases and
 /// exactly stored chunks of the expert's tensors), then their residuals. A
-/// runtime fetches an expert with one read of its section, or of its first
+/// runtime can fetch an expert with one read of its section, or of its first
 /// `hot_len` bytes at base fidelity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,8 +3,9 @@
 //! manifest read when the container is opened).
 //!
 //! In a container with expert shards (format version 3) the expert's data
-//! is one contiguous section: it is fetched with a single read (of the
-//! whole shard for `exact`, of its hot part for `base`), and each chunk is
+//! is one contiguous section: it is fetched in one sequential pass (over the
+//! whole shard for `exact`, over its hot part for `base`), in groups of
+//! chunks that are decoded while the next group is read, and each chunk is
 //! checked against its xxh3 before use. An older container is read chunk
 //! by chunk.
 //!
