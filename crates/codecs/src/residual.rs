@@ -958,7 +958,10 @@ mod gather_avx512 {
         out: &mut [u8],
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(payload.len() >= 32 && out.len() >= 128);
+        assert!(
+            payload.len() >= 32 && out.len() >= 128,
+            "a group of 64 codes"
+        );
         let mut class_tab = [0u8; 64];
         class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
         let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
