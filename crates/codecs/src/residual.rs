@@ -737,7 +737,7 @@ fn gather<const W: usize>(
     let _ = bits;
     // Groups of 64 q4 codes of a 2-byte type go 64 elements at a time
     // through AVX-512 (byte expand-loads from each class's planes).
-    let wide = W == 2 && layout.codec == BaseCodec::Q4 && gather_avx512::available();
+    let wide = (W == 2 || W == 4) && layout.codec == BaseCodec::Q4 && gather_avx512::available();
     for (row, orow) in base
         .chunks_exact(rb)
         .take(rows)
@@ -751,16 +751,25 @@ fn gather<const W: usize>(
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
                     if wide && len == 64 {
-                        let keys: [u16; 16] = std::array::from_fn(|k| table[k] as u16);
                         // SAFETY: the features are present (`available`); the
                         // planes hold this group's bytes at the cursors, as
                         // `plane_byte` argues; `payload` is 32 bytes and
-                        // `vals` 128.
-                        unsafe {
-                            gather_avx512::group64_w2(
-                                &keys, payload, &mut cur, &stride, planes, vals,
-                            )
-                        };
+                        // `vals` 64 × W.
+                        if W == 2 {
+                            let keys: [u16; 16] = std::array::from_fn(|k| table[k] as u16);
+                            unsafe {
+                                gather_avx512::group64_w2(
+                                    &keys, payload, &mut cur, &stride, planes, vals,
+                                )
+                            };
+                        } else {
+                            let keys: [u32; 16] = std::array::from_fn(|k| table[k] as u32);
+                            unsafe {
+                                gather_avx512::group64_w4(
+                                    &keys, payload, &mut cur, &stride, planes, vals,
+                                )
+                            };
+                        }
                         return;
                     }
                     let mut pairs = vals.chunks_exact_mut(2 * W);
@@ -917,8 +926,8 @@ fn base_values_w<const W: usize>(
     Ok(())
 }
 
-/// The exact residual's gather for one q4 group of 64 elements of a 2-byte
-/// type, 64 elements at a time (AVX-512 with VBMI and VBMI2 on x86-64;
+/// The exact residual's gather for one q4 group of 64 elements of a 2- or
+/// 4-byte type, 64 elements at a time (AVX-512 with VBMI and VBMI2 on x86-64;
 /// elsewhere never used). Output identical to the scalar gather, which the
 /// tests compare with the reference decoder.
 mod gather_avx512 {
@@ -1022,6 +1031,99 @@ mod gather_avx512 {
             let v = _mm512_xor_si512(k, flip);
             _mm512_storeu_si512(out.as_mut_ptr().add(64 * half) as *mut _, v);
         }
+    }
+
+    /// [`group64_w2`] for 4-byte values: four planes, 32-bit keys; `out`
+    /// holds 256 bytes.
+    ///
+    /// # Safety
+    ///
+    /// As for [`group64_w2`], with four plane positions per class
+    /// (`cur[class] + p * stride[class]`, `p` in 0..4).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn group64_w4(
+        keys: &[u32; 16],
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        assert!(
+            payload.len() >= 32 && out.len() >= 256,
+            "a group of 64 codes"
+        );
+        let mut class_tab = [0u8; 64];
+        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
+        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
+        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
+        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
+        let codes = _mm512_or_si512(
+            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
+            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
+        );
+        let classes = _mm512_permutexvar_epi8(codes, class_tab);
+        let mut z = [_mm512_setzero_si512(); 4];
+        for c in 0..9 {
+            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
+            if m == 0 {
+                continue;
+            }
+            let at = planes.as_ptr().add(cur[c]);
+            for (p, zp) in z.iter_mut().enumerate() {
+                *zp = _mm512_mask_expandloadu_epi8(*zp, m, at.add(p * stride[c]) as *const i8);
+            }
+            cur[c] += m.count_ones() as usize;
+        }
+        // Sixteen elements at a time: the four planes' bytes into 32-bit
+        // words, then as for two-byte values.
+        macro_rules! quarter {
+            ($q:literal) => {{
+                let w = |v: __m512i| _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, $q));
+                let zz = _mm512_or_si512(
+                    _mm512_or_si512(w(z[0]), _mm512_slli_epi32(w(z[1]), 8)),
+                    _mm512_or_si512(
+                        _mm512_slli_epi32(w(z[2]), 16),
+                        _mm512_slli_epi32(w(z[3]), 24),
+                    ),
+                );
+                let r = _mm512_xor_si512(
+                    _mm512_srli_epi32(zz, 1),
+                    _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_and_si512(zz, _mm512_set1_epi32(1)),
+                    ),
+                );
+                let pred = _mm512_permutexvar_epi32(w(codes), key_tab);
+                let k = _mm512_add_epi32(pred, r);
+                let flip = _mm512_or_si512(
+                    _mm512_xor_si512(_mm512_srai_epi32(k, 31), _mm512_set1_epi32(-1)),
+                    _mm512_set1_epi32(i32::MIN),
+                );
+                _mm512_storeu_si512(
+                    out.as_mut_ptr().add(64 * $q) as *mut _,
+                    _mm512_xor_si512(k, flip),
+                );
+            }};
+        }
+        quarter!(0);
+        quarter!(1);
+        quarter!(2);
+        quarter!(3);
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn group64_w4(
+        _: &[u32; 16],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
