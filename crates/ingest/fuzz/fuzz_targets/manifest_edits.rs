@@ -60,7 +60,9 @@ fuzz_target!(|data: &[u8]| {
     for r in data.chunks_exact(11) {
         let at = &paths[u16::from_le_bytes([r[0], r[1]]) as usize % paths.len()];
         let x = u64::from_le_bytes(r[3..11].try_into().unwrap());
-        let Some(slot) = m.pointer_mut(at) else { continue };
+        let Some(slot) = m.pointer_mut(at) else {
+            continue;
+        };
         let old = slot.as_u64().unwrap_or(0);
         *slot = match r[2] % 4 {
             0 => Value::from(old.wrapping_add(x % 8192)),
