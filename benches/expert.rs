@@ -13,7 +13,6 @@
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpde_pack::source::{Source, SourceKind};
@@ -107,14 +106,6 @@ fn main() {
     if let Err(e) = run(&args) {
         eprintln!("expert bench: error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Drops a file's pages from the page cache (they are clean: written and synced).
-fn drop_cache(f: &std::fs::File) {
-    // SAFETY: a plain system call on an open descriptor; it only advises the kernel.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
     }
 }
 
@@ -301,9 +292,9 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
     };
     let drop_all = || {
         for f in &src.files {
-            drop_cache(&f.file);
+            tpde_loader::telemetry::drop_page_cache(&f.file);
         }
-        drop_cache(&c.file);
+        tpde_loader::telemetry::drop_page_cache(&c.file);
     };
     let (mut cs, mut ce, mut cb, mut ws, mut we) = (vec![], vec![], vec![], vec![], vec![]);
     let mut worst = 0f64;

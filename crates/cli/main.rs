@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tpde_loader::telemetry::peak_rss_bytes;
 use tpde_pack::{PackOptions, Progress};
 
 /// Tiered, lossless, streamable containers for large language models.
@@ -586,14 +587,6 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string(v).expect("serializable"));
-}
-
-/// Peak resident memory of this process (VmHWM), when the system reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn with_rss(mut v: serde_json::Value) -> serde_json::Value {

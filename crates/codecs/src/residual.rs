@@ -971,31 +971,10 @@ mod gather_avx512 {
             payload.len() >= 32 && out.len() >= 128,
             "a group of 64 codes"
         );
-        let mut class_tab = [0u8; 64];
-        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
-        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
         let mut key_tab = [0u16; 32];
         key_tab[..16].copy_from_slice(keys);
         let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
-        // Codes in element order: payload byte i holds elements 2i (low
-        // nibble) and 2i + 1 (high nibble).
-        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
-        let codes = _mm512_or_si512(
-            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
-            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
-        );
-        let classes = _mm512_permutexvar_epi8(codes, class_tab);
-        let (mut z0, mut z1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        for c in 0..9 {
-            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
-            if m == 0 {
-                continue;
-            }
-            let at = planes.as_ptr().add(cur[c]);
-            z0 = _mm512_mask_expandloadu_epi8(z0, m, at as *const i8);
-            z1 = _mm512_mask_expandloadu_epi8(z1, m, at.add(stride[c]) as *const i8);
-            cur[c] += m.count_ones() as usize;
-        }
+        let (codes, [z0, z1]) = codes_and_planes::<2>(payload, cur, stride, planes);
         for half in 0..2 {
             let (lo, hi, idx) = if half == 0 {
                 (
@@ -1033,6 +1012,47 @@ mod gather_avx512 {
         }
     }
 
+    /// The group's 64 codes in element order (payload byte i holds elements
+    /// 2i, low nibble, and 2i + 1, high nibble), and each element's residual
+    /// bytes from the `P` planes of its class, plane `p` in vector `p`; the
+    /// class cursors advance past them.
+    ///
+    /// # Safety
+    ///
+    /// As for [`group64_w2`], with `P` plane positions per class.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    unsafe fn codes_and_planes<const P: usize>(
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &[u8],
+    ) -> (std::arch::x86_64::__m512i, [std::arch::x86_64::__m512i; P]) {
+        use std::arch::x86_64::*;
+        let mut class_tab = [0u8; 64];
+        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
+        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
+        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
+        let codes = _mm512_or_si512(
+            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
+            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
+        );
+        let classes = _mm512_permutexvar_epi8(codes, class_tab);
+        let mut z = [_mm512_setzero_si512(); P];
+        for c in 0..9 {
+            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
+            if m == 0 {
+                continue;
+            }
+            let at = planes.as_ptr().add(cur[c]);
+            for (p, zp) in z.iter_mut().enumerate() {
+                *zp = _mm512_mask_expandloadu_epi8(*zp, m, at.add(p * stride[c]) as *const i8);
+            }
+            cur[c] += m.count_ones() as usize;
+        }
+        (codes, z)
+    }
+
     /// [`group64_w2`] for 4-byte values: four planes, 32-bit keys; `out`
     /// holds 256 bytes.
     ///
@@ -1055,28 +1075,8 @@ mod gather_avx512 {
             payload.len() >= 32 && out.len() >= 256,
             "a group of 64 codes"
         );
-        let mut class_tab = [0u8; 64];
-        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
-        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
         let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
-        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
-        let codes = _mm512_or_si512(
-            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
-            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
-        );
-        let classes = _mm512_permutexvar_epi8(codes, class_tab);
-        let mut z = [_mm512_setzero_si512(); 4];
-        for c in 0..9 {
-            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
-            if m == 0 {
-                continue;
-            }
-            let at = planes.as_ptr().add(cur[c]);
-            for (p, zp) in z.iter_mut().enumerate() {
-                *zp = _mm512_mask_expandloadu_epi8(*zp, m, at.add(p * stride[c]) as *const i8);
-            }
-            cur[c] += m.count_ones() as usize;
-        }
+        let (codes, z) = codes_and_planes::<4>(payload, cur, stride, planes);
         // Sixteen elements at a time: the four planes' bytes into 32-bit
         // words, then as for two-byte values.
         macro_rules! quarter {

@@ -7,7 +7,6 @@ use crate::telemetry;
 use serde::Serialize;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 use tpde_pack::{Error, Fidelity, Result};
@@ -135,13 +134,6 @@ pub struct DiskFigures {
     pub seconds: f64,
 }
 
-fn drop_cache(f: &File) {
-    // SAFETY: a plain system call on an open descriptor; it only advises the kernel.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-    }
-}
-
 /// Block size of the raw reads.
 const RAW_BLOCK: u64 = 8 << 20;
 
@@ -162,7 +154,7 @@ fn raw_read(path: &Path, direct: bool, cold: bool) -> Result<Option<f64>> {
         .map_err(|e| Error::input(path, format!("cannot read: {e}")))?
         .len();
     if cold {
-        drop_cache(&f);
+        telemetry::drop_page_cache(&f);
     }
     let mut buf = AlignedBuf::new(RAW_BLOCK);
     let t = Instant::now();
@@ -206,7 +198,7 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         };
         if opts.cold {
             if let Ok(f) = File::open(path) {
-                drop_cache(&f);
+                telemetry::drop_page_cache(&f);
             }
         }
         drop(last.take());

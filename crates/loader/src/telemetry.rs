@@ -358,6 +358,17 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m as u32, d as u32)
 }
 
+/// Asks the kernel to drop `f`'s pages from the page cache
+/// (`posix_fadvise(DONTNEED)`; clean pages only): the next read of it is
+/// cold. Advice only; failures are ignored.
+pub fn drop_page_cache(f: &std::fs::File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor; it only advises the kernel.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
