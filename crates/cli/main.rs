@@ -2,6 +2,7 @@
 //! library crates; this file parses flags, shows progress and prints results.
 
 mod demo;
+mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +37,15 @@ enum Base {
 enum FidelityArg {
     Base,
     Exact,
+}
+
+impl From<FidelityArg> for tpde_pack::Fidelity {
+    fn from(f: FidelityArg) -> Self {
+        match f {
+            FidelityArg::Base => tpde_pack::Fidelity::Base,
+            FidelityArg::Exact => tpde_pack::Fidelity::Exact,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -119,17 +129,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stream a container as a runtime would and report engineering figures with an audit trail.
+    /// Generate text with a packed model (Llama family, Mixtral-style MoE) on the CPU.
+    Run {
+        container: PathBuf,
+        /// The prompt; rendered with the model's chat template unless --raw.
+        #[arg(short, long)]
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(short = 'n', long, default_value_t = 128)]
+        tokens: usize,
+        /// 0: greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: the smallest set of tokens holding this much probability.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// `exact`: the original weights; `base`: the hot tier's quantized weights.
+        #[arg(long, value_enum, default_value = "exact")]
+        fidelity: FidelityArg,
+        /// Feed the prompt as it is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Print the figures as one JSON object on stderr at the end.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a packed model and report llama-bench-style figures with an audit trail.
     ///
-    /// `--stream-only` runs the loader over the whole model, step by step in execution order,
-    /// under the `--ram` budget, and measures it against the raw sequential read of the same file
-    /// in the same run. (Running the model itself is not implemented yet: `--stream-only` is
-    /// required.)
+    /// Without `--stream-only`: prompt processing (`pp`, `-p` tokens) and generation (`tg`, `-n`
+    /// tokens) in tokens per second, mean ± sd over `--reps`, time to first token and load time.
+    /// With `--stream-only`: the loader alone over the whole model, step by step in execution
+    /// order, under the `--ram` budget, measured against the raw sequential read of the same file
+    /// in the same run.
     Bench {
         container: PathBuf,
         /// Only load: read, check, decompress and reconstruct every tensor, then drop it.
         #[arg(long)]
         stream_only: bool,
+        /// Prompt tokens of the pp test (0: skip it).
+        #[arg(short = 'p', long, default_value_t = 512)]
+        prompt: usize,
+        /// Generated tokens of the tg test (0: skip it).
+        #[arg(short = 'n', long, default_value_t = 128)]
+        gen: usize,
         /// `exact`: the original bytes; `base`: the hot tier's values.
         #[arg(long, value_enum, default_value = "exact")]
         fidelity: FidelityArg,
@@ -145,7 +189,7 @@ enum Command {
         /// Keep the page cache warm (default: drop the container from it before each read).
         #[arg(long)]
         warm: bool,
-        /// Passes; figures are medians over passes.
+        /// Passes (--stream-only: figures are medians) or repetitions of each test.
         #[arg(long, default_value_t = 3)]
         reps: usize,
         #[arg(long)]
@@ -190,6 +234,66 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_model_bench(r: &tpde_engine::bench::BenchReport) {
+    let x = &r.results;
+    let m = &r.model;
+    println!(
+        "model    {} · {} layers · width {} · vocab {}{}",
+        m.arch,
+        m.layers,
+        m.d_model,
+        m.vocab,
+        if m.experts > 0 {
+            format!(" · {} experts, {} used", m.experts, m.experts_used)
+        } else {
+            String::new()
+        }
+    );
+    let p = r.audit["prompt_tokens"].as_u64().unwrap_or(0);
+    let n = r.audit["gen_tokens"].as_u64().unwrap_or(0);
+    if let Some(pp) = x.pp {
+        println!("pp{p:<6} {:>9.1} ± {:.1} tok/s", pp.mean, pp.sd);
+    }
+    if let Some(tg) = x.tg {
+        println!("tg{n:<6} {:>9.1} ± {:.1} tok/s", tg.mean, tg.sd);
+    }
+    if let Some(t) = x.ttft_ms {
+        println!("first token      {t:.1} ms (pp{p} + choice)");
+    }
+    println!(
+        "load             {:.3} s ({} bytes read)",
+        x.load_seconds, x.bytes_read
+    );
+    println!(
+        "streamed/token   {:.0} bytes{}",
+        x.bytes_streamed_per_token,
+        if x.bytes_streamed_per_token == 0.0 {
+            " (every weight resident)"
+        } else {
+            ""
+        }
+    );
+    if let Some(h) = x.expert_cache_hit_rate {
+        println!("expert hits      {:.1} %", h * 100.0);
+    }
+    println!(
+        "memory           RAM {} · GPU {} · SSD {} bytes; peak RSS {}",
+        x.memory.ram_bytes,
+        x.memory.gpu_bytes,
+        x.memory.ssd_bytes,
+        x.peak_rss_bytes.map_or("?".into(), |b| b.to_string())
+    );
+    let env = &r.audit["environment"];
+    println!(
+        "audit            tpde {} ({}) · {} threads · {} · {}",
+        env["tpde_version"].as_str().unwrap_or("?"),
+        env["git_commit"].as_str().unwrap_or("?"),
+        x.threads,
+        env["cpu_model"].as_str().unwrap_or("?"),
+        r.audit["started"].as_str().unwrap_or("?")
+    );
+}
+
 /// A byte count with an optional unit: B, KB, MB, GB, TB (powers of 1000)
 /// or KiB, MiB, GiB, TiB (powers of 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -232,22 +336,39 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             warm,
             reps,
             json,
+            prompt,
+            gen,
         } => {
+            let load = tpde_loader::LoadOptions {
+                fidelity: fidelity.into(),
+                ram_budget: ram,
+                prefetch: prefetch.max(1),
+                direct,
+            };
             if !stream_only {
-                anyhow::bail!(
-                    "tpde bench runs the loader only for now: add --stream-only (running the model is not implemented yet)"
-                );
+                let opts = tpde_engine::bench::BenchOptions {
+                    load,
+                    prompt,
+                    gen,
+                    reps,
+                    argv: std::env::args().collect(),
+                };
+                if !json && std::io::stderr().is_terminal() {
+                    eprintln!(
+                        "tpde bench: pp{prompt} and tg{gen}, {} repetition(s) …",
+                        reps.max(1)
+                    );
+                }
+                let r = tpde_engine::bench::run(&container, &opts)?;
+                if json {
+                    print_json(&serde_json::to_value(&r)?);
+                } else {
+                    print_model_bench(&r);
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let opts = tpde_loader::bench::BenchOptions {
-                load: tpde_loader::LoadOptions {
-                    fidelity: match fidelity {
-                        FidelityArg::Base => tpde_pack::Fidelity::Base,
-                        FidelityArg::Exact => tpde_pack::Fidelity::Exact,
-                    },
-                    ram_budget: ram,
-                    prefetch: prefetch.max(1),
-                    direct,
-                },
+                load,
                 cold: !warm,
                 reps: reps.max(1),
                 argv: std::env::args().collect(),
@@ -265,6 +386,33 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print_bench(&r);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            container,
+            prompt,
+            tokens,
+            temperature,
+            top_p,
+            seed,
+            fidelity,
+            raw,
+            json,
+        } => {
+            let opts = run::RunOptions {
+                load: tpde_loader::LoadOptions {
+                    fidelity: fidelity.into(),
+                    ..Default::default()
+                },
+                prompt,
+                tokens,
+                temperature,
+                top_p,
+                seed,
+                raw,
+                json,
+            };
+            run::run(&container, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pack {

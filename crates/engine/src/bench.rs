@@ -1,0 +1,202 @@
+//! `tpde bench` (without `--stream-only`): the model itself, as
+//! llama-bench measures one: prompt processing (`pp`) and generation
+//! (`tg`) tokens per second over repetitions, time to first token and load
+//! time, with the loader's figures and the audit trail.
+
+use crate::generate::argmax;
+use crate::model::{LoadReport, Model};
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Instant, SystemTime};
+use tpde_loader::{telemetry, LoadOptions};
+use tpde_pack::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub load: LoadOptions,
+    /// Prompt tokens of the `pp` test (0: skip).
+    pub prompt: usize,
+    /// Generated tokens of the `tg` test (0: skip).
+    pub gen: usize,
+    pub reps: usize,
+    /// The command line, for the audit trail.
+    pub argv: Vec<String>,
+}
+
+/// Mean and sample standard deviation.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MeanSd {
+    pub mean: f64,
+    pub sd: f64,
+}
+
+impl MeanSd {
+    pub fn of(v: &[f64]) -> MeanSd {
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        MeanSd {
+            mean,
+            sd: var.sqrt(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    /// `pp{prompt}` tokens per second.
+    pub pp_tps: Option<f64>,
+    pub pp: Option<MeanSd>,
+    /// `tg{gen}` tokens per second.
+    pub tg_tps: Option<f64>,
+    pub tg: Option<MeanSd>,
+    /// Prompt of `prompt` tokens processed and the first token chosen, mean.
+    pub ttft_ms: Option<f64>,
+    pub load_seconds: f64,
+    /// Bytes read from the container per generated token (0: every weight resident).
+    pub bytes_streamed_per_token: f64,
+    /// Experts served from memory ÷ experts used (every expert resident: 1);
+    /// `None` for a dense model.
+    pub expert_cache_hit_rate: Option<f64>,
+    /// Bytes read while loading, and the original bytes delivered.
+    pub bytes_read: u64,
+    pub original_bytes: u64,
+    pub weight_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+    pub ram_budget_bytes: Option<u64>,
+    /// Resident RAM, GPU memory, and bytes left on SSD.
+    pub memory: Composition,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Composition {
+    pub ram_bytes: u64,
+    pub gpu_bytes: u64,
+    pub ssd_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: ModelSummary,
+    pub results: Results,
+    pub audit: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelSummary {
+    pub arch: String,
+    pub layers: usize,
+    pub d_model: usize,
+    pub vocab: usize,
+    pub experts: usize,
+    pub experts_used: usize,
+}
+
+/// Deterministic token ids for the tests (as llama-bench, the values do
+/// not matter, only their count).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
+    let started = SystemTime::now();
+    let (model, _meta, load): (Model, _, LoadReport) = Model::load(path, opts.load.clone())?;
+    let c = &model.config;
+    let err = |m: String| Error::input(path, m);
+    let reps = opts.reps.max(1);
+    let ctx = (opts.prompt + opts.gen + 1).min(c.ctx_len);
+    let mut session = model.session(ctx);
+    // One warm-up of each test, as llama-bench does.
+    let (mut pp, mut ttft, mut tg) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        if opts.prompt > 0 {
+            session.reset();
+            let p = tokens(opts.prompt, c.vocab, rep as u64 + 1);
+            let t = Instant::now();
+            let logits = session.forward(&p, false).map_err(err)?;
+            std::hint::black_box(argmax(&logits));
+            let s = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                pp.push(opts.prompt as f64 / s);
+                ttft.push(s * 1e3);
+            }
+        }
+        if opts.gen > 0 {
+            session.reset();
+            let mut tok = tokens(1, c.vocab, rep as u64 + 99)[0];
+            let t = Instant::now();
+            for _ in 0..opts.gen {
+                let logits = session.forward(&[tok], false).map_err(err)?;
+                tok = argmax(&logits);
+            }
+            if rep > 0 {
+                tg.push(opts.gen as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let pp = (!pp.is_empty()).then(|| MeanSd::of(&pp));
+    let tg = (!tg.is_empty()).then(|| MeanSd::of(&tg));
+    let container_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let results = Results {
+        pp_tps: pp.map(|m| m.mean),
+        pp,
+        tg_tps: tg.map(|m| m.mean),
+        tg,
+        ttft_ms: (!ttft.is_empty()).then(|| MeanSd::of(&ttft).mean),
+        load_seconds: load.seconds,
+        bytes_streamed_per_token: 0.0,
+        expert_cache_hit_rate: (c.n_experts > 0).then_some(1.0),
+        bytes_read: load.stream.read_bytes,
+        original_bytes: load.stream.delivered_bytes,
+        weight_bytes: model.weight_bytes as u64,
+        peak_rss_bytes: telemetry::peak_rss_bytes(),
+        ram_budget_bytes: opts.load.ram_budget,
+        memory: Composition {
+            ram_bytes: model.weight_bytes as u64,
+            gpu_bytes: 0,
+            ssd_bytes: container_bytes.saturating_sub(load.stream.read_bytes),
+        },
+        threads: rayon::current_num_threads(),
+    };
+    let audit = serde_json::json!({
+        "environment": telemetry::environment(),
+        "container": {
+            "path": path.display().to_string(),
+            "bytes": container_bytes,
+            "format_version": load.format_version,
+            "manifest_blake3": load.manifest_blake3,
+        },
+        "flags": opts.argv,
+        "threads": rayon::current_num_threads(),
+        "reps": reps,
+        "prompt_tokens": opts.prompt,
+        "gen_tokens": opts.gen,
+        "started": telemetry::utc_rfc3339(started),
+        "ended": telemetry::utc_rfc3339(SystemTime::now()),
+    });
+    Ok(BenchReport {
+        model: ModelSummary {
+            arch: c.arch.clone(),
+            layers: c.n_layers,
+            d_model: c.d_model,
+            vocab: c.vocab,
+            experts: c.n_experts,
+            experts_used: c.n_experts_used,
+        },
+        results,
+        audit,
+    })
+}

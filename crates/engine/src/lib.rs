@@ -1,0 +1,10 @@
+//! tpde's CPU inference engine: Llama-family and Mixtral-style models
+//! computed from a container's weights as the loader delivers them.
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,1056 @@
+//! A Llama-family or Mixtral-style model: its weights, gathered from the
+//! loader, and its forward pass.
+//!
+//! Blocks: RMSNorm → attention (grouped-query, rotary embedding, KV cache)
+//! → residual → RMSNorm → SwiGLU feed-forward, dense or a mixture of
+//! experts (top-k router) → residual. The output projection is the token
+//! embedding when the model ties them.
+
+use crate::chat::ChatTemplate;
+use crate::config::{Config, RopeStyle, RouterNorm};
+use crate::kernels::{self, Activations, Bytes, Input, Matrix, QuantizedActs, WeightType};
+use crate::tokenizer::Tokenizer;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use tpde_format::ggml::GgmlType;
+use tpde_format::FileContent;
+use tpde_ingest::gguf;
+use tpde_loader::{LoadOptions, Loader, StreamReport};
+use tpde_pack::{Container, Error, Result};
+
+/// Where a container's model description lives.
+pub enum Metadata {
+    /// The header of its GGUF file (hyper-parameters and tokenizer).
+    Gguf(Box<gguf::Header>),
+    /// A Hugging Face folder: `config.json`, and `tokenizer.json` if present.
+    Hf {
+        config: Vec<u8>,
+        tokenizer: Option<Vec<u8>>,
+        tokenizer_config: Option<Vec<u8>>,
+    },
+}
+
+fn read_blob(c: &Container, blob: &tpde_format::Blob, what: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, chunk) in blob.chunks.iter().enumerate() {
+        out.extend(c.read_blob_chunk(chunk, || format!("{what} chunk {i}"))?);
+    }
+    Ok(out)
+}
+
+impl Metadata {
+    /// Finds the model description among the container's files.
+    pub fn read(c: &Container) -> Result<Metadata> {
+        let files = &c.manifest.files;
+        for f in files {
+            if let FileContent::Gguf { header, .. } = &f.content {
+                let bytes = read_blob(c, header, &format!("file {:?} header", f.path))?;
+                let (h, _) =
+                    gguf::read_header(&bytes[..], f.len).map_err(|source| Error::Gguf {
+                        path: c.path.join(&f.path),
+                        source,
+                    })?;
+                return Ok(Metadata::Gguf(Box::new(h)));
+            }
+        }
+        // The file of that name nearest the top of the folder (a model
+        // folder may hold other `config.json` files in sub-folders).
+        let find = |name: &str| {
+            files
+                .iter()
+                .filter_map(|f| match &f.content {
+                    FileContent::Blob { blob } if f.path.rsplit('/').next() == Some(name) => {
+                        Some((f, blob))
+                    }
+                    _ => None,
+                })
+                .min_by_key(|(f, _)| f.path.matches('/').count())
+        };
+        let Some((f, blob)) = find("config.json") else {
+            return Err(Error::input(
+                &c.path,
+                "no model description: the container holds neither a GGUF file nor a config.json",
+            ));
+        };
+        let config = read_blob(c, blob, &format!("file {:?}", f.path))?;
+        let optional = |name: &str| -> Result<Option<Vec<u8>>> {
+            match find(name) {
+                Some((f, blob)) => Ok(Some(read_blob(c, blob, &format!("file {:?}", f.path))?)),
+                None => Ok(None),
+            }
+        };
+        Ok(Metadata::Hf {
+            config,
+            tokenizer: optional("tokenizer.json")?,
+            tokenizer_config: optional("tokenizer_config.json")?,
+        })
+    }
+
+    /// The model's tokenizer and chat template, when it carries them.
+    pub fn tokenizer(&self, path: &Path) -> Result<Option<(Tokenizer, Option<ChatTemplate>)>> {
+        let bad = |m: String| Error::input(path, m);
+        match self {
+            Metadata::Gguf(h) => {
+                if h.get("tokenizer.ggml.model").is_none() {
+                    return Ok(None);
+                }
+                let tok = Tokenizer::from_gguf(h).map_err(bad)?;
+                let chat = match h.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                    Some(src) => Some(ChatTemplate::new(src).map_err(bad)?),
+                    None => None,
+                };
+                Ok(Some((tok, chat)))
+            }
+            Metadata::Hf {
+                tokenizer: None, ..
+            } => Ok(None),
+            Metadata::Hf {
+                tokenizer: Some(t),
+                tokenizer_config,
+                ..
+            } => {
+                let tok = Tokenizer::from_tokenizer_json(t).map_err(bad)?;
+                let chat = match tokenizer_config {
+                    Some(b) => {
+                        let j: serde_json::Value = serde_json::from_slice(b)
+                            .map_err(|e| bad(format!("tokenizer_config.json is not JSON: {e}")))?;
+                        match j["chat_template"].as_str() {
+                            Some(src) => Some(ChatTemplate::new(src).map_err(bad)?),
+                            None => None,
+                        }
+                    }
+                    None => None,
+                };
+                Ok(Some((tok, chat)))
+            }
+        }
+    }
+
+    pub fn config(&self, path: &Path) -> Result<Config> {
+        match self {
+            Metadata::Gguf(h) => Config::from_gguf(h),
+            Metadata::Hf { config, .. } => Config::from_hf_json(config),
+        }
+        .map_err(|m| Error::input(path, m))
+    }
+}
+
+/// A tensor as the loader delivered it.
+struct Raw {
+    dtype: String,
+    shape: Vec<u64>,
+    bytes: Bytes,
+}
+
+fn values_f32(name: &str, dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let conv = |w: usize, f: &dyn Fn(&[u8]) -> f32| -> std::result::Result<Vec<f32>, String> {
+        if !b.len().is_multiple_of(w) {
+            return Err(format!("{name}: {} bytes of {dtype}", b.len()));
+        }
+        Ok(b.chunks_exact(w).map(f).collect())
+    };
+    match dtype {
+        "F32" => conv(4, &|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        "F16" => conv(2, &|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        "BF16" => conv(2, &|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        other => {
+            let ty = GgmlType::from_name(other)
+                .filter(|t| tpde_codecs::ggml::supports(*t))
+                .ok_or_else(|| format!("{name}: dtype {other} is not supported by the engine"))?;
+            let blocks = b.len() as u64 / ty.block_bytes();
+            let mut out = vec![0.0f32; (blocks * ty.block_elems()) as usize];
+            tpde_codecs::ggml::dequantize(ty, b, &mut out).map_err(|e| format!("{name}: {e}"))?;
+            Ok(out)
+        }
+    }
+}
+
+impl Raw {
+    fn vector(&self, name: &str, len: usize) -> std::result::Result<Vec<f32>, String> {
+        let v = values_f32(name, &self.dtype, &self.bytes)?;
+        if v.len() != len {
+            return Err(format!("{name}: {} values, expected {len}", v.len()));
+        }
+        Ok(v)
+    }
+
+    /// As `count` matrices of `rows × cols` (a stacked tensor holds
+    /// `count` of them back to back).
+    fn matrices(
+        &self,
+        name: &str,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Vec<Matrix>, String> {
+        let numel: u64 = self.shape.iter().product();
+        if numel != (count * rows * cols) as u64 || self.shape.last() != Some(&(cols as u64)) {
+            return Err(format!(
+                "{name}: shape {:?}, expected {count} × {rows} × {cols}",
+                self.shape
+            ));
+        }
+        let wtype = match self.dtype.as_str() {
+            "Q8_0" => Some(WeightType::Q8_0),
+            "Q4_0" => Some(WeightType::Q4_0),
+            "Q4_1" => Some(WeightType::Q4_1),
+            _ => None,
+        };
+        match wtype {
+            Some(t) if cols.is_multiple_of(kernels::QK) => {
+                let each = rows * cols / kernels::QK * t.block_bytes();
+                (0..count)
+                    .map(|e| {
+                        let b = self.bytes.slice(e * each..(e + 1) * each);
+                        Matrix::blocks(t, rows, cols, b).map_err(|m| format!("{name}: {m}"))
+                    })
+                    .collect()
+            }
+            _ => {
+                let v = values_f32(name, &self.dtype, &self.bytes)?;
+                v.chunks_exact(rows * cols)
+                    .map(|c| {
+                        Matrix::f32(rows, cols, c.to_vec()).map_err(|m| format!("{name}: {m}"))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A feed-forward block.
+pub enum Ffn {
+    Dense {
+        gate: Matrix,
+        up: Matrix,
+        down: Matrix,
+    },
+    Moe {
+        router: Matrix,
+        experts: Vec<Expert>,
+        /// An expert every token goes through (Qwen-MoE, DeepSeek), and the
+        /// one-row projection whose sigmoid scales it, when present.
+        shared: Option<(Expert, Option<Matrix>)>,
+    },
+}
+
+pub struct Expert {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: Ffn,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub embed: Matrix,
+    pub layers: Vec<Layer>,
+    pub out_norm: Vec<f32>,
+    /// The output projection (the embedding itself when tied).
+    pub output: Matrix,
+    /// Bytes of weights held.
+    pub weight_bytes: usize,
+}
+
+/// What loading a model cost.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub seconds: f64,
+    pub stream: StreamReport,
+    pub hot_bytes: u64,
+    /// The container's manifest digest (BLAKE3, hex) and format version.
+    pub manifest_blake3: String,
+    pub format_version: u32,
+}
+
+/// The role of a tensor, from its name in either naming scheme.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    Embed,
+    OutNorm,
+    Output,
+    RopeFreqs,
+    /// Per layer: a role name (`wq`, `ffn_gate`, …), and the expert for a
+    /// per-expert tensor.
+    Layer(usize, &'static str, Option<usize>),
+}
+
+fn role(name: &str) -> Option<Role> {
+    let n = name.strip_suffix(".weight").unwrap_or(name);
+    let bias = name.ends_with(".bias");
+    match n {
+        "token_embd" | "model.embed_tokens" => return Some(Role::Embed),
+        "output_norm" | "model.norm" => return Some(Role::OutNorm),
+        "output" | "lm_head" => return Some(Role::Output),
+        "rope_freqs" => return Some(Role::RopeFreqs),
+        _ => {}
+    }
+    let (layer, rest) = if let Some(r) = n.strip_prefix("blk.") {
+        r.split_once('.')?
+    } else if let Some(r) = n.strip_prefix("model.layers.") {
+        r.split_once('.')?
+    } else {
+        return None;
+    };
+    let layer: usize = layer.parse().ok()?;
+    let rest = rest.strip_suffix(".bias").unwrap_or(rest);
+    // Per-expert tensors of either scheme.
+    for prefix in ["block_sparse_moe.experts.", "mlp.experts."] {
+        if let Some(r) = rest.strip_prefix(prefix) {
+            let (e, w) = r.split_once('.')?;
+            let e: usize = e.parse().ok()?;
+            let w = match w {
+                "w1" | "gate_proj" => "exp_gate",
+                "w3" | "up_proj" => "exp_up",
+                "w2" | "down_proj" => "exp_down",
+                _ => return None,
+            };
+            return Some(Role::Layer(layer, w, Some(e)));
+        }
+    }
+    let r: &'static str = match (rest, bias) {
+        ("attn_norm" | "input_layernorm", false) => "attn_norm",
+        ("attn_q" | "self_attn.q_proj", false) => "wq",
+        ("attn_k" | "self_attn.k_proj", false) => "wk",
+        ("attn_v" | "self_attn.v_proj", false) => "wv",
+        ("attn_q" | "self_attn.q_proj", true) => "bq",
+        ("attn_k" | "self_attn.k_proj", true) => "bk",
+        ("attn_v" | "self_attn.v_proj", true) => "bv",
+        ("attn_output" | "self_attn.o_proj", false) => "wo",
+        ("ffn_norm" | "post_attention_layernorm", false) => "ffn_norm",
+        ("ffn_gate" | "mlp.gate_proj", false) => "ffn_gate",
+        ("ffn_up" | "mlp.up_proj", false) => "ffn_up",
+        ("ffn_down" | "mlp.down_proj", false) => "ffn_down",
+        ("ffn_gate_inp" | "block_sparse_moe.gate" | "mlp.gate", false) => "router",
+        ("ffn_gate_shexp" | "mlp.shared_expert.gate_proj", false) => "sh_gate",
+        ("ffn_up_shexp" | "mlp.shared_expert.up_proj", false) => "sh_up",
+        ("ffn_down_shexp" | "mlp.shared_expert.down_proj", false) => "sh_down",
+        ("ffn_gate_inp_shexp" | "mlp.shared_expert_gate", false) => "sh_gate_inp",
+        ("ffn_gate_exps", false) => "exps_gate",
+        ("ffn_up_exps", false) => "exps_up",
+        ("ffn_down_exps", false) => "exps_down",
+        _ => return None,
+    };
+    Some(Role::Layer(layer, r, None))
+}
+
+impl Model {
+    /// Opens a container and loads every weight at the loader's fidelity.
+    pub fn load(path: &Path, options: LoadOptions) -> Result<(Model, Metadata, LoadReport)> {
+        let t0 = std::time::Instant::now();
+        let mut loader = Loader::open(path, options)?;
+        let meta = Metadata::read(&loader.container)?;
+        let config = meta.config(path)?;
+        let mut raw: HashMap<Role, Raw> = HashMap::new();
+        let mut unknown = Vec::new();
+        let stream = loader.stream(|step| {
+            let data = Arc::new(std::mem::take(&mut step.data));
+            for t in &step.tensors {
+                match role(&t.name) {
+                    Some(r) => {
+                        raw.insert(
+                            r,
+                            Raw {
+                                dtype: t.dtype.clone(),
+                                shape: t.shape.clone(),
+                                bytes: Bytes::new(data.clone(), t.range.clone()),
+                            },
+                        );
+                    }
+                    None => unknown.push(t.name.clone()),
+                }
+            }
+            Ok(())
+        })?;
+        let hot_bytes = loader.hot_bytes();
+        let header = loader.container.header;
+        let model = Model::assemble(config, raw, &unknown).map_err(|m| Error::input(path, m))?;
+        Ok((
+            model,
+            meta,
+            LoadReport {
+                seconds: t0.elapsed().as_secs_f64(),
+                stream,
+                hot_bytes,
+                manifest_blake3: tpde_format::hex(&header.manifest_blake3),
+                format_version: header.version,
+            },
+        ))
+    }
+
+    fn assemble(
+        mut config: Config,
+        mut raw: HashMap<Role, Raw>,
+        unknown: &[String],
+    ) -> std::result::Result<Model, String> {
+        // Tensors the engine does not use would be computed wrong if
+        // ignored (a shared expert, a bias it does not apply): refuse.
+        if let Some(n) = unknown.iter().find(|n| !n.contains("rotary_emb.inv_freq")) {
+            return Err(format!("tensor {n:?} has no place in the engine's model"));
+        }
+        let c = &config;
+        let (d, q_dim, kv_dim, ff, vocab) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff, c.vocab);
+        fn take_role(raw: &mut HashMap<Role, Raw>, r: Role) -> std::result::Result<Raw, String> {
+            raw.remove(&r)
+                .ok_or_else(|| format!("the model has no tensor for {r:?}"))
+        }
+        macro_rules! take {
+            ($r:expr) => {
+                take_role(&mut raw, $r)
+            };
+        }
+        let one = |x: Raw, name: &str, rows: usize, cols: usize| {
+            x.matrices(name, 1, rows, cols)
+                .map(|mut v| v.pop().expect("one matrix"))
+        };
+        let embed = one(take!(Role::Embed)?, "token embedding", vocab, d)?;
+        let out_norm = take!(Role::OutNorm)?.vector("output norm", d)?;
+        let output = match take!(Role::Output) {
+            Ok(x) => one(x, "output", vocab, d)?,
+            Err(_) => embed.clone(),
+        };
+        if let Ok(f) = take!(Role::RopeFreqs) {
+            config.rope_freq_factors = f.vector("rope_freqs", config.rope_dim / 2)?;
+        }
+        let c = &config;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            macro_rules! get {
+                ($r:expr) => {
+                    take!(Role::Layer(l, $r, None))
+                };
+            }
+            let name = |r: &str| format!("layer {l} {r}");
+            let bias = |x: std::result::Result<Raw, String>, r: &str, len: usize| {
+                x.ok().map(|x| x.vector(&name(r), len)).transpose()
+            };
+            let ffn = if c.n_experts == 0 {
+                Ffn::Dense {
+                    gate: one(get!("ffn_gate")?, &name("ffn_gate"), ff, d)?,
+                    up: one(get!("ffn_up")?, &name("ffn_up"), ff, d)?,
+                    down: one(get!("ffn_down")?, &name("ffn_down"), d, ff)?,
+                }
+            } else {
+                let router = one(get!("router")?, &name("router"), c.n_experts, d)?;
+                let e = c.n_experts;
+                let experts = match get!("exps_gate") {
+                    Ok(g) => {
+                        let g = g.matrices(&name("ffn_gate_exps"), e, ff, d)?;
+                        let u = get!("exps_up")?.matrices(&name("ffn_up_exps"), e, ff, d)?;
+                        let dn = get!("exps_down")?.matrices(&name("ffn_down_exps"), e, d, ff)?;
+                        g.into_iter()
+                            .zip(u)
+                            .zip(dn)
+                            .map(|((gate, up), down)| Expert { gate, up, down })
+                            .collect()
+                    }
+                    Err(_) => (0..e)
+                        .map(|x| {
+                            macro_rules! g {
+                                ($r:expr) => {
+                                    take!(Role::Layer(l, $r, Some(x)))
+                                };
+                            }
+                            let nm = |r: &str| format!("layer {l} expert {x} {r}");
+                            Ok(Expert {
+                                gate: one(g!("exp_gate")?, &nm("gate"), ff, d)?,
+                                up: one(g!("exp_up")?, &nm("up"), ff, d)?,
+                                down: one(g!("exp_down")?, &nm("down"), d, ff)?,
+                            })
+                        })
+                        .collect::<std::result::Result<Vec<_>, String>>()?,
+                };
+                let shared = match get!("sh_gate") {
+                    Ok(g) => {
+                        // Its width may differ from the routed experts'.
+                        let sff = g.shape.first().copied().unwrap_or(0) as usize;
+                        let e = Expert {
+                            gate: one(g, &name("shared gate"), sff, d)?,
+                            up: one(get!("sh_up")?, &name("shared up"), sff, d)?,
+                            down: one(get!("sh_down")?, &name("shared down"), d, sff)?,
+                        };
+                        let gi = match get!("sh_gate_inp") {
+                            Ok(x) => Some(one(x, &name("shared expert gate"), 1, d)?),
+                            Err(_) => None,
+                        };
+                        Some((e, gi))
+                    }
+                    Err(_) => None,
+                };
+                Ffn::Moe {
+                    router,
+                    experts,
+                    shared,
+                }
+            };
+            layers.push(Layer {
+                attn_norm: get!("attn_norm")?.vector(&name("attn_norm"), d)?,
+                wq: one(get!("wq")?, &name("wq"), q_dim, d)?,
+                wk: one(get!("wk")?, &name("wk"), kv_dim, d)?,
+                wv: one(get!("wv")?, &name("wv"), kv_dim, d)?,
+                wo: one(get!("wo")?, &name("wo"), d, q_dim)?,
+                bq: bias(get!("bq"), "bq", q_dim)?,
+                bk: bias(get!("bk"), "bk", kv_dim)?,
+                bv: bias(get!("bv"), "bv", kv_dim)?,
+                ffn_norm: get!("ffn_norm")?.vector(&name("ffn_norm"), d)?,
+                ffn,
+            });
+        }
+        if let Some(r) = raw.keys().next() {
+            return Err(format!(
+                "tensor for {r:?} has no place in this model's config"
+            ));
+        }
+        let mut weight_bytes = embed.bytes() + out_norm.len() * 4;
+        if !matches!(output.wtype, WeightType::F32) || output.bytes() != embed.bytes() {
+            weight_bytes += output.bytes();
+        }
+        for l in &layers {
+            weight_bytes += [&l.wq, &l.wk, &l.wv, &l.wo]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<usize>();
+            weight_bytes += match &l.ffn {
+                Ffn::Dense { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
+                Ffn::Moe {
+                    router,
+                    experts,
+                    shared,
+                } => {
+                    shared.as_ref().map_or(0, |(e, g)| {
+                        e.gate.bytes()
+                            + e.up.bytes()
+                            + e.down.bytes()
+                            + g.as_ref().map_or(0, |g| g.bytes())
+                    }) + router.bytes()
+                        + experts
+                            .iter()
+                            .map(|e| e.gate.bytes() + e.up.bytes() + e.down.bytes())
+                            .sum::<usize>()
+                }
+            };
+        }
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            out_norm,
+            output,
+            weight_bytes,
+        })
+    }
+
+    /// A fresh inference session with room for `ctx` positions.
+    pub fn session(&self, ctx: usize) -> Session<'_> {
+        Session::new(self, ctx)
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xo, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xo.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let k = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(xo).zip(w) {
+            *o = v * k * g;
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Rotates one head's vector in place for position `pos`.
+fn rope(v: &mut [f32], pos: usize, c: &Config, inv_freq: &[f32]) {
+    let half = c.rope_dim / 2;
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let (sin, cos) = (pos as f32 * f).sin_cos();
+        let (a, b) = match c.rope_style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Halves => (i, i + half),
+        };
+        let (x, y) = (v[a], v[b]);
+        v[a] = x * cos - y * sin;
+        v[b] = x * sin + y * cos;
+    }
+}
+
+/// Scratch buffers of a forward pass, reused between calls.
+#[derive(Default)]
+struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    qa: Prepared,
+    qa2: Prepared,
+    mm: Vec<f32>,
+}
+
+/// A conversation's state: the KV cache and the position reached.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    ctx: usize,
+    pos: usize,
+    /// Per layer, keys and values: `ctx × kv_dim` each.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    inv_freq: Vec<f32>,
+    scratch: Scratch,
+    /// Experts chosen, counted per (layer, expert) over the session.
+    pub expert_hits: Vec<Vec<u64>>,
+}
+
+/// An input prepared for block weights: its per-block sums, or its 8-bit
+/// form, computed once for every matrix that reads it.
+#[derive(Default)]
+struct Prepared {
+    xsum: Vec<f32>,
+    q: QuantizedActs,
+}
+
+/// Applies `w` to `x` (`n` rows), preparing `x` into `prep` first when `w`
+/// is quantized and `prep` does not already hold it (`fresh`).
+fn project(
+    w: &Matrix,
+    x: &[f32],
+    n: usize,
+    prep: &mut Prepared,
+    fresh: &mut bool,
+    out: &mut Vec<f32>,
+    mm: &mut Vec<f32>,
+) {
+    let mode = activations();
+    if w.wtype != WeightType::F32 && !*fresh {
+        match mode {
+            Activations::F32 => kernels::block_sums(x, &mut prep.xsum),
+            Activations::Q8 => prep.q.quantize(x, w.cols),
+        }
+        *fresh = true;
+    }
+    out.resize(n * w.rows, 0.0);
+    let input = Input {
+        x,
+        n,
+        mode,
+        xsum: &prep.xsum,
+        q: &prep.q,
+    };
+    kernels::matmul(w, &input, out, mm);
+}
+
+/// The engine's activation precision: f32 where the CPU has a fast kernel
+/// for it (AVX-512) or none for 8-bit inputs either; 8-bit inputs on an
+/// AVX2-only CPU, or when `TPDE_Q8_ACTIVATIONS` is set (for comparison).
+pub fn activations() -> Activations {
+    static A: std::sync::OnceLock<Activations> = std::sync::OnceLock::new();
+    *A.get_or_init(|| {
+        if std::env::var_os("TPDE_Q8_ACTIVATIONS").is_some() {
+            Activations::Q8
+        } else {
+            kernels::preferred_activations()
+        }
+    })
+}
+
+/// The scratch parts the feed-forward block uses.
+struct FfnScratch<'a> {
+    g: &'a mut Vec<f32>,
+    u: &'a mut Vec<f32>,
+    o: &'a mut Vec<f32>,
+    qa: &'a mut Prepared,
+    qa2: &'a mut Prepared,
+    mm: &'a mut Vec<f32>,
+}
+
+/// The feed-forward block's part of [`Scratch`] (disjoint from `xn`).
+macro_rules! ffn_scratch {
+    ($s:expr) => {
+        FfnScratch {
+            g: &mut $s.g,
+            u: &mut $s.u,
+            o: &mut $s.o,
+            qa: &mut $s.qa,
+            qa2: &mut $s.qa2,
+            mm: &mut $s.mm,
+        }
+    };
+}
+
+impl<'m> Session<'m> {
+    fn new(model: &'m Model, ctx: usize) -> Session<'m> {
+        let c = &model.config;
+        let ctx = ctx.clamp(1, c.ctx_len.max(1));
+        let inv_freq = (0..c.rope_dim / 2)
+            .map(|i| {
+                let f = c.rope_base.powf(-2.0 * i as f32 / c.rope_dim as f32);
+                f / c.rope_freq_factors.get(i).copied().unwrap_or(1.0)
+            })
+            .collect();
+        Session {
+            model,
+            ctx,
+            pos: 0,
+            k_cache: vec![Vec::new(); c.n_layers],
+            v_cache: vec![Vec::new(); c.n_layers],
+            inv_freq,
+            scratch: Scratch::default(),
+            expert_hits: vec![vec![0; c.n_experts]; c.n_layers],
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn context(&self) -> usize {
+        self.ctx
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        for k in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            k.clear();
+        }
+    }
+
+    /// Runs `tokens` at the next positions; returns the logits of the last
+    /// token (`all = false`) or of every token (`all = true`, `n × vocab`).
+    pub fn forward(&mut self, tokens: &[u32], all: bool) -> std::result::Result<Vec<f32>, String> {
+        let m = self.model;
+        let c = &m.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err("no tokens to run".into());
+        }
+        if self.pos + n > self.ctx {
+            return Err(format!(
+                "context full: {} + {n} tokens exceed {} positions",
+                self.pos, self.ctx
+            ));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab
+            ));
+        }
+        let d = c.d_model;
+        let mut x = vec![0.0f32; n * d];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
+            m.embed.row_into(*t as usize, row);
+        }
+        for l in 0..c.n_layers {
+            self.layer(l, &mut x, n);
+        }
+        self.pos += n;
+        let s = &mut self.scratch;
+        let rows = if all { n } else { 1 };
+        let last = &x[(n - rows) * d..];
+        s.xn.resize(rows * d, 0.0);
+        rms_norm(last, &m.out_norm, c.rms_eps, &mut s.xn);
+        let mut logits = Vec::new();
+        let mut fresh = false;
+        project(
+            &m.output,
+            &s.xn,
+            rows,
+            &mut s.qa,
+            &mut fresh,
+            &mut logits,
+            &mut s.mm,
+        );
+        Ok(logits)
+    }
+
+    fn layer(&mut self, l: usize, x: &mut [f32], n: usize) {
+        let m = self.model;
+        let c = &m.config;
+        let lw = &m.layers[l];
+        let (d, hd, kv_dim, q_dim) = (c.d_model, c.head_dim, c.kv_dim(), c.q_dim());
+        let s = &mut self.scratch;
+        s.xn.resize(n * d, 0.0);
+        rms_norm(x, &lw.attn_norm, c.rms_eps, &mut s.xn);
+        let mut fresh = false;
+        project(&lw.wq, &s.xn, n, &mut s.qa, &mut fresh, &mut s.q, &mut s.mm);
+        project(&lw.wk, &s.xn, n, &mut s.qa, &mut fresh, &mut s.k, &mut s.mm);
+        project(&lw.wv, &s.xn, n, &mut s.qa, &mut fresh, &mut s.v, &mut s.mm);
+        for (b, v) in [(&lw.bq, &mut s.q), (&lw.bk, &mut s.k), (&lw.bv, &mut s.v)] {
+            if let Some(b) = b {
+                for row in v.chunks_exact_mut(b.len()) {
+                    for (a, &bb) in row.iter_mut().zip(b) {
+                        *a += bb;
+                    }
+                }
+            }
+        }
+        for t in 0..n {
+            let pos = self.pos + t;
+            for h in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+                rope(h, pos, c, &self.inv_freq);
+            }
+            for h in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                rope(h, pos, c, &self.inv_freq);
+            }
+        }
+        self.k_cache[l].extend_from_slice(&s.k[..n * kv_dim]);
+        self.v_cache[l].extend_from_slice(&s.v[..n * kv_dim]);
+        let (kc, vc) = (&self.k_cache[l], &self.v_cache[l]);
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let pos0 = self.pos;
+        s.att.resize(n * q_dim, 0.0);
+        let q = &s.q;
+        // One task per (token, head): causal attention over the cache.
+        s.att.par_chunks_mut(hd).enumerate().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, (i, out)| {
+                let (t, h) = (i / c.n_heads, i % c.n_heads);
+                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                let kvh = h / group;
+                let len = pos0 + t + 1;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..len {
+                    let k = &kc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    let sc = kernels::dot_f32(qh, k) * scale;
+                    max = max.max(sc);
+                    scores.push(sc);
+                }
+                let mut sum = 0.0;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                out.fill(0.0);
+                for (p, &w) in scores.iter().enumerate() {
+                    let v = &vc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    let w = w / sum;
+                    for (o, &vv) in out.iter_mut().zip(v) {
+                        *o += w * vv;
+                    }
+                }
+            },
+        );
+        let mut fresh = false;
+        project(
+            &lw.wo, &s.att, n, &mut s.qa, &mut fresh, &mut s.o, &mut s.mm,
+        );
+        for (a, b) in x.iter_mut().zip(&s.o) {
+            *a += b;
+        }
+        rms_norm(x, &lw.ffn_norm, c.rms_eps, &mut s.xn);
+        match &lw.ffn {
+            Ffn::Dense { gate, up, down } => {
+                swiglu(gate, up, down, &s.xn, n, ffn_scratch!(s), x);
+            }
+            Ffn::Moe {
+                router,
+                experts,
+                shared,
+            } => {
+                if let Some((ex, gate)) = shared {
+                    let mut ys = vec![0.0f32; n * d];
+                    swiglu(
+                        &ex.gate,
+                        &ex.up,
+                        &ex.down,
+                        &s.xn,
+                        n,
+                        ffn_scratch!(s),
+                        &mut ys,
+                    );
+                    let mut gl = Vec::new();
+                    if let Some(g) = gate {
+                        let mut fresh = false;
+                        project(g, &s.xn, n, &mut s.qa, &mut fresh, &mut gl, &mut s.mm);
+                    }
+                    for t in 0..n {
+                        let w = gl.get(t).map_or(1.0, |&z| 1.0 / (1.0 + (-z).exp()));
+                        for (a, b) in x[t * d..(t + 1) * d]
+                            .iter_mut()
+                            .zip(&ys[t * d..(t + 1) * d])
+                        {
+                            *a += w * b;
+                        }
+                    }
+                }
+                let mut logits = Vec::new();
+                let mut fresh = false;
+                project(
+                    router,
+                    &s.xn,
+                    n,
+                    &mut s.qa,
+                    &mut fresh,
+                    &mut logits,
+                    &mut s.mm,
+                );
+                let e_n = experts.len();
+                // Per expert, the tokens routed to it and their weights.
+                let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_n];
+                for (t, lg) in logits.chunks_exact(e_n).enumerate() {
+                    for (e, w) in route(lg, c.n_experts_used, c.router_norm) {
+                        routed[e].push((t, w));
+                        self.expert_hits[l][e] += 1;
+                    }
+                }
+                let mut xe = Vec::new();
+                let mut ye = Vec::new();
+                for (e, toks) in routed.iter().enumerate() {
+                    if toks.is_empty() {
+                        continue;
+                    }
+                    xe.clear();
+                    for &(t, _) in toks {
+                        xe.extend_from_slice(&s.xn[t * d..(t + 1) * d]);
+                    }
+                    ye.clear();
+                    ye.resize(toks.len() * d, 0.0);
+                    let ex = &experts[e];
+                    swiglu(
+                        &ex.gate,
+                        &ex.up,
+                        &ex.down,
+                        &xe,
+                        toks.len(),
+                        ffn_scratch!(s),
+                        &mut ye,
+                    );
+                    for (k, &(t, w)) in toks.iter().enumerate() {
+                        for (a, b) in x[t * d..(t + 1) * d]
+                            .iter_mut()
+                            .zip(&ye[k * d..(k + 1) * d])
+                        {
+                            *a += w * b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `x += down(silu(gate(xn)) · up(xn))`.
+fn swiglu(
+    gate: &Matrix,
+    up: &Matrix,
+    down: &Matrix,
+    xn: &[f32],
+    n: usize,
+    s: FfnScratch,
+    x: &mut [f32],
+) {
+    let mut fresh = false;
+    project(gate, xn, n, s.qa, &mut fresh, s.g, s.mm);
+    project(up, xn, n, s.qa, &mut fresh, s.u, s.mm);
+    for (g, u) in s.g.iter_mut().zip(s.u.iter()) {
+        *g = silu(*g) * u;
+    }
+    let mut fresh = false;
+    project(down, s.g, n, s.qa2, &mut fresh, s.o, s.mm);
+    for (a, b) in x.iter_mut().zip(s.o.iter()) {
+        *a += b;
+    }
+}
+
+/// The experts a token goes to, with their weights.
+pub fn route(logits: &[f32], k: usize, norm: RouterNorm) -> Vec<(usize, f32)> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let p: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f32 = p.iter().sum();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    // Highest first; ties to the lower index, as a stable sort does.
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    let chosen: f32 = idx.iter().map(|&e| p[e]).sum();
+    idx.into_iter()
+        .map(|e| {
+            let w = match norm {
+                RouterNorm::TopKSoftmax => p[e] / chosen,
+                RouterNorm::Softmax => p[e] / total,
+            };
+            (e, w)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_both_schemes_map_to_roles() {
+        assert_eq!(
+            role("blk.3.attn_q.weight"),
+            Some(Role::Layer(3, "wq", None))
+        );
+        assert_eq!(
+            role("model.layers.3.self_attn.q_proj.bias"),
+            Some(Role::Layer(3, "bq", None))
+        );
+        assert_eq!(
+            role("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+            Some(Role::Layer(1, "exp_up", Some(2)))
+        );
+        assert_eq!(
+            role("blk.0.ffn_down_exps.weight"),
+            Some(Role::Layer(0, "exps_down", None))
+        );
+        assert_eq!(role("model.embed_tokens.weight"), Some(Role::Embed));
+        assert_eq!(
+            role("model.layers.0.mlp.shared_expert.up_proj.weight"),
+            Some(Role::Layer(0, "sh_up", None))
+        );
+        assert_eq!(role("model.layers.0.mlp.shared_expert.bogus.weight"), None);
+        assert_eq!(role("blk.x.attn_q.weight"), None);
+    }
+
+    #[test]
+    fn routing_picks_top_k_and_normalizes() {
+        let r = route(&[0.0, 2.0, 1.0, 2.0], 2, RouterNorm::TopKSoftmax);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
+        assert!((r[0].1 - 0.5).abs() < 1e-6 && (r[1].1 - 0.5).abs() < 1e-6);
+        let r = route(&[0.0, 0.0], 1, RouterNorm::Softmax);
+        assert_eq!(r, vec![(0, 0.5)]);
+    }
+
+    #[test]
+    fn rope_styles_rotate_their_pairs() {
+        let mut c = Config::from_hf_json(
+            br#"{"model_type":"llama","hidden_size":8,"intermediate_size":8,
+            "num_attention_heads":2,"num_hidden_layers":1,"vocab_size":4}"#,
+        )
+        .unwrap();
+        let inv = vec![1.0, 0.0];
+        let mut v = vec![1.0, 0.0, 0.0, 0.0];
+        rope(&mut v, 1, &c, &inv);
+        // Halves: dimension 0 pairs with 2.
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6);
+        c.rope_style = RopeStyle::Interleaved;
+        let mut v = vec![1.0, 0.0, 0.0, 0.0];
+        rope(&mut v, 1, &c, &inv);
+        assert!((v[1] - 1f32.sin()).abs() < 1e-6 && v[2] == 0.0);
+    }
+}
