@@ -246,3 +246,25 @@ fn moe_fixtures_logits_match_transformers() {
         assert!(s.expert_hits.iter().all(|l| l.iter().sum::<u64>() > 0));
     }
 }
+
+#[test]
+fn a_budget_below_the_resident_model_is_a_clean_error() {
+    // 150 MiB holds the loader's plan (hot tier and one step) but not every
+    // weight resident as well; streaming layers per token is not there yet.
+    let o = tpde(&[
+        &"bench",
+        &smollm_container(),
+        &"--ram",
+        &"150MiB",
+        &"-p",
+        &"4",
+        &"-n",
+        &"2",
+    ]);
+    assert_clean_error(
+        &o,
+        2,
+        "smollm2.tpde",
+        "cannot hold this model's weights resident",
+    );
+}

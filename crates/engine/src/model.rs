@@ -352,7 +352,22 @@ impl Model {
     /// Opens a container and loads every weight at the loader's fidelity.
     pub fn load(path: &Path, options: LoadOptions) -> Result<(Model, Metadata, LoadReport)> {
         let t0 = std::time::Instant::now();
+        let budget = options.ram_budget;
         let mut loader = Loader::open(path, options)?;
+        if let Some(b) = budget {
+            // Every weight stays resident: the loader's plan plus all of
+            // the delivered tensors must fit.
+            let weights: u64 = loader.steps().iter().map(|s| s.original_bytes).sum();
+            let need = loader.memory.total + weights;
+            if need > b {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "a RAM budget of {b} bytes cannot hold this model's weights resident ({need} bytes with the loader's buffers); streaming layers per token under a smaller budget is not implemented yet"
+                    ),
+                ));
+            }
+        }
         let meta = Metadata::read(&loader.container)?;
         let config = meta.config(path)?;
         let mut raw: HashMap<Role, Raw> = HashMap::new();
@@ -419,9 +434,9 @@ impl Model {
         };
         let embed = one(take!(Role::Embed)?, "token embedding", vocab, d)?;
         let out_norm = take!(Role::OutNorm)?.vector("output norm", d)?;
-        let output = match take!(Role::Output) {
-            Ok(x) => one(x, "output", vocab, d)?,
-            Err(_) => embed.clone(),
+        let (output, tied) = match take!(Role::Output) {
+            Ok(x) => (one(x, "output", vocab, d)?, false),
+            Err(_) => (embed.clone(), true),
         };
         if let Ok(f) = take!(Role::RopeFreqs) {
             config.rope_freq_factors = f.vector("rope_freqs", config.rope_dim / 2)?;
@@ -516,7 +531,7 @@ impl Model {
             ));
         }
         let mut weight_bytes = embed.bytes() + out_norm.len() * 4;
-        if !matches!(output.wtype, WeightType::F32) || output.bytes() != embed.bytes() {
+        if !tied {
             weight_bytes += output.bytes();
         }
         for l in &layers {
