@@ -29,6 +29,9 @@ if [ -x "$llama" ]; then
   have_llama=1
   "$llama" -m "$model" -t 2 -p 0 -n 32 -r "$reps" -o json > "$work/l_tg32.json" 2>/dev/null
   "$llama" -m "$model" -t 2 -p 512 -n 128 -r 3 -o json > "$work/l_pp.json" 2>/dev/null
+  # Without weight repacking (on CPUs with AMX, repacking is what selects the AMX kernels):
+  # llama.cpp's AVX-512 / AVX2 kernels on the GGUF's own layout.
+  "$llama" -m "$model" -t 2 -p 0 -n 32 -r "$reps" --repack 0 -o json > "$work/l_norepack.json" 2>/dev/null
 fi
 
 python3 - "$work" "$have_llama" <<'PY'
@@ -43,6 +46,10 @@ if have:
         for r in json.load(open(os.path.join(w, f))):
             name = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
             ref[name] = (r["avg_ts"], r["stddev_ts"])
+if have:
+    for r in json.load(open(os.path.join(w, "l_norepack.json"))):
+        ref["tg32 (llama.cpp --repack 0)"] = (r["avg_ts"], r["stddev_ts"])
+    rows.append(("tg32 (llama.cpp --repack 0)", t32["tg"]))
 print(f"{'test':<7} {'tpde tok/s':>18} {'llama.cpp tok/s':>18} {'tpde ÷ llama.cpp':>17}")
 for name, m in rows:
     l = ref.get(name)
