@@ -268,3 +268,16 @@ fn a_budget_below_the_resident_model_is_a_clean_error() {
         "cannot hold this model's weights resident",
     );
 }
+
+#[test]
+fn bad_sampling_flags_are_usage_errors() {
+    for (flag, arg) in [
+        ("--temperature", "--temperature=-1"),
+        ("--temperature", "--temperature=NaN"),
+        ("--top-p", "--top-p=0"),
+        ("--top-p", "--top-p=1.5"),
+    ] {
+        let o = tpde(&[&"run", &smollm_container(), &"-p", &"hi", &arg]);
+        assert_clean_error(&o, 2, flag, "must be");
+    }
+}

@@ -19,6 +19,15 @@ pub struct RunOptions {
 }
 
 pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        anyhow::bail!(
+            "--temperature must be a number ≥ 0, not {}",
+            opts.temperature
+        );
+    }
+    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        anyhow::bail!("--top-p must be in (0, 1], not {}", opts.top_p);
+    }
     let (model, meta, load) = Model::load(path, opts.load.clone())?;
     let Some((tok, chat)) = meta.tokenizer(path)? else {
         return Err(
