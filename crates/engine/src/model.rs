@@ -71,7 +71,7 @@ impl Metadata {
         let Some((f, blob)) = find("config.json") else {
             return Err(Error::input(
                 &c.path,
-                "no model description: the container holds neither a GGUF file nor a config.json",
+                "no model description: the container holds neither a GGUF file nor a config.json (tpde bench --stream-only measures the loader alone)",
             ));
         };
         let config = read_blob(c, blob, &format!("file {:?}", f.path))?;
