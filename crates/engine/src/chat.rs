@@ -582,18 +582,7 @@ mod tests {
 
     #[test]
     fn gguf_template_matches_reference() {
-        let dir = std::env::var_os("TPDE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/tpde-fixtures")
-            });
-        let path = dir.join("smollm2-135m-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.is_file(),
-            "test fixture {} is missing: run `bash fixtures/fetch.sh` (or set TPDE_FIXTURES)",
-            path.display()
-        );
+        let path = crate::tokenizer::tests::fixture_gguf();
         let file = std::fs::File::open(&path).unwrap();
         let len = file.metadata().unwrap().len();
         let (h, _) = tpde_ingest::gguf::read_header(std::io::BufReader::new(file), len).unwrap();

@@ -1282,7 +1282,7 @@ impl TextStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::path::PathBuf;
@@ -1292,7 +1292,8 @@ mod tests {
 
     // ---- fixtures ---------------------------------------------------------
 
-    fn fixture_gguf() -> PathBuf {
+    /// The SmolLM2 GGUF fixture (a failure, not a skip, when missing).
+    pub(crate) fn fixture_gguf() -> PathBuf {
         let dir = std::env::var_os("TPDE_FIXTURES")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
