@@ -13,7 +13,7 @@
 use crate::util::*;
 use serde_json::Value;
 use std::sync::OnceLock;
-use tpde_engine::model::Model;
+use tpde_engine::model::{Model, Placing};
 use tpde_loader::LoadOptions;
 
 const PROBE_TOL: f32 = 0.01;
@@ -55,7 +55,7 @@ fn logsumexp(v: &[f32]) -> f32 {
 #[test]
 fn smollm2_logits_match_transformers() {
     let r = reference();
-    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default()).unwrap();
+    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default(), 256).unwrap();
     let vocab = model.config.vocab;
     let probe = ids(&r["probe_ids"]);
     let (mut same, mut total) = (0usize, 0usize);
@@ -96,7 +96,7 @@ fn smollm2_logits_match_transformers() {
 #[test]
 fn smollm2_greedy_generation_matches_transformers() {
     let r = reference();
-    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default()).unwrap();
+    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default(), 256).unwrap();
     let prompt = ids(&r["chat"]["ids"]);
     let want = ids(&r["chat"]["generated_ids"]);
     let mut s = model.session(prompt.len() + want.len());
@@ -111,7 +111,7 @@ fn smollm2_greedy_generation_matches_transformers() {
 fn incremental_decoding_equals_one_batch() {
     // The KV cache path (one token at a time) against one pass over the
     // whole sequence: same logits up to float summation order.
-    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default()).unwrap();
+    let (model, _, _) = Model::load(smollm_container(), LoadOptions::default(), 256).unwrap();
     let tokens: Vec<u32> = vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
     let vocab = model.config.vocab;
     let mut a = model.session(16);
@@ -209,7 +209,7 @@ fn moe_fixtures_logits_match_transformers() {
         let c = dir.path().join(format!("{key}.tpde"));
         let o = tpde(&[&"pack", &src, &"-o", &c]);
         assert!(o.status.success(), "{key}: {}", stderr(&o));
-        let (model, _, _) = Model::load(&c, LoadOptions::default()).unwrap();
+        let (model, _, _) = Model::load(&c, LoadOptions::default(), 64).unwrap();
         assert!(model.config.n_experts > 0, "{key}: not loaded as MoE");
         let want = &r[key];
         let tokens = ids(&want["ids"]);
@@ -247,26 +247,170 @@ fn moe_fixtures_logits_match_transformers() {
     }
 }
 
+/// Logits of `tokens`: one batch (every position), then three tokens one
+/// at a time (the last position each).
+fn logits_of(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut s = model.session(tokens.len() + 3);
+    let mut out = s.forward(tokens, true).unwrap();
+    for &t in &tokens[..3] {
+        out.extend(s.forward(&[t], false).unwrap());
+    }
+    out
+}
+
 #[test]
-fn a_budget_below_the_resident_model_is_a_clean_error() {
-    // 150 MiB holds the loader's plan (hot tier and one step) but not every
-    // weight resident as well; streaming layers per token is not there yet.
+fn layers_streamed_per_token_compute_the_same_logits_as_resident_ones() {
+    let tokens = ids(&reference()["probe_ids"]);
+    let tokens = &tokens[..12];
+    let (resident, _, _) = Model::load(smollm_container(), LoadOptions::default(), 64).unwrap();
+    assert!(!resident.is_streamed());
+    let want = logits_of(&resident, tokens);
+    let placing = Placing {
+        ctx: 64,
+        stream: true,
+        expert_cache: None,
+    };
+    let (streamed, _, load) =
+        Model::load_with(smollm_container(), LoadOptions::default(), &placing).unwrap();
+    assert!(streamed.is_streamed() && load.placement.streamed);
+    assert!(
+        streamed.weight_bytes * 2 < resident.weight_bytes,
+        "only the embedding resident"
+    );
+    let got = logits_of(&streamed, tokens);
+    assert!(got == want, "streamed logits differ from resident ones");
+    // One pass over the layers per forward call, each reading them all.
+    let st = streamed.stream_stats().unwrap();
+    assert_eq!(st.passes, 4);
+    assert_eq!(st.layer_bytes % 4, 0);
+    let per_pass = st.layer_bytes / 4;
+    assert!(
+        per_pass as f64 > 0.6 * std::fs::metadata(smollm_container()).unwrap().len() as f64,
+        "{per_pass} bytes a pass"
+    );
+    assert_eq!(st.expert_bytes, 0);
+}
+
+/// Each MoE fixture with its layers streamed and its experts fetched from
+/// their shards: the same logits as resident whatever the cache holds, and
+/// the cache's counts are those of an LRU over the routing.
+#[test]
+fn streamed_experts_match_resident_ones_and_the_cache_counts_its_hits() {
+    let dir = tmp();
+    for (key, src) in [
+        ("mixtral", fixture("moe-mixtral-tiny")),
+        ("qwen", fixture("moe-qwen-tiny")),
+        ("mixtral_gguf", fixture("moe-mixtral-tiny-gguf/model.gguf")),
+    ] {
+        let c = dir.path().join(format!("{key}.tpde"));
+        let o = tpde(&[&"pack", &src, &"-o", &c]);
+        assert!(o.status.success(), "{key}: {}", stderr(&o));
+        let (resident, _, _) = Model::load(&c, LoadOptions::default(), 64).unwrap();
+        let tokens: Vec<u32> = (0..10u32).map(|i| (i * 37 + 5) % 256).collect();
+        // Token by token, so that each forward call looks up exactly k
+        // experts per layer.
+        let run = |m: &Model| {
+            let mut s = m.session(tokens.len());
+            let mut out = Vec::new();
+            for &t in &tokens {
+                out.extend(s.forward(&[t], false).unwrap());
+            }
+            (out, s.expert_hits.clone())
+        };
+        let (want, hits) = run(&resident);
+        let cfg = &resident.config;
+        let lookups = (tokens.len() * cfg.n_layers * cfg.n_experts_used) as u64;
+        let distinct = hits.iter().flatten().filter(|&&h| h > 0).count() as u64;
+        for cap in [Some(0), Some(150_000), None] {
+            let placing = Placing {
+                ctx: 64,
+                stream: true,
+                expert_cache: cap,
+            };
+            let (m, _, _) = Model::load_with(&c, LoadOptions::default(), &placing).unwrap();
+            let (got, got_hits) = run(&m);
+            assert!(
+                got == want,
+                "{key} cache {cap:?}: logits differ from resident"
+            );
+            assert_eq!(got_hits, hits, "{key}: same routing");
+            let st = m.stream_stats().unwrap();
+            let cs = st.cache;
+            assert_eq!(cs.hits + cs.misses, lookups, "{key} {cap:?}: {cs:?}");
+            assert!(cs.peak_bytes <= cs.capacity_bytes, "{key}: {cs:?}");
+            assert!(st.expert_bytes > 0);
+            match cap {
+                Some(0) => assert_eq!(cs.hits, 0, "{key}: nothing kept"),
+                None => {
+                    assert_eq!(cs.misses, distinct, "{key}: each expert fetched once");
+                    assert_eq!(cs.evictions, 0);
+                }
+                Some(_) => {
+                    assert!(cs.misses >= distinct && cs.misses <= lookups);
+                    assert!(cs.evictions > 0, "{key}: a cache of two experts evicts");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_budget_below_the_resident_model_streams_the_layers_within_it() {
+    // 128 MiB cannot hold SmolLM2 resident (its hot tier and its weights
+    // are about 190 MiB): the layers stream from the container per token.
     let o = tpde(&[
         &"bench",
         &smollm_container(),
         &"--ram",
-        &"150MiB",
+        &"128MiB",
+        &"-p",
+        &"8",
+        &"-n",
+        &"8",
+        &"--reps",
+        &"1",
+        &"--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let r = &j["results"];
+    assert_eq!(r["streamed"], Value::Bool(true), "{r}");
+    let per_token = r["bytes_streamed_per_token"].as_f64().unwrap();
+    let file = std::fs::metadata(smollm_container()).unwrap().len() as f64;
+    assert!(per_token > 0.6 * file && per_token < file, "{per_token}");
+    let peak = r["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak <= 128 << 20, "peak RSS {peak} over the budget");
+    for k in ["physical_bound_tps", "tg_vs_bound", "tg_tps"] {
+        assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+    }
+    // And the text is the same.
+    let o = tpde(&[
+        &"run",
+        &smollm_container(),
+        &"--ram",
+        &"128MiB",
+        &"-p",
+        &"What is the capital of France?",
+        &"-n",
+        &"24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_budget_too_small_even_to_stream_is_a_clean_error() {
+    let o = tpde(&[
+        &"bench",
+        &smollm_container(),
+        &"--ram",
+        &"48MiB",
         &"-p",
         &"4",
         &"-n",
         &"2",
     ]);
-    assert_clean_error(
-        &o,
-        2,
-        "smollm2.tpde",
-        "cannot hold this model's weights resident",
-    );
+    assert_clean_error(&o, 2, "smollm2.tpde", "too small");
 }
 
 #[test]

@@ -397,3 +397,122 @@ fn bench_stream_only_reports_figures_and_an_audit_trail() {
     let o = tpde(&[&"bench", &d.path().join("none.tpde"), &"--stream-only"]);
     assert_clean_error(&o, 2, "none.tpde", "");
 }
+
+/// Every delivered tensor by manifest index, over one pass.
+fn one_pass(loader: &mut Loader) -> (std::collections::BTreeMap<usize, Vec<u8>>, u64, Vec<String>) {
+    let mut got = std::collections::BTreeMap::new();
+    let mut steps = Vec::new();
+    let report = loader
+        .stream(|step| {
+            steps.push(step.name.clone());
+            for t in &step.tensors {
+                assert!(got.insert(t.index, step.bytes(t).to_vec()).is_none());
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(report.hot_bytes, 0, "no resident hot tier to read");
+    (got, report.read_bytes, steps)
+}
+
+#[test]
+fn a_hot_tier_left_on_disk_streams_every_pass_with_the_same_bytes() {
+    use tpde_loader::StepSet;
+    for (_d, path) in containers() {
+        let c = tpde_pack::Container::open(&path).unwrap();
+        let m = &c.manifest;
+        for fidelity in [Fidelity::Exact, Fidelity::Base] {
+            let resident = stream_all(
+                &path,
+                LoadOptions {
+                    fidelity,
+                    ..LoadOptions::default()
+                },
+            );
+            let want: std::collections::BTreeMap<usize, Vec<u8>> = resident
+                .into_iter()
+                .flat_map(|(_, ts)| ts.into_iter().map(|t| (t.index, t.data)))
+                .collect();
+            let opts = LoadOptions {
+                fidelity,
+                hot_resident: false,
+                ..LoadOptions::default()
+            };
+            let mut loader = Loader::open(&path, opts.clone()).unwrap();
+            assert_eq!(loader.memory.hot, 0, "nothing resident");
+            let (a, read_a, _) = one_pass(&mut loader);
+            let (b, read_b, _) = one_pass(&mut loader);
+            assert!(
+                a == want && b == want,
+                "{}: same bytes as resident",
+                path.display()
+            );
+            // Every pass reads the hot bytes again.
+            assert_eq!(read_a, read_b);
+            let hot = m
+                .sections
+                .iter()
+                .find(|s| s.kind == tpde_format::SectionKind::Hot)
+                .map_or(0, |s| s.len);
+            assert!(
+                read_a >= hot && hot > 0,
+                "{read_a} bytes read per pass, hot {hot}"
+            );
+
+            // The layers and the rest split the steps between them.
+            let part = |steps| {
+                let mut l = Loader::open(
+                    &path,
+                    LoadOptions {
+                        steps,
+                        ..opts.clone()
+                    },
+                )
+                .unwrap();
+                one_pass(&mut l)
+            };
+            let (layers, _, names) = part(StepSet::Layers);
+            assert!(!names.is_empty() && names.iter().all(|n| n.starts_with("layer.")));
+            let (outside, _, names) = part(StepSet::OutsideLayers);
+            assert!(!names.is_empty() && names.iter().all(|n| !n.starts_with("layer.")));
+            let mut both = layers.clone();
+            both.extend(outside.clone());
+            assert_eq!(both.len(), layers.len() + outside.len(), "disjoint");
+            assert!(both == want, "together, every tensor");
+        }
+        // Without expert shards, tensors held in them are left out.
+        if m.experts.is_empty() {
+            continue;
+        }
+        let mut l = Loader::open(
+            &path,
+            LoadOptions {
+                stream_experts: false,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        l.stream(|step| {
+            got.extend(step.tensors.iter().map(|t| t.index));
+            Ok(())
+        })
+        .unwrap();
+        let in_shard = |i: usize| {
+            let first = match &m.tensors[i].storage {
+                tpde_format::Storage::Raw { chunks } => chunks[0].offset,
+                tpde_format::Storage::Decomposed { chunks, .. } => chunks[0].base.offset,
+            };
+            m.experts.iter().any(|x| {
+                let s = &m.sections[x.section as usize];
+                first >= s.offset && first < s.offset + s.len
+            })
+        };
+        let expected: Vec<usize> = (0..m.tensors.len()).filter(|&i| !in_shard(i)).collect();
+        assert!(
+            expected.len() < m.tensors.len(),
+            "the model has tensors in shards"
+        );
+        assert_eq!(got, expected);
+    }
+}

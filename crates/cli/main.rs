@@ -149,6 +149,13 @@ enum Command {
         /// `exact`: the original weights; `base`: the hot tier's quantized weights.
         #[arg(long, value_enum, default_value = "exact")]
         fidelity: FidelityArg,
+        /// Memory budget of the whole process, e.g. 256MiB (default: no limit). A budget
+        /// that cannot hold the model streams its layers from the container for every token.
+        #[arg(long, value_parser = parse_size)]
+        ram: Option<u64>,
+        /// Read streamed layers with O_DIRECT (bypassing the page cache).
+        #[arg(long)]
+        direct: bool,
         /// Feed the prompt as it is, without the chat template.
         #[arg(long)]
         raw: bool,
@@ -189,6 +196,13 @@ enum Command {
         /// Keep the page cache warm (default: drop the container from it before each read).
         #[arg(long)]
         warm: bool,
+        /// Stream the layers from the container for every token even when --ram could hold them.
+        #[arg(long, conflicts_with = "stream_only")]
+        stream_layers: bool,
+        /// Most memory for the expert cache when layers stream, e.g. 64MiB (default: what --ram
+        /// leaves).
+        #[arg(long, value_parser = parse_size, conflicts_with = "stream_only")]
+        expert_cache: Option<u64>,
         /// Passes (--stream-only: figures are medians) or repetitions of each test.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -273,8 +287,34 @@ fn print_model_bench(r: &tpde_engine::bench::BenchReport) {
             ""
         }
     );
+    if x.streamed {
+        println!(
+            "placement        layers streamed per token ({} reads); resident: {} bytes of weights, {} for the KV cache and activations",
+            if x.direct { "O_DIRECT" } else { "buffered: the page cache may serve them" },
+            x.placement.resident_weight_bytes,
+            x.placement.session_bytes
+        );
+    }
+    if let (Some([a, b]), Some(bound), Some(ratio)) =
+        (x.raw_read_gbps, x.physical_bound_tps, x.tg_vs_bound)
+    {
+        println!(
+            "physical bound   {bound:.1} tok/s (raw read {a:.2} / {b:.2} GB/s before / after ÷ bytes per token); tg ÷ bound {ratio:.2}"
+        );
+    }
     if let Some(h) = x.expert_cache_hit_rate {
-        println!("expert hits      {:.1} %", h * 100.0);
+        match &x.expert_cache {
+            Some(c) => println!(
+                "expert cache     {:.1} % hits ({} hits, {} misses, {} evicted; {} of {} bytes at most)",
+                h * 100.0,
+                c.hits,
+                c.misses,
+                c.evictions,
+                c.peak_bytes,
+                c.capacity_bytes
+            ),
+            None => println!("expert hits      {:.1} % (every expert resident)", h * 100.0),
+        }
     }
     println!(
         "memory           RAM {} · GPU {} · SSD {} bytes; peak RSS {}",
@@ -334,6 +374,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             direct,
             prefetch,
             warm,
+            stream_layers,
+            expert_cache,
             reps,
             json,
             prompt,
@@ -344,6 +386,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ram_budget: ram,
                 prefetch: prefetch.max(1),
                 direct,
+                ..Default::default()
             };
             if !stream_only {
                 let opts = tpde_engine::bench::BenchOptions {
@@ -351,6 +394,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     prompt,
                     gen,
                     reps,
+                    stream_layers,
+                    expert_cache,
                     argv: std::env::args().collect(),
                 };
                 if !json && std::io::stderr().is_terminal() {
@@ -396,12 +441,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             top_p,
             seed,
             fidelity,
+            ram,
+            direct,
             raw,
             json,
         } => {
             let opts = run::RunOptions {
                 load: tpde_loader::LoadOptions {
                     fidelity: fidelity.into(),
+                    ram_budget: ram,
+                    direct,
                     ..Default::default()
                 },
                 prompt,

@@ -28,7 +28,10 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
     if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], not {}", opts.top_p);
     }
-    let (model, meta, load) = Model::load(path, opts.load.clone())?;
+    // Room for the prompt as the chat template renders it (a token holds
+    // at least one byte) and the reply.
+    let ctx = opts.prompt.len() + 256 + opts.tokens;
+    let (model, meta, load) = Model::load(path, opts.load.clone(), ctx)?;
     let Some((tok, chat)) = meta.tokenizer(path)? else {
         return Err(
             Error::input(path, "the model carries no tokenizer: tpde run needs one").into(),
@@ -103,6 +106,8 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
             "ttft_ms": g.ttft_seconds * 1e3,
             "tg_tps": gen_tps,
             "token_ids": g.tokens,
+            "placement": load.placement,
+            "stream": model.stream_stats(),
         });
         eprintln!("{j}");
     } else {
@@ -114,6 +119,18 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
             g.tokens.len(),
             gen_tps
         );
+        if let Some(st) = model.stream_stats() {
+            let passes = st.passes.max(1);
+            eprintln!(
+                "tpde run: layers streamed per token: {} passes, {:.1} MB read a pass{}",
+                st.passes,
+                st.bytes() as f64 / passes as f64 / 1e6,
+                match st.cache.hit_rate() {
+                    Some(h) => format!(", expert cache {:.1} % hits", h * 100.0),
+                    None => String::new(),
+                }
+            );
+        }
     }
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! (`tg`) tokens per second over repetitions, time to first token and load
 //! time, with the loader's figures and the audit trail.
 
+use crate::cache::CacheStats;
 use crate::generate::argmax;
-use crate::model::{LoadReport, Model};
+use crate::model::{LoadReport, Model, Placement, Placing};
 use serde::Serialize;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
@@ -19,6 +20,10 @@ pub struct BenchOptions {
     /// Generated tokens of the `tg` test (0: skip).
     pub gen: usize,
     pub reps: usize,
+    /// Stream the layers even when the budget could hold them.
+    pub stream_layers: bool,
+    /// At most this much for the expert cache (streamed layers).
+    pub expert_cache: Option<u64>,
     /// The command line, for the audit trail.
     pub argv: Vec<String>,
 }
@@ -57,11 +62,27 @@ pub struct Results {
     /// Prompt of `prompt` tokens processed and the first token chosen, mean.
     pub ttft_ms: Option<f64>,
     pub load_seconds: f64,
+    /// Whether the layers streamed from the container for every token
+    /// (the budget could not hold the model), and how reads were made.
+    pub streamed: bool,
+    pub direct: bool,
     /// Bytes read from the container per generated token (0: every weight resident).
     pub bytes_streamed_per_token: f64,
+    /// Streamed: the raw sequential read of the container file, made the
+    /// same way (cold) just before and just after the `tg` test, GB/s.
+    pub raw_read_gbps: Option<[f64; 2]>,
+    /// Streamed: their mean ÷ bytes streamed per token, and `tg` ÷ that.
+    pub physical_bound_tps: Option<f64>,
+    pub tg_vs_bound: Option<f64>,
     /// Experts served from memory ÷ experts used (every expert resident: 1);
     /// `None` for a dense model.
     pub expert_cache_hit_rate: Option<f64>,
+    /// Streamed mixture-of-experts models: the expert cache over the run.
+    pub expert_cache: Option<CacheStats>,
+    /// Streamed: passes over the layers, bytes, wall and read seconds
+    /// over the whole run (warm-ups and `pp` included).
+    pub stream: Option<crate::model::StreamStats>,
+    pub placement: Placement,
     /// Bytes read while loading, and the original bytes delivered.
     pub bytes_read: u64,
     pub original_bytes: u64,
@@ -113,14 +134,27 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let started = SystemTime::now();
-    let (model, _meta, load): (Model, _, LoadReport) = Model::load(path, opts.load.clone())?;
+    let ctx = opts.prompt.max(opts.gen) + 1;
+    let placing = Placing {
+        ctx,
+        stream: opts.stream_layers,
+        expert_cache: opts.expert_cache,
+    };
+    let (model, _meta, load): (Model, _, LoadReport) =
+        Model::load_with(path, opts.load.clone(), &placing)?;
     let c = &model.config;
     let err = |m: String| Error::input(path, m);
     let reps = opts.reps.max(1);
-    let ctx = (opts.prompt + opts.gen + 1).min(c.ctx_len);
+    let ctx = ctx.min(c.ctx_len);
+    let streamed = model.is_streamed();
+    let raw = || -> Result<f64> {
+        tpde_loader::bench::raw_read(path, opts.load.direct, true)?
+            .ok_or_else(|| Error::input(path, "cannot open with O_DIRECT for the raw read"))
+    };
     let mut session = model.session(ctx);
     // One warm-up of each test, as llama-bench does.
     let (mut pp, mut ttft, mut tg) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tg_bytes, mut raw_before) = (0u64, None);
     for rep in 0..=reps {
         if opts.prompt > 0 {
             session.reset();
@@ -136,6 +170,10 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         }
         if opts.gen > 0 {
             session.reset();
+            if streamed && rep == 1 {
+                raw_before = Some(raw()?);
+            }
+            let before = model.stream_stats().map_or(0, |s| s.bytes());
             let mut tok = tokens(1, c.vocab, rep as u64 + 99)[0];
             let t = Instant::now();
             for _ in 0..opts.gen {
@@ -144,9 +182,23 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
             }
             if rep > 0 {
                 tg.push(opts.gen as f64 / t.elapsed().as_secs_f64());
+                tg_bytes += model.stream_stats().map_or(0, |s| s.bytes()) - before;
             }
         }
     }
+    let raw_read_gbps = match raw_before {
+        Some(a) => Some([a, raw()?]),
+        None => None,
+    };
+    let per_token = match tg.len() {
+        0 => 0.0,
+        k => tg_bytes as f64 / (k * opts.gen) as f64,
+    };
+    let bound = raw_read_gbps
+        .filter(|_| per_token > 0.0)
+        .map(|[a, b]| (a + b) / 2.0 * 1e9 / per_token);
+    let stats = model.stream_stats();
+    let cache = stats.map(|s| s.cache).filter(|_| c.n_experts > 0);
     let pp = (!pp.is_empty()).then(|| MeanSd::of(&pp));
     let tg = (!tg.is_empty()).then(|| MeanSd::of(&tg));
     let container_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -157,17 +209,33 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         tg,
         ttft_ms: (!ttft.is_empty()).then(|| MeanSd::of(&ttft).mean),
         load_seconds: load.seconds,
-        bytes_streamed_per_token: 0.0,
-        expert_cache_hit_rate: (c.n_experts > 0).then_some(1.0),
+        streamed,
+        direct: opts.load.direct,
+        bytes_streamed_per_token: per_token,
+        raw_read_gbps,
+        physical_bound_tps: bound,
+        tg_vs_bound: bound.zip(tg).map(|(b, t)| t.mean / b),
+        expert_cache_hit_rate: match cache {
+            Some(s) => s.hit_rate(),
+            None => (c.n_experts > 0).then_some(1.0),
+        },
+        expert_cache: cache,
+        stream: stats,
+        placement: load.placement.clone(),
         bytes_read: load.stream.read_bytes,
         original_bytes: load.stream.delivered_bytes,
         weight_bytes: model.weight_bytes as u64,
         peak_rss_bytes: telemetry::peak_rss_bytes(),
         ram_budget_bytes: opts.load.ram_budget,
         memory: Composition {
-            ram_bytes: model.weight_bytes as u64,
+            ram_bytes: model.weight_bytes as u64 + cache.map_or(0, |s| s.peak_bytes),
             gpu_bytes: 0,
-            ssd_bytes: container_bytes.saturating_sub(load.stream.read_bytes),
+            // Streamed, the layers stay there; resident, what loading did not read.
+            ssd_bytes: if streamed {
+                container_bytes.saturating_sub(load.placement.resident_weight_bytes)
+            } else {
+                container_bytes.saturating_sub(load.stream.read_bytes)
+            },
         },
         threads: rayon::current_num_threads(),
     };

@@ -2,6 +2,7 @@
 //! computed from a container's weights as the loader delivers them.
 
 pub mod bench;
+pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod generate;

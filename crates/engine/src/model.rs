@@ -6,6 +6,7 @@
 //! experts (top-k router) → residual. The output projection is the token
 //! embedding when the model ties them.
 
+use crate::cache::{CacheStats, Lru};
 use crate::chat::ChatTemplate;
 use crate::config::{Config, RopeStyle, RouterNorm};
 use crate::kernels::{self, Activations, Bytes, Input, Matrix, QuantizedActs, WeightType};
@@ -13,12 +14,12 @@ use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tpde_format::ggml::GgmlType;
 use tpde_format::FileContent;
 use tpde_ingest::gguf;
-use tpde_loader::{LoadOptions, Loader, StreamReport};
-use tpde_pack::{Container, Error, Result};
+use tpde_loader::{LoadOptions, LoadedStep, Loader, MemoryPlan, StepSet, StreamReport};
+use tpde_pack::{Container, Error, ExpertReader, ExtractedTensor, Fidelity, Result};
 
 /// Where a container's model description lives.
 pub enum Metadata {
@@ -229,7 +230,9 @@ pub enum Ffn {
     },
     Moe {
         router: Matrix,
-        experts: Vec<Expert>,
+        /// Every routed expert, or none when they are fetched on demand
+        /// (streamed from expert shards).
+        experts: Vec<Arc<Expert>>,
         /// An expert every token goes through (Qwen-MoE, DeepSeek), and the
         /// one-row projection whose sigmoid scales it, when present.
         shared: Option<(Expert, Option<Matrix>)>,
@@ -258,12 +261,82 @@ pub struct Layer {
 pub struct Model {
     pub config: Config,
     pub embed: Matrix,
-    pub layers: Vec<Layer>,
     pub out_norm: Vec<f32>,
     /// The output projection (the embedding itself when tied).
     pub output: Matrix,
-    /// Bytes of weights held.
+    /// Bytes of weights held resident (the expert cache not included).
     pub weight_bytes: usize,
+    weights: Weights,
+}
+
+/// Where the layers' weights are.
+enum Weights {
+    /// Every layer resident.
+    Resident(Vec<Layer>),
+    /// Streamed from the container on every forward pass.
+    Streamed(Box<Streamer>),
+}
+
+/// Layers streamed from the container for every forward pass (the hot
+/// tier is not resident either), and the routed experts fetched from their
+/// shards through an LRU cache that uses what the budget leaves.
+struct Streamer {
+    loader: Mutex<Loader>,
+    /// A second handle on the container for expert fetches, when its
+    /// experts are in shards (otherwise they stream with their layer).
+    shards: Option<Container>,
+    fidelity: Fidelity,
+    cache: Mutex<Lru<(usize, usize), Arc<Expert>>>,
+    stats: Mutex<StreamStats>,
+}
+
+/// What streaming did over the model's life.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StreamStats {
+    /// Passes over the layers (one per forward call).
+    pub passes: u64,
+    /// Bytes the loader read for the layers.
+    pub layer_bytes: u64,
+    /// Bytes read for experts the cache did not hold.
+    pub expert_bytes: u64,
+    /// Wall seconds of the passes, and of those with a read in flight.
+    pub wall_seconds: f64,
+    pub read_seconds: f64,
+    pub cache: CacheStats,
+}
+
+impl StreamStats {
+    /// Every byte read while streaming.
+    pub fn bytes(&self) -> u64 {
+        self.layer_bytes + self.expert_bytes
+    }
+}
+
+/// Placement choices for [`Model::load_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Placing {
+    /// Positions a session will hold (for the KV cache in the budget).
+    pub ctx: usize,
+    /// Stream the layers even when the budget could hold them.
+    pub stream: bool,
+    /// At most this much for the expert cache (default: what the budget
+    /// leaves; with no budget, every expert once fetched).
+    pub expert_cache: Option<u64>,
+}
+
+/// How a model was placed in memory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Placement {
+    /// Layers streamed per forward pass (`false`: every weight resident).
+    pub streamed: bool,
+    /// The loader's memory plan.
+    pub loader: MemoryPlan,
+    /// Weights held resident: every one, or the embedding and output.
+    pub resident_weight_bytes: u64,
+    /// Kept for the KV cache and the activations.
+    pub session_bytes: u64,
+    /// What the expert cache may hold.
+    pub expert_cache_bytes: u64,
 }
 
 /// What loading a model cost.
@@ -275,6 +348,7 @@ pub struct LoadReport {
     /// The container's manifest digest (BLAKE3, hex) and format version.
     pub manifest_blake3: String,
     pub format_version: u32,
+    pub placement: Placement,
 }
 
 /// The role of a tensor, from its name in either naming scheme.
@@ -348,52 +422,140 @@ fn role(name: &str) -> Option<Role> {
     Some(Role::Layer(layer, r, None))
 }
 
-impl Model {
-    /// Opens a container and loads every weight at the loader's fidelity.
-    pub fn load(path: &Path, options: LoadOptions) -> Result<(Model, Metadata, LoadReport)> {
-        let t0 = std::time::Instant::now();
-        let budget = options.ram_budget;
-        let mut loader = Loader::open(path, options)?;
-        if let Some(b) = budget {
-            // Every weight stays resident: the loader's plan plus all of
-            // the delivered tensors must fit.
-            let weights: u64 = loader.steps().iter().map(|s| s.original_bytes).sum();
-            let need = loader.memory.total + weights;
-            if need > b {
-                return Err(Error::input(
-                    path,
-                    format!(
-                        "a RAM budget of {b} bytes cannot hold this model's weights resident ({need} bytes with the loader's buffers); streaming layers per token under a smaller budget is not implemented yet"
-                    ),
-                ));
+/// Bytes the engine holds for a tensor: quantized blocks and f32 as they
+/// are, every other type as f32.
+fn held_bytes(dtype: &str, byte_len: u64, numel: u64) -> u64 {
+    match dtype {
+        "Q4_0" | "Q4_1" | "Q8_0" | "F32" => byte_len,
+        _ => numel * 4,
+    }
+}
+
+/// What a session of `ctx` positions holds besides the weights: the KV
+/// cache, the activations of a batch of `ctx` tokens, the logits, and a
+/// margin for the tokenizer (128 bytes a token), thread stacks and the
+/// allocator.
+pub fn session_bytes(c: &Config, ctx: usize) -> u64 {
+    let ctx = ctx.min(c.ctx_len.max(1)) as u64;
+    let kv = 2 * c.n_layers as u64 * ctx * c.kv_dim() as u64 * 4;
+    let per_token = (6 * c.d_model + 3 * c.q_dim() + 2 * c.kv_dim() + 3 * c.d_ff) as u64 * 4;
+    kv + ctx * per_token + 2 * c.vocab as u64 * 4 + (4 << 20) + c.vocab as u64 * 128
+}
+
+/// The tensors of a delivered step by role (zero-copy views of `data`);
+/// the names no role matches go to `unknown`.
+fn collect_roles(
+    step: &LoadedStep,
+    data: &Arc<Vec<u8>>,
+    raw: &mut HashMap<Role, Raw>,
+    unknown: &mut Vec<String>,
+) {
+    for t in &step.tensors {
+        match role(&t.name) {
+            Some(r) => {
+                raw.insert(
+                    r,
+                    Raw {
+                        dtype: t.dtype.clone(),
+                        shape: t.shape.clone(),
+                        bytes: Bytes::new(data.clone(), t.range.clone()),
+                    },
+                );
             }
+            None => unknown.push(t.name.clone()),
         }
-        let meta = Metadata::read(&loader.container)?;
+    }
+}
+
+/// Tensors the engine does not use would be computed wrong if ignored (a
+/// shared expert, a bias it does not apply): an error.
+fn refuse_unknown(unknown: &[String]) -> std::result::Result<(), String> {
+    match unknown.iter().find(|n| !n.contains("rotary_emb.inv_freq")) {
+        Some(n) => Err(format!("tensor {n:?} has no place in the engine's model")),
+        None => Ok(()),
+    }
+}
+
+fn one_matrix(x: Raw, name: &str, rows: usize, cols: usize) -> std::result::Result<Matrix, String> {
+    x.matrices(name, 1, rows, cols)
+        .map(|mut v| v.pop().expect("one matrix"))
+}
+
+fn take_role(raw: &mut HashMap<Role, Raw>, r: Role) -> std::result::Result<Raw, String> {
+    raw.remove(&r)
+        .ok_or_else(|| format!("the model has no tensor for {r:?}"))
+}
+
+impl Model {
+    /// Opens a container and loads its weights at the loader's fidelity,
+    /// for sessions of up to `ctx` positions. Every weight is resident when
+    /// the RAM budget allows (or there is none); otherwise the embedding and
+    /// output stay resident, the layers stream from the container on every
+    /// forward pass, and routed experts are fetched from their shards
+    /// through an LRU cache that gets what the budget leaves.
+    pub fn load(
+        path: &Path,
+        options: LoadOptions,
+        ctx: usize,
+    ) -> Result<(Model, Metadata, LoadReport)> {
+        Model::load_with(
+            path,
+            options,
+            &Placing {
+                ctx,
+                ..Placing::default()
+            },
+        )
+    }
+
+    /// [`Model::load`] with the placement choices spelled out.
+    pub fn load_with(
+        path: &Path,
+        options: LoadOptions,
+        placing: &Placing,
+    ) -> Result<(Model, Metadata, LoadReport)> {
+        let t0 = std::time::Instant::now();
+        let c = Container::open(path)?;
+        let meta = Metadata::read(&c)?;
         let config = meta.config(path)?;
-        let mut raw: HashMap<Role, Raw> = HashMap::new();
-        let mut unknown = Vec::new();
-        let stream = loader.stream(|step| {
-            let data = Arc::new(std::mem::take(&mut step.data));
-            for t in &step.tensors {
-                match role(&t.name) {
-                    Some(r) => {
-                        raw.insert(
-                            r,
-                            Raw {
-                                dtype: t.dtype.clone(),
-                                shape: t.shape.clone(),
-                                bytes: Bytes::new(data.clone(), t.range.clone()),
-                            },
-                        );
-                    }
-                    None => unknown.push(t.name.clone()),
-                }
+        let session = session_bytes(&config, placing.ctx);
+        let held: u64 = c
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| held_bytes(&t.dtype, t.byte_len, t.shape.iter().product()))
+            .sum();
+        let resident = match options.ram_budget {
+            _ if placing.stream => false,
+            None => true,
+            Some(b) => {
+                Loader::memory_plan(&c, &options).is_ok_and(|p| p.total + held + session <= b)
             }
-            Ok(())
-        })?;
-        let hot_bytes = loader.hot_bytes();
-        let header = loader.container.header;
-        let model = Model::assemble(config, raw, &unknown).map_err(|m| Error::input(path, m))?;
+        };
+        let digest = tpde_format::hex(&c.header.manifest_blake3);
+        let format_version = c.header.version;
+        let (model, stream, placement, hot_bytes) = if resident {
+            let mut loader = Loader::with_container(c, options)?;
+            let mut raw: HashMap<Role, Raw> = HashMap::new();
+            let mut unknown = Vec::new();
+            let stream = loader.stream(|step| {
+                let data = Arc::new(std::mem::take(&mut step.data));
+                collect_roles(step, &data, &mut raw, &mut unknown);
+                Ok(())
+            })?;
+            let model =
+                Model::assemble(config, raw, &unknown).map_err(|m| Error::input(path, m))?;
+            let placement = Placement {
+                streamed: false,
+                loader: loader.memory.clone(),
+                resident_weight_bytes: model.weight_bytes as u64,
+                session_bytes: session,
+                expert_cache_bytes: 0,
+            };
+            (model, stream, placement, loader.hot_bytes())
+        } else {
+            Model::load_streamed(c, config, options, session, placing.expert_cache)?
+        };
         Ok((
             model,
             meta,
@@ -401,10 +563,178 @@ impl Model {
                 seconds: t0.elapsed().as_secs_f64(),
                 stream,
                 hot_bytes,
-                manifest_blake3: tpde_format::hex(&header.manifest_blake3),
-                format_version: header.version,
+                manifest_blake3: digest,
+                format_version,
+                placement,
             },
         ))
+    }
+
+    /// The streamed placement: see [`Model::load`].
+    fn load_streamed(
+        c: Container,
+        mut config: Config,
+        options: LoadOptions,
+        session: u64,
+        cache_cap: Option<u64>,
+    ) -> Result<(Model, StreamReport, Placement, u64)> {
+        let path = c.path.clone();
+        let budget = options.ram_budget.unwrap_or(u64::MAX);
+        let has_shards = !c.manifest.experts.is_empty();
+        // First the tensors outside the layers, read once with a loader of
+        // their own (its buffers are as large as the embedding), then a
+        // loader sized for one layer, kept to stream them all per token.
+        let outside = LoadOptions {
+            hot_resident: false,
+            stream_experts: !has_shards,
+            steps: StepSet::OutsideLayers,
+            prefetch: 1,
+            ..options.clone()
+        };
+        let options = LoadOptions {
+            steps: StepSet::Layers,
+            prefetch: options.prefetch,
+            ..outside.clone()
+        };
+        let shards = if has_shards {
+            let shards = Container::open(&path)?;
+            // Its experts are planned now, so that a layout the reader
+            // cannot use is an error here rather than at the first token.
+            ExpertReader::new(&shards)?;
+            Some(shards)
+        } else {
+            None
+        };
+        let mut first = Loader::with_container(Container::open(&path)?, outside)?;
+        // Held resident: the tensors outside the layers (embedding, output).
+        let globals: u64 = first
+            .steps()
+            .iter()
+            .flat_map(|s| s.tensors.iter())
+            .map(|&i| {
+                let t = &c.manifest.tensors[i];
+                held_bytes(&t.dtype, t.byte_len, t.shape.iter().product())
+            })
+            .sum();
+        let mut raw: HashMap<Role, Raw> = HashMap::new();
+        let mut unknown = Vec::new();
+        let mut stream = first.stream(|step| {
+            let data = Arc::new(std::mem::take(&mut step.data));
+            collect_roles(step, &data, &mut raw, &mut unknown);
+            Ok(())
+        })?;
+        drop(first);
+        // The process now holds the embedding and output: the plan counts
+        // them in its baseline.
+        let plan = Loader::memory_plan(&c, &options)?;
+        let need = plan.total + session;
+        if need > budget {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "a RAM budget of {budget} bytes is too small to run this model even with its layers streamed: it needs {need} bytes (the process with the embedding and output ({globals} bytes) {}, the loader's buffers {}, the KV cache and activations {session})",
+                    plan.baseline_rss,
+                    plan.total - plan.baseline_rss
+                ),
+            ));
+        }
+        let mut loader = Loader::with_container(c, options.clone())?;
+        let bad = |m: String| Error::input(&path, m);
+        refuse_unknown(&unknown).map_err(bad)?;
+        let (embed, out_norm, output, tied) =
+            Model::assemble_globals(&mut config, &mut raw).map_err(bad)?;
+        if let Some(r) = raw.keys().next() {
+            return Err(bad(format!(
+                "tensor for {r:?} is outside the model's layers"
+            )));
+        }
+        // One pass over the layers now, so that a tensor missing or out of
+        // place is an error at load rather than in the middle of a reply.
+        let mut next = 0usize;
+        let check = loader.stream(|step| {
+            let data = Arc::new(std::mem::take(&mut step.data));
+            let (mut raw, mut unknown) = (HashMap::new(), Vec::new());
+            collect_roles(step, &data, &mut raw, &mut unknown);
+            refuse_unknown(&unknown)
+                .and_then(|()| layer_from_step(&config, next, &step.name, raw, has_shards))
+                .map_err(bad)?;
+            next += 1;
+            Ok(())
+        })?;
+        if next != config.n_layers {
+            return Err(bad(format!(
+                "{next} layers in the container, the config says {}",
+                config.n_layers
+            )));
+        }
+        stream.read_bytes += check.read_bytes;
+        stream.wall_seconds += check.wall_seconds;
+        let mut weight_bytes = embed.bytes() + out_norm.len() * 4;
+        if !tied {
+            weight_bytes += output.bytes();
+        }
+        let cache_bytes = match has_shards {
+            true => (budget - need).min(cache_cap.unwrap_or(u64::MAX)),
+            false => 0,
+        };
+        let placement = Placement {
+            streamed: true,
+            loader: loader.memory.clone(),
+            resident_weight_bytes: weight_bytes as u64,
+            session_bytes: session,
+            expert_cache_bytes: cache_bytes,
+        };
+        let model = Model {
+            config,
+            embed,
+            out_norm,
+            output,
+            weight_bytes,
+            weights: Weights::Streamed(Box::new(Streamer {
+                loader: Mutex::new(loader),
+                shards,
+                fidelity: options.fidelity,
+                cache: Mutex::new(Lru::new(cache_bytes)),
+                stats: Mutex::default(),
+            })),
+        };
+        Ok((model, stream, placement, 0))
+    }
+
+    /// Whether the layers stream from the container on every forward pass.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.weights, Weights::Streamed(_))
+    }
+
+    /// What streaming read so far (`None`: every weight resident).
+    pub fn stream_stats(&self) -> Option<StreamStats> {
+        match &self.weights {
+            Weights::Resident(_) => None,
+            Weights::Streamed(st) => {
+                let mut s = *lock(&st.stats);
+                s.cache = lock(&st.cache).stats();
+                Some(s)
+            }
+        }
+    }
+
+    /// The embedding, the output norm, the output projection (and whether
+    /// it is the embedding), and the rotary frequency factors into `config`.
+    fn assemble_globals(
+        config: &mut Config,
+        raw: &mut HashMap<Role, Raw>,
+    ) -> std::result::Result<(Matrix, Vec<f32>, Matrix, bool), String> {
+        let (d, vocab) = (config.d_model, config.vocab);
+        let embed = one_matrix(take_role(raw, Role::Embed)?, "token embedding", vocab, d)?;
+        let out_norm = take_role(raw, Role::OutNorm)?.vector("output norm", d)?;
+        let (output, tied) = match take_role(raw, Role::Output) {
+            Ok(x) => (one_matrix(x, "output", vocab, d)?, false),
+            Err(_) => (embed.clone(), true),
+        };
+        if let Ok(f) = take_role(raw, Role::RopeFreqs) {
+            config.rope_freq_factors = f.vector("rope_freqs", config.rope_dim / 2)?;
+        }
+        Ok((embed, out_norm, output, tied))
     }
 
     fn assemble(
@@ -412,119 +742,11 @@ impl Model {
         mut raw: HashMap<Role, Raw>,
         unknown: &[String],
     ) -> std::result::Result<Model, String> {
-        // Tensors the engine does not use would be computed wrong if
-        // ignored (a shared expert, a bias it does not apply): refuse.
-        if let Some(n) = unknown.iter().find(|n| !n.contains("rotary_emb.inv_freq")) {
-            return Err(format!("tensor {n:?} has no place in the engine's model"));
-        }
-        let c = &config;
-        let (d, q_dim, kv_dim, ff, vocab) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff, c.vocab);
-        fn take_role(raw: &mut HashMap<Role, Raw>, r: Role) -> std::result::Result<Raw, String> {
-            raw.remove(&r)
-                .ok_or_else(|| format!("the model has no tensor for {r:?}"))
-        }
-        macro_rules! take {
-            ($r:expr) => {
-                take_role(&mut raw, $r)
-            };
-        }
-        let one = |x: Raw, name: &str, rows: usize, cols: usize| {
-            x.matrices(name, 1, rows, cols)
-                .map(|mut v| v.pop().expect("one matrix"))
-        };
-        let embed = one(take!(Role::Embed)?, "token embedding", vocab, d)?;
-        let out_norm = take!(Role::OutNorm)?.vector("output norm", d)?;
-        let (output, tied) = match take!(Role::Output) {
-            Ok(x) => (one(x, "output", vocab, d)?, false),
-            Err(_) => (embed.clone(), true),
-        };
-        if let Ok(f) = take!(Role::RopeFreqs) {
-            config.rope_freq_factors = f.vector("rope_freqs", config.rope_dim / 2)?;
-        }
-        let c = &config;
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
-            macro_rules! get {
-                ($r:expr) => {
-                    take!(Role::Layer(l, $r, None))
-                };
-            }
-            let name = |r: &str| format!("layer {l} {r}");
-            let bias = |x: std::result::Result<Raw, String>, r: &str, len: usize| {
-                x.ok().map(|x| x.vector(&name(r), len)).transpose()
-            };
-            let ffn = if c.n_experts == 0 {
-                Ffn::Dense {
-                    gate: one(get!("ffn_gate")?, &name("ffn_gate"), ff, d)?,
-                    up: one(get!("ffn_up")?, &name("ffn_up"), ff, d)?,
-                    down: one(get!("ffn_down")?, &name("ffn_down"), d, ff)?,
-                }
-            } else {
-                let router = one(get!("router")?, &name("router"), c.n_experts, d)?;
-                let e = c.n_experts;
-                let experts = match get!("exps_gate") {
-                    Ok(g) => {
-                        let g = g.matrices(&name("ffn_gate_exps"), e, ff, d)?;
-                        let u = get!("exps_up")?.matrices(&name("ffn_up_exps"), e, ff, d)?;
-                        let dn = get!("exps_down")?.matrices(&name("ffn_down_exps"), e, d, ff)?;
-                        g.into_iter()
-                            .zip(u)
-                            .zip(dn)
-                            .map(|((gate, up), down)| Expert { gate, up, down })
-                            .collect()
-                    }
-                    Err(_) => (0..e)
-                        .map(|x| {
-                            macro_rules! g {
-                                ($r:expr) => {
-                                    take!(Role::Layer(l, $r, Some(x)))
-                                };
-                            }
-                            let nm = |r: &str| format!("layer {l} expert {x} {r}");
-                            Ok(Expert {
-                                gate: one(g!("exp_gate")?, &nm("gate"), ff, d)?,
-                                up: one(g!("exp_up")?, &nm("up"), ff, d)?,
-                                down: one(g!("exp_down")?, &nm("down"), d, ff)?,
-                            })
-                        })
-                        .collect::<std::result::Result<Vec<_>, String>>()?,
-                };
-                let shared = match get!("sh_gate") {
-                    Ok(g) => {
-                        // Its width may differ from the routed experts'.
-                        let sff = g.shape.first().copied().unwrap_or(0) as usize;
-                        let e = Expert {
-                            gate: one(g, &name("shared gate"), sff, d)?,
-                            up: one(get!("sh_up")?, &name("shared up"), sff, d)?,
-                            down: one(get!("sh_down")?, &name("shared down"), d, sff)?,
-                        };
-                        let gi = match get!("sh_gate_inp") {
-                            Ok(x) => Some(one(x, &name("shared expert gate"), 1, d)?),
-                            Err(_) => None,
-                        };
-                        Some((e, gi))
-                    }
-                    Err(_) => None,
-                };
-                Ffn::Moe {
-                    router,
-                    experts,
-                    shared,
-                }
-            };
-            layers.push(Layer {
-                attn_norm: get!("attn_norm")?.vector(&name("attn_norm"), d)?,
-                wq: one(get!("wq")?, &name("wq"), q_dim, d)?,
-                wk: one(get!("wk")?, &name("wk"), kv_dim, d)?,
-                wv: one(get!("wv")?, &name("wv"), kv_dim, d)?,
-                wo: one(get!("wo")?, &name("wo"), d, q_dim)?,
-                bq: bias(get!("bq"), "bq", q_dim)?,
-                bk: bias(get!("bk"), "bk", kv_dim)?,
-                bv: bias(get!("bv"), "bv", kv_dim)?,
-                ffn_norm: get!("ffn_norm")?.vector(&name("ffn_norm"), d)?,
-                ffn,
-            });
-        }
+        refuse_unknown(unknown)?;
+        let (embed, out_norm, output, tied) = Model::assemble_globals(&mut config, &mut raw)?;
+        let layers = (0..config.n_layers)
+            .map(|l| assemble_layer(&config, l, &mut raw, false))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
         if let Some(r) = raw.keys().next() {
             return Err(format!(
                 "tensor for {r:?} has no place in this model's config"
@@ -534,38 +756,14 @@ impl Model {
         if !tied {
             weight_bytes += output.bytes();
         }
-        for l in &layers {
-            weight_bytes += [&l.wq, &l.wk, &l.wv, &l.wo]
-                .iter()
-                .map(|m| m.bytes())
-                .sum::<usize>();
-            weight_bytes += match &l.ffn {
-                Ffn::Dense { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
-                Ffn::Moe {
-                    router,
-                    experts,
-                    shared,
-                } => {
-                    shared.as_ref().map_or(0, |(e, g)| {
-                        e.gate.bytes()
-                            + e.up.bytes()
-                            + e.down.bytes()
-                            + g.as_ref().map_or(0, |g| g.bytes())
-                    }) + router.bytes()
-                        + experts
-                            .iter()
-                            .map(|e| e.gate.bytes() + e.up.bytes() + e.down.bytes())
-                            .sum::<usize>()
-                }
-            };
-        }
+        weight_bytes += layers.iter().map(layer_bytes).sum::<usize>();
         Ok(Model {
             config,
             embed,
-            layers,
             out_norm,
             output,
             weight_bytes,
+            weights: Weights::Resident(layers),
         })
     }
 
@@ -573,6 +771,194 @@ impl Model {
     pub fn session(&self, ctx: usize) -> Session<'_> {
         Session::new(self, ctx)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Layer `l` from its tensors in `raw` (taken out). With `experts_apart`,
+/// a mixture-of-experts layer's routed experts are not among them: they
+/// are fetched when the router picks them.
+fn assemble_layer(
+    c: &Config,
+    l: usize,
+    raw: &mut HashMap<Role, Raw>,
+    experts_apart: bool,
+) -> std::result::Result<Layer, String> {
+    let (d, q_dim, kv_dim, ff) = (c.d_model, c.q_dim(), c.kv_dim(), c.d_ff);
+    macro_rules! get {
+        ($r:expr) => {
+            take_role(raw, Role::Layer(l, $r, None))
+        };
+    }
+    let name = |r: &str| format!("layer {l} {r}");
+    let bias = |x: std::result::Result<Raw, String>, r: &str, len: usize| {
+        x.ok().map(|x| x.vector(&name(r), len)).transpose()
+    };
+    let ffn = if c.n_experts == 0 {
+        Ffn::Dense {
+            gate: one_matrix(get!("ffn_gate")?, &name("ffn_gate"), ff, d)?,
+            up: one_matrix(get!("ffn_up")?, &name("ffn_up"), ff, d)?,
+            down: one_matrix(get!("ffn_down")?, &name("ffn_down"), d, ff)?,
+        }
+    } else {
+        let router = one_matrix(get!("router")?, &name("router"), c.n_experts, d)?;
+        let e = c.n_experts;
+        let experts = if experts_apart {
+            Vec::new()
+        } else {
+            match get!("exps_gate") {
+                Ok(g) => {
+                    let g = g.matrices(&name("ffn_gate_exps"), e, ff, d)?;
+                    let u = get!("exps_up")?.matrices(&name("ffn_up_exps"), e, ff, d)?;
+                    let dn = get!("exps_down")?.matrices(&name("ffn_down_exps"), e, d, ff)?;
+                    g.into_iter()
+                        .zip(u)
+                        .zip(dn)
+                        .map(|((gate, up), down)| Arc::new(Expert { gate, up, down }))
+                        .collect()
+                }
+                Err(_) => (0..e)
+                    .map(|x| {
+                        let mut g = |r: &'static str| take_role(raw, Role::Layer(l, r, Some(x)));
+                        let nm = |r: &str| format!("layer {l} expert {x} {r}");
+                        Ok(Arc::new(Expert {
+                            gate: one_matrix(g("exp_gate")?, &nm("gate"), ff, d)?,
+                            up: one_matrix(g("exp_up")?, &nm("up"), ff, d)?,
+                            down: one_matrix(g("exp_down")?, &nm("down"), d, ff)?,
+                        }))
+                    })
+                    .collect::<std::result::Result<Vec<_>, String>>()?,
+            }
+        };
+        let shared = match get!("sh_gate") {
+            Ok(g) => {
+                // Its width may differ from the routed experts'.
+                let sff = g.shape.first().copied().unwrap_or(0) as usize;
+                let e = Expert {
+                    gate: one_matrix(g, &name("shared gate"), sff, d)?,
+                    up: one_matrix(get!("sh_up")?, &name("shared up"), sff, d)?,
+                    down: one_matrix(get!("sh_down")?, &name("shared down"), d, sff)?,
+                };
+                let gi = match get!("sh_gate_inp") {
+                    Ok(x) => Some(one_matrix(x, &name("shared expert gate"), 1, d)?),
+                    Err(_) => None,
+                };
+                Some((e, gi))
+            }
+            Err(_) => None,
+        };
+        Ffn::Moe {
+            router,
+            experts,
+            shared,
+        }
+    };
+    Ok(Layer {
+        attn_norm: get!("attn_norm")?.vector(&name("attn_norm"), d)?,
+        wq: one_matrix(get!("wq")?, &name("wq"), q_dim, d)?,
+        wk: one_matrix(get!("wk")?, &name("wk"), kv_dim, d)?,
+        wv: one_matrix(get!("wv")?, &name("wv"), kv_dim, d)?,
+        wo: one_matrix(get!("wo")?, &name("wo"), d, q_dim)?,
+        bq: bias(get!("bq"), "bq", q_dim)?,
+        bk: bias(get!("bk"), "bk", kv_dim)?,
+        bv: bias(get!("bv"), "bv", kv_dim)?,
+        ffn_norm: get!("ffn_norm")?.vector(&name("ffn_norm"), d)?,
+        ffn,
+    })
+}
+
+/// Layer `l` from a streamed step named `step` holding its tensors (and
+/// nothing else).
+fn layer_from_step(
+    c: &Config,
+    l: usize,
+    step: &str,
+    mut raw: HashMap<Role, Raw>,
+    experts_apart: bool,
+) -> std::result::Result<Layer, String> {
+    if step != format!("layer.{l}") {
+        return Err(format!("step {step} streamed where layer.{l} was expected"));
+    }
+    let layer = assemble_layer(c, l, &mut raw, experts_apart)?;
+    match raw.keys().next() {
+        Some(r) => Err(format!("tensor for {r:?} has no place in layer {l}")),
+        None => Ok(layer),
+    }
+}
+
+fn expert_bytes(e: &Expert) -> usize {
+    e.gate.bytes() + e.up.bytes() + e.down.bytes()
+}
+
+/// Bytes of weights a layer holds (its routed experts included).
+fn layer_bytes(l: &Layer) -> usize {
+    let attn = [&l.wq, &l.wk, &l.wv, &l.wo]
+        .iter()
+        .map(|m| m.bytes())
+        .sum::<usize>();
+    attn + match &l.ffn {
+        Ffn::Dense { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
+        Ffn::Moe {
+            router,
+            experts,
+            shared,
+        } => {
+            shared.as_ref().map_or(0, |(e, g)| {
+                expert_bytes(e) + g.as_ref().map_or(0, |g| g.bytes())
+            }) + router.bytes()
+                + experts.iter().map(|e| expert_bytes(e)).sum::<usize>()
+        }
+    }
+}
+
+/// Expert `e` of layer `l` from the tensors fetched from its shard.
+fn expert_from_tensors(
+    c: &Config,
+    l: usize,
+    e: usize,
+    tensors: Vec<ExtractedTensor>,
+) -> std::result::Result<Expert, String> {
+    let mut parts: HashMap<&'static str, Raw> = HashMap::new();
+    for t in tensors {
+        let part = match role(&t.name) {
+            Some(Role::Layer(tl, r, x)) if tl == l && x.is_none_or(|x| x == e) => match r {
+                "exp_gate" | "exps_gate" => Some("gate"),
+                "exp_up" | "exps_up" => Some("up"),
+                "exp_down" | "exps_down" => Some("down"),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(part) = part else {
+            return Err(format!(
+                "layer {l} expert {e}: tensor {:?} has no place in an expert",
+                t.name
+            ));
+        };
+        let len = t.data.len();
+        parts.insert(
+            part,
+            Raw {
+                dtype: t.dtype,
+                shape: t.shape,
+                bytes: Bytes::new(Arc::new(t.data), 0..len),
+            },
+        );
+    }
+    let (d, ff) = (c.d_model, c.d_ff);
+    let mut take = |part: &str, rows: usize, cols: usize| {
+        let x = parts
+            .remove(part)
+            .ok_or_else(|| format!("layer {l} expert {e}: no {part} projection in its shard"))?;
+        one_matrix(x, &format!("layer {l} expert {e} {part}"), rows, cols)
+    };
+    Ok(Expert {
+        gate: take("gate", ff, d)?,
+        up: take("up", ff, d)?,
+        down: take("down", d, ff)?,
+    })
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -633,6 +1019,8 @@ pub struct Session<'m> {
     scratch: Scratch,
     /// Experts chosen, counted per (layer, expert) over the session.
     pub expert_hits: Vec<Vec<u64>>,
+    /// Fetches experts from their shards (layers streamed).
+    experts: Option<ExpertReader<'m>>,
 }
 
 /// An input prepared for block weights: its per-block sums, or its 8-bit
@@ -730,6 +1118,11 @@ impl<'m> Session<'m> {
             inv_freq,
             scratch: Scratch::default(),
             expert_hits: vec![vec![0; c.n_experts]; c.n_layers],
+            experts: match &model.weights {
+                // Planned at load already: the plan cannot fail here.
+                Weights::Streamed(st) => st.shards.as_ref().and_then(|c| ExpertReader::new(c).ok()),
+                Weights::Resident(_) => None,
+            },
         }
     }
 
@@ -776,8 +1169,13 @@ impl<'m> Session<'m> {
         for (t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
             m.embed.row_into(*t as usize, row);
         }
-        for l in 0..c.n_layers {
-            self.layer(l, &mut x, n);
+        match &m.weights {
+            Weights::Resident(layers) => {
+                for (l, lw) in layers.iter().enumerate() {
+                    self.layer(l, lw, &mut x, n)?;
+                }
+            }
+            Weights::Streamed(st) => self.stream_layers(st, &mut x, n)?,
         }
         self.pos += n;
         let s = &mut self.scratch;
@@ -799,10 +1197,56 @@ impl<'m> Session<'m> {
         Ok(logits)
     }
 
-    fn layer(&mut self, l: usize, x: &mut [f32], n: usize) {
+    /// Runs every layer as the loader streams it from the container.
+    fn stream_layers(
+        &mut self,
+        st: &'m Streamer,
+        x: &mut [f32],
+        n: usize,
+    ) -> std::result::Result<(), String> {
+        let c = &self.model.config;
+        let mut loader = lock(&st.loader);
+        let path = loader.container.path.clone();
+        let mut next = 0usize;
+        let report = loader
+            .stream(|step| {
+                let data = Arc::new(std::mem::take(&mut step.data));
+                let (mut raw, mut unknown) = (HashMap::new(), Vec::new());
+                collect_roles(step, &data, &mut raw, &mut unknown);
+                let bad = |m: String| Error::integrity(&path, m);
+                refuse_unknown(&unknown).map_err(bad)?;
+                let lw =
+                    layer_from_step(c, next, &step.name, raw, st.shards.is_some()).map_err(bad)?;
+                let r = self.layer(next, &lw, x, n);
+                drop(lw);
+                // The views are gone: the loader gets its buffer back.
+                if let Ok(v) = Arc::try_unwrap(data) {
+                    step.data = v;
+                }
+                next += 1;
+                r.map_err(bad)
+            })
+            .map_err(|e| e.to_string())?;
+        if next != c.n_layers {
+            return Err(format!("{next} of {} layers streamed", c.n_layers));
+        }
+        let mut s = lock(&st.stats);
+        s.passes += 1;
+        s.layer_bytes += report.read_bytes;
+        s.wall_seconds += report.wall_seconds;
+        s.read_seconds += report.stages.read;
+        Ok(())
+    }
+
+    fn layer(
+        &mut self,
+        l: usize,
+        lw: &Layer,
+        x: &mut [f32],
+        n: usize,
+    ) -> std::result::Result<(), String> {
         let m = self.model;
         let c = &m.config;
-        let lw = &m.layers[l];
         let (d, hd, kv_dim, q_dim) = (c.d_model, c.head_dim, c.kv_dim(), c.q_dim());
         let s = &mut self.scratch;
         s.xn.resize(n * d, 0.0);
@@ -922,7 +1366,7 @@ impl<'m> Session<'m> {
                     &mut logits,
                     &mut s.mm,
                 );
-                let e_n = experts.len();
+                let e_n = c.n_experts;
                 // Per expert, the tokens routed to it and their weights.
                 let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_n];
                 for (t, lg) in logits.chunks_exact(e_n).enumerate() {
@@ -943,7 +1387,10 @@ impl<'m> Session<'m> {
                     }
                     ye.clear();
                     ye.resize(toks.len() * d, 0.0);
-                    let ex = &experts[e];
+                    let ex = match experts.get(e) {
+                        Some(ex) => ex.clone(),
+                        None => fetch_expert(m, self.experts.as_ref(), l, e)?,
+                    };
                     swiglu(
                         &ex.gate,
                         &ex.up,
@@ -964,7 +1411,34 @@ impl<'m> Session<'m> {
                 }
             }
         }
+        Ok(())
     }
+}
+
+/// Expert `e` of layer `l` from the model's expert cache, fetched from its
+/// shard (and kept if the cache has room) when the cache does not hold it.
+fn fetch_expert(
+    m: &Model,
+    reader: Option<&ExpertReader>,
+    l: usize,
+    e: usize,
+) -> std::result::Result<Arc<Expert>, String> {
+    let (Weights::Streamed(st), Some(reader)) = (&m.weights, reader) else {
+        return Err(format!(
+            "layer {l}: expert {e} is neither resident nor in a shard"
+        ));
+    };
+    let shards = st.shards.as_ref().expect("a reader means shards");
+    lock(&st.cache).get_or_fetch(&(l, e), || {
+        let before = shards.bytes_read();
+        let tensors = reader
+            .fetch(l as u32, e as u32, st.fidelity)
+            .map_err(|err| err.to_string())?;
+        lock(&st.stats).expert_bytes += shards.bytes_read() - before;
+        let ex = expert_from_tensors(&m.config, l, e, tensors)?;
+        let bytes = expert_bytes(&ex) as u64;
+        Ok((Arc::new(ex), bytes))
+    })
 }
 
 /// `x += down(silu(gate(xn)) · up(xn))`.

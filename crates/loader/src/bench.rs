@@ -137,8 +137,10 @@ pub struct DiskFigures {
 /// Block size of the raw reads.
 const RAW_BLOCK: u64 = 8 << 20;
 
-/// Reads the whole file sequentially in [`RAW_BLOCK`] reads, GB/s.
-fn raw_read(path: &Path, direct: bool, cold: bool) -> Result<Option<f64>> {
+/// Reads the whole file sequentially in [`RAW_BLOCK`] reads, GB/s; `None`
+/// when the file cannot be opened with `O_DIRECT` (`direct`). `cold`: the
+/// file's pages are dropped from the page cache first.
+pub fn raw_read(path: &Path, direct: bool, cold: bool) -> Result<Option<f64>> {
     let mut o = std::fs::OpenOptions::new();
     o.read(true);
     if direct {

@@ -9,5 +9,6 @@ pub mod stream;
 pub mod telemetry;
 
 pub use stream::{
-    LoadOptions, LoadedStep, LoadedTensor, Loader, MemoryPlan, StageSeconds, Step, StreamReport,
+    LoadOptions, LoadedStep, LoadedTensor, Loader, MemoryPlan, StageSeconds, Step, StepSet,
+    StreamReport,
 };

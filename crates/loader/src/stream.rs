@@ -39,6 +39,40 @@ pub struct LoadOptions {
     pub prefetch: usize,
     /// Read with `O_DIRECT` (aligned buffers, no page cache).
     pub direct: bool,
+    /// Keep the hot tier resident (read once, on the first pass). When
+    /// false, each step reads its own hot extents on every pass, like its
+    /// cold ones: a runtime whose budget cannot hold the model streams
+    /// every layer per token.
+    pub hot_resident: bool,
+    /// Stream expert shards with their layer. When false, tensors held in
+    /// expert shards are left out of the steps (a runtime fetches the
+    /// experts its router picks on its own).
+    pub stream_experts: bool,
+    /// The steps this loader streams (and sizes its buffers for).
+    pub steps: StepSet,
+}
+
+/// Which steps a loader streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StepSet {
+    #[default]
+    All,
+    /// The `layer.N` steps: a runtime that keeps the rest resident streams
+    /// these for every token.
+    Layers,
+    /// `pre` and `post`: the embedding, the output, what is outside the layers.
+    OutsideLayers,
+}
+
+impl StepSet {
+    pub fn contains(self, step_name: &str) -> bool {
+        let layer = step_name.starts_with("layer.");
+        match self {
+            StepSet::All => true,
+            StepSet::Layers => layer,
+            StepSet::OutsideLayers => !layer,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -48,6 +82,9 @@ impl Default for LoadOptions {
             ram_budget: None,
             prefetch: 2,
             direct: false,
+            hot_resident: true,
+            stream_experts: true,
+            steps: StepSet::All,
         }
     }
 }
@@ -355,7 +392,12 @@ impl Loader {
     /// hot tier, or one step besides it, is an error here, before anything
     /// big is allocated.
     pub fn open(path: &Path, options: LoadOptions) -> Result<Loader> {
-        let container = Container::open(path)?;
+        Loader::with_container(Container::open(path)?, options)
+    }
+
+    /// [`Loader::open`] on a container already open.
+    pub fn with_container(container: Container, options: LoadOptions) -> Result<Loader> {
+        let path = &container.path.clone();
         let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
         let direct = options.direct;
         let file = if direct {
@@ -378,64 +420,13 @@ impl Loader {
                 .try_clone()
                 .map_err(|e| Error::input(path, format!("cannot reopen: {e}")))?
         };
-        let span = |offset: u64, len: u64| {
-            if direct {
-                let a = align_down(offset);
-                (a, align_up(offset + len) - a)
-            } else {
-                (offset, len)
-            }
-        };
-        let m = &container.manifest;
-        let hot_section = m.sections.iter().find(|s| s.kind == SectionKind::Hot);
-        let (hot_at, hot_len) = hot_section.map_or((0, 0), |s| span(s.offset, s.len));
-        let steps = plan_steps(&container, options.fidelity, &span, (hot_at, hot_len));
-        let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
-        let out = steps.iter().map(|s| s.original_bytes).max().unwrap_or(0);
-        let threads = rayon::current_num_threads();
-        let per_thread = PER_THREAD_BYTES
-            + match options.fidelity {
-                Fidelity::Exact => largest_decomposed_chunk(&container),
-                Fidelity::Base => 0,
-            };
-        let fixed = baseline_rss + hot_len + out + threads as u64 * per_thread;
-        let need = |n: u64| fixed + n * slot;
-        let mut buffers = options.prefetch.max(1);
-        if let Some(budget) = options.ram_budget {
-            if baseline_rss + hot_len > budget {
-                return Err(Error::input(
-                    path,
-                    format!(
-                        "memory budget of {budget} bytes cannot hold the hot tier ({hot_len} bytes) \
-                         besides the process itself ({baseline_rss} bytes resident)"
-                    ),
-                ));
-            }
-            while buffers > 1 && need(buffers as u64) > budget {
-                buffers -= 1;
-            }
-            if need(buffers as u64) > budget {
-                return Err(Error::input(
-                    path,
-                    format!(
-                        "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
-                         (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
-                         the largest step's tensors {out}, {threads} decode threads × {per_thread})",
-                        need(1)
-                    ),
-                ));
-            }
-        }
-        let memory = MemoryPlan {
-            baseline_rss,
-            hot: hot_len,
-            pool_buffers: buffers,
-            pool_buffer_bytes: slot,
-            output_bytes: out,
-            decode_threads: threads,
-            per_thread_bytes: per_thread,
-            total: need(buffers as u64),
-        };
+        let (steps, memory, (hot_at, hot_len)) = plan(&container, &options, baseline_rss)?;
+        let (slot, out, threads, buffers) = (
+            memory.pool_buffer_bytes,
+            memory.output_bytes,
+            memory.decode_threads,
+            memory.pool_buffers,
+        );
         Ok(Loader {
             container,
             options,
@@ -463,6 +454,14 @@ impl Loader {
         })
     }
 
+    /// What [`Loader::with_container`] would plan for `c` and `options` in
+    /// this process now, without allocating it (a budget too small is the
+    /// same error).
+    pub fn memory_plan(c: &Container, options: &LoadOptions) -> Result<MemoryPlan> {
+        let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
+        plan(c, options, baseline_rss).map(|(_, m, _)| m)
+    }
+
     /// The steps, in the order [`Loader::stream`] delivers them.
     pub fn steps(&self) -> &[Step] {
         &self.steps
@@ -479,9 +478,22 @@ impl Loader {
     /// step also stops the one being decoded).
     pub fn stream(
         &mut self,
+        consume: impl FnMut(&mut LoadedStep) -> Result<()>,
+    ) -> Result<StreamReport> {
+        self.stream_steps(|_| true, consume)
+    }
+
+    /// Like [`Loader::stream`], over the steps `wanted` keeps only (a
+    /// runtime that holds some steps resident streams the others).
+    pub fn stream_steps(
+        &mut self,
+        wanted: impl Fn(&Step) -> bool,
         mut consume: impl FnMut(&mut LoadedStep) -> Result<()>,
     ) -> Result<StreamReport> {
         let wall = Instant::now();
+        let wanted: Vec<bool> = self.steps.iter().map(wanted).collect();
+        let all_steps = wanted.iter().all(|&w| w);
+        let wanted = &wanted[..];
         let mut spare = std::mem::take(&mut self.spare);
         let this = &*self;
         let path = &this.container.path;
@@ -523,6 +535,9 @@ impl Loader {
             });
             scope.spawn(move || {
                 for (i, step) in this.steps.iter().enumerate() {
+                    if !wanted[i] {
+                        continue;
+                    }
                     let mut slot = None;
                     if step.read_bytes > 0 {
                         // Backpressure: wait for a buffer the consumer is done with.
@@ -574,6 +589,9 @@ impl Loader {
                 this.hot_at + this.hot_len
             };
             for (i, step) in this.steps.iter().enumerate() {
+                if !wanted[i] {
+                    continue;
+                }
                 let mut loaded = this.layout(step, &mut spare);
                 let jobs = this.jobs(step, &mut loaded);
                 let failed = Mutex::new(None::<(usize, Error)>);
@@ -662,13 +680,21 @@ impl Loader {
         });
         self.spare = spare;
         result?;
-        self.hot_loaded = true;
+        // Chunks of steps left out were not checked: the hot tier counts as
+        // loaded after a pass over every step.
+        self.hot_loaded |= all_steps;
         let s = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
         let hot_bytes = if first_pass { self.hot_len } else { 0 };
+        let streamed = self
+            .steps
+            .iter()
+            .zip(wanted)
+            .filter(|(_, &w)| w)
+            .map(|(s, _)| s.read_bytes);
         Ok(StreamReport {
-            steps: self.steps.len(),
+            steps: wanted.iter().filter(|&&w| w).count(),
             tensors: delivered.1,
-            read_bytes: hot_bytes + self.steps.iter().map(|s| s.read_bytes).sum::<u64>(),
+            read_bytes: hot_bytes + streamed.sum::<u64>(),
             hot_bytes,
             delivered_bytes: delivered.0,
             wall_seconds: wall.elapsed().as_secs_f64(),
@@ -867,6 +893,82 @@ impl Loader {
     }
 }
 
+/// The steps, the memory plan and the resident hot range (as read) of
+/// `c` streamed with `options` by a process of `baseline_rss` bytes; a
+/// budget too small is an error.
+fn plan(
+    c: &Container,
+    options: &LoadOptions,
+    baseline_rss: u64,
+) -> Result<(Vec<Step>, MemoryPlan, (u64, u64))> {
+    let path = &c.path;
+    let direct = options.direct;
+    let span = |offset: u64, len: u64| {
+        if direct {
+            let a = align_down(offset);
+            (a, align_up(offset + len) - a)
+        } else {
+            (offset, len)
+        }
+    };
+    let m = &c.manifest;
+    let hot_section = m.sections.iter().find(|s| s.kind == SectionKind::Hot);
+    let hot_range = hot_section.map_or((0, 0), |s| (s.offset, s.len));
+    let steps = plan_steps(c, options, &span, hot_range);
+    // What stays resident: the hot section as read, or nothing.
+    let (hot_at, hot_len) = match hot_section {
+        Some(s) if options.hot_resident => span(s.offset, s.len),
+        _ => (0, 0),
+    };
+    let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
+    let out = steps.iter().map(|s| s.original_bytes).max().unwrap_or(0);
+    let threads = rayon::current_num_threads();
+    let per_thread = PER_THREAD_BYTES
+        + match options.fidelity {
+            Fidelity::Exact => largest_decomposed_chunk(c),
+            Fidelity::Base => 0,
+        };
+    let fixed = baseline_rss + hot_len + out + threads as u64 * per_thread;
+    let need = |n: u64| fixed + n * slot;
+    let mut buffers = options.prefetch.max(1);
+    if let Some(budget) = options.ram_budget {
+        if baseline_rss + hot_len > budget {
+            return Err(Error::input(
+                path,
+                format!(
+                    "memory budget of {budget} bytes cannot hold the hot tier ({hot_len} bytes) \
+                     besides the process itself ({baseline_rss} bytes resident)"
+                ),
+            ));
+        }
+        while buffers > 1 && need(buffers as u64) > budget {
+            buffers -= 1;
+        }
+        if need(buffers as u64) > budget {
+            return Err(Error::input(
+                path,
+                format!(
+                    "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
+                     (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
+                     the largest step's tensors {out}, {threads} decode threads × {per_thread})",
+                    need(1)
+                ),
+            ));
+        }
+    }
+    let memory = MemoryPlan {
+        baseline_rss,
+        hot: hot_len,
+        pool_buffers: buffers,
+        pool_buffer_bytes: slot,
+        output_bytes: out,
+        decode_threads: threads,
+        per_thread_bytes: per_thread,
+        total: need(buffers as u64),
+    };
+    Ok((steps, memory, (hot_at, hot_len)))
+}
+
 /// A job ordered for a min-heap on `hot_end`.
 struct ByHot<'a>(Job<'a>);
 
@@ -971,19 +1073,38 @@ fn section_at(sections: &[Section], offset: u64) -> Option<usize> {
 /// interleaves them gets more steps, with repeated names; every tensor is
 /// still delivered once.) Each step reads the sections that hold its
 /// streamed extents: cold sections (exact fidelity) and expert shards (their
-/// hot part only at base fidelity); `span` maps a section's range to what is
-/// read (whole blocks with `O_DIRECT`).
+/// hot part only at base fidelity), and, when the hot tier is not resident,
+/// the range of the hot section that holds its hot extents; `span` maps a
+/// range to what is read (whole blocks with `O_DIRECT`). Without
+/// `stream_experts`, tensors held in expert shards are left out.
 fn plan_steps(
     c: &Container,
-    fidelity: Fidelity,
+    options: &LoadOptions,
     span: &dyn Fn(u64, u64) -> (u64, u64),
     (hot_at, hot_len): (u64, u64),
 ) -> Vec<Step> {
+    let fidelity = options.fidelity;
     let m = &c.manifest;
-    let mut steps: Vec<(Step, Vec<usize>, u64)> = Vec::new();
+    // Per step: the step, its streamed sections, the end of its hot
+    // extents, and the range of them (for a hot tier that is not resident).
+    type Planned = (Step, Vec<usize>, u64, (u64, u64));
+    let mut steps: Vec<Planned> = Vec::new();
     let mut seen_layer = false;
     let in_hot = |e: &Extent| e.offset >= hot_at && e.end() <= hot_at + hot_len;
+    let in_shard = |e: &Extent| {
+        section_at(&m.sections, e.offset)
+            .is_some_and(|si| m.sections[si].kind == SectionKind::Expert)
+    };
     for (ti, t) in m.tensors.iter().enumerate() {
+        if !options.stream_experts {
+            let first = match &t.storage {
+                Storage::Raw { chunks } => chunks.first().copied(),
+                Storage::Decomposed { chunks, .. } => chunks.first().map(|c| c.base),
+            };
+            if first.is_some_and(|e| in_shard(&e)) {
+                continue;
+            }
+        }
         let name = match t.layer {
             Some(l) => {
                 seen_layer = true;
@@ -992,7 +1113,7 @@ fn plan_steps(
             None if !seen_layer => "pre".to_string(),
             None => "post".to_string(),
         };
-        if steps.last().map(|(s, _, _)| &s.name) != Some(&name) {
+        if steps.last().map(|(s, ..)| &s.name) != Some(&name) {
             steps.push((
                 Step {
                     name,
@@ -1004,14 +1125,20 @@ fn plan_steps(
                 },
                 Vec::new(),
                 0,
+                (u64::MAX, 0),
             ));
         }
-        let (step, sections, hot_end) = steps.last_mut().expect("pushed");
+        let (step, sections, hot_end, hot_range) = steps.last_mut().expect("pushed");
         step.tensors.push(ti);
         step.original_bytes += t.byte_len;
         let mut note = |e: &Extent, cold: bool| {
             if in_hot(e) {
-                *hot_end = (*hot_end).max(e.end());
+                if options.hot_resident {
+                    *hot_end = (*hot_end).max(e.end());
+                } else if e.len > 0 {
+                    hot_range.0 = hot_range.0.min(e.offset);
+                    hot_range.1 = hot_range.1.max(e.end());
+                }
             } else if let Some(si) = section_at(&m.sections, e.offset) {
                 let kind = m.sections[si].kind;
                 if kind == SectionKind::Expert || (cold && fidelity == Fidelity::Exact) {
@@ -1033,8 +1160,14 @@ fn plan_steps(
     }
     steps
         .into_iter()
-        .map(|(mut step, mut sections, hot_end)| {
+        .filter(|(step, ..)| options.steps.contains(&step.name))
+        .map(|(mut step, mut sections, hot_end, (lo, hi))| {
             step.hot_end = hot_end;
+            if hi > lo {
+                let (a, n) = span(lo, hi - lo);
+                step.spans.push((a, n));
+                step.read_bytes += n;
+            }
             sections.sort_unstable();
             sections.dedup();
             for si in sections {
