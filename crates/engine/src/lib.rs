@@ -8,4 +8,5 @@ pub mod config;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod team;
 pub mod tokenizer;

@@ -9,9 +9,9 @@
 use crate::cache::{CacheStats, Lru};
 use crate::chat::ChatTemplate;
 use crate::config::{Config, RopeStyle, RouterNorm};
-use crate::kernels::{self, Activations, Bytes, Input, Matrix, QuantizedActs, WeightType};
+use crate::kernels::{self, Activations, Bytes, Input, Matrix, OutPtr, QuantizedActs, WeightType};
+use crate::team::Team;
 use crate::tokenizer::Tokenizer;
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1061,6 +1061,37 @@ fn project(
     kernels::matmul(w, &input, out, mm);
 }
 
+/// [`project`] of one input by several matrices of its width, in one
+/// parallel job (see [`kernels::matmul_many`]).
+fn project_many(
+    ws: &[&Matrix],
+    x: &[f32],
+    n: usize,
+    prep: &mut Prepared,
+    outs: &mut [&mut Vec<f32>],
+    mm: &mut Vec<f32>,
+) {
+    let mode = activations();
+    if ws.iter().any(|w| w.wtype != WeightType::F32) {
+        match mode {
+            Activations::F32 => kernels::block_sums(x, &mut prep.xsum),
+            Activations::Q8 => prep.q.quantize(x, ws[0].cols),
+        }
+    }
+    for (w, o) in ws.iter().zip(outs.iter_mut()) {
+        o.resize(n * w.rows, 0.0);
+    }
+    let input = Input {
+        x,
+        n,
+        mode,
+        xsum: &prep.xsum,
+        q: &prep.q,
+    };
+    let mut outs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+    kernels::matmul_many(ws, &input, &mut outs, mm);
+}
+
 /// The engine's activation precision: f32 where the CPU has a fast kernel
 /// for it (AVX-512) or none for 8-bit inputs either; 8-bit inputs on an
 /// AVX2-only CPU, or when `TPDE_Q8_ACTIVATIONS` is set (for comparison).
@@ -1251,10 +1282,14 @@ impl<'m> Session<'m> {
         let s = &mut self.scratch;
         s.xn.resize(n * d, 0.0);
         rms_norm(x, &lw.attn_norm, c.rms_eps, &mut s.xn);
-        let mut fresh = false;
-        project(&lw.wq, &s.xn, n, &mut s.qa, &mut fresh, &mut s.q, &mut s.mm);
-        project(&lw.wk, &s.xn, n, &mut s.qa, &mut fresh, &mut s.k, &mut s.mm);
-        project(&lw.wv, &s.xn, n, &mut s.qa, &mut fresh, &mut s.v, &mut s.mm);
+        project_many(
+            &[&lw.wq, &lw.wk, &lw.wv],
+            &s.xn,
+            n,
+            &mut s.qa,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+            &mut s.mm,
+        );
         for (b, v) in [(&lw.bq, &mut s.q), (&lw.bk, &mut s.k), (&lw.bv, &mut s.v)] {
             if let Some(b) = b {
                 for row in v.chunks_exact_mut(b.len()) {
@@ -1281,10 +1316,15 @@ impl<'m> Session<'m> {
         let pos0 = self.pos;
         s.att.resize(n * q_dim, 0.0);
         let q = &s.q;
-        // One task per (token, head): causal attention over the cache.
-        s.att.par_chunks_mut(hd).enumerate().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (i, out)| {
+        // Causal attention over the cache, one (token, head) at a time;
+        // member `m` of `k` takes every k-th of them, which balances the
+        // longer rows of later tokens.
+        let att = OutPtr(s.att.as_mut_ptr());
+        Team::global().run(&|m, k| {
+            let mut scores = Vec::new();
+            for i in (m..n * c.n_heads).step_by(k) {
+                // SAFETY: item `i` is this member's alone, inside `att`.
+                let out = unsafe { att.part(i * hd, hd) };
                 let (t, h) = (i / c.n_heads, i % c.n_heads);
                 let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                 let kvh = h / group;
@@ -1310,8 +1350,8 @@ impl<'m> Session<'m> {
                         *o += w * vv;
                     }
                 }
-            },
-        );
+            }
+        });
         let mut fresh = false;
         project(
             &lw.wo, &s.att, n, &mut s.qa, &mut fresh, &mut s.o, &mut s.mm,
@@ -1451,9 +1491,7 @@ fn swiglu(
     s: FfnScratch,
     x: &mut [f32],
 ) {
-    let mut fresh = false;
-    project(gate, xn, n, s.qa, &mut fresh, s.g, s.mm);
-    project(up, xn, n, s.qa, &mut fresh, s.u, s.mm);
+    project_many(&[gate, up], xn, n, s.qa, &mut [s.g, s.u], s.mm);
     for (g, u) in s.g.iter_mut().zip(s.u.iter()) {
         *g = silu(*g) * u;
     }
