@@ -499,8 +499,12 @@ mod avx512 {
     /// One block's `Σ q·x` as 16 lanes (unscaled).
     #[inline(always)]
     unsafe fn block<const T: u8>(blk: *const u8, x: *const f32) -> __m512 {
-        let x0 = _mm512_loadu_ps(x);
-        let x1 = _mm512_loadu_ps(x.add(16));
+        block_x::<T>(blk, _mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)))
+    }
+
+    /// [`block`] with the block's 32 inputs already loaded.
+    #[inline(always)]
+    unsafe fn block_x<const T: u8>(blk: *const u8, x0: __m512, x1: __m512) -> __m512 {
         let (w0, w1) = if T == 0 {
             (
                 _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i)),
@@ -582,6 +586,94 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + e
     }
 
+    /// [`dot`] for `R` rows at once: each block's inputs are loaded once
+    /// for all of them, and the rows are `R` independent streams.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // r and j index several arrays
+    unsafe fn dot_rows<const T: u8, const R: usize>(
+        rows: [*const u8; R],
+        x: &[f32],
+        xsum: &[f32],
+        bb: usize,
+        nb: usize,
+    ) -> [f32; R] {
+        let xp = x.as_ptr();
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(bb as i32),
+        );
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut ext = [_mm512_setzero_ps(); R];
+        let mut ds = [[0.0f32; 16]; R];
+        let mut c = 0;
+        while c < nb {
+            let k = (nb - c).min(16);
+            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let xs = if T != 0 {
+                _mm512_maskz_loadu_ps(mask, xsum.as_ptr().add(c))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for r in 0..R {
+                let g = _mm512_mask_i32gather_epi32::<1>(
+                    _mm512_setzero_si512(),
+                    mask,
+                    idx,
+                    rows[r].add(c * bb) as _,
+                );
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+                if T != 0 {
+                    let m = if T == 2 {
+                        _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(g)))
+                    } else {
+                        d
+                    };
+                    ext[r] = _mm512_fmadd_ps(m, xs, ext[r]);
+                }
+                _mm512_storeu_ps(ds[r].as_mut_ptr(), d);
+            }
+            for j in 0..k {
+                let xq = xp.add((c + j) * QK);
+                let (x0, x1) = (_mm512_loadu_ps(xq), _mm512_loadu_ps(xq.add(16)));
+                for r in 0..R {
+                    let p = block_x::<T>(rows[r].add((c + j) * bb), x0, x1);
+                    acc[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(ds[r][j]), acc[r]);
+                }
+            }
+            c += 16;
+        }
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            let e = _mm512_reduce_add_ps(ext[r]);
+            out[r] = _mm512_reduce_add_ps(acc[r])
+                + match T {
+                    2 => e,
+                    1 => -8.0 * e,
+                    _ => 0.0,
+                };
+        }
+        out
+    }
+
+    /// Four rows of blocks · one f32 vector.
+    #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
+    pub unsafe fn dot4_blocks_f32(
+        t: WeightType,
+        rows: [&[u8]; 4],
+        x: &[f32],
+        xsum: &[f32],
+    ) -> [f32; 4] {
+        let bb = t.block_bytes();
+        let nb = rows[0].len() / bb;
+        let p = rows.map(|r| r.as_ptr());
+        match t {
+            WeightType::Q8_0 => dot_rows::<0, 4>(p, x, xsum, bb, nb),
+            WeightType::Q4_0 => dot_rows::<1, 4>(p, x, xsum, bb, nb),
+            WeightType::Q4_1 => dot_rows::<2, 4>(p, x, xsum, bb, nb),
+            WeightType::F32 => unreachable!("F32 has no blocks"),
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
     pub unsafe fn dot_blocks_f32(t: WeightType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let bb = t.block_bytes();
@@ -647,6 +739,20 @@ pub fn dot_blocks_f32(t: WeightType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         return unsafe { avx512::dot_blocks_f32(t, w, x, xsum) };
     }
     dot_blocks_f32_portable(t, w, x)
+}
+
+/// Four rows of blocks (of one length) · one f32 vector: the fastest path
+/// this CPU has.
+pub fn dot4_blocks_f32(t: WeightType, rows: [&[u8]; 4], x: &[f32], xsum: &[f32]) -> [f32; 4] {
+    let nb = rows[0].len() / t.block_bytes();
+    assert!(rows.iter().all(|r| r.len() == rows[0].len()));
+    assert!(x.len() >= nb * QK && xsum.len() >= nb);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected; lengths checked above.
+        return unsafe { avx512::dot4_blocks_f32(t, rows, x, xsum) };
+    }
+    rows.map(|r| dot_blocks_f32_portable(t, r, x))
 }
 
 /// One row of blocks · one quantized vector: the fastest path this CPU has.
@@ -752,7 +858,19 @@ pub fn matmul_many(ws: &[&Matrix], input: &Input, outs: &mut [&mut [f32]], scrat
             // SAFETY: the members' parts are disjoint and inside the
             // output, which outlives the job.
             let out = unsafe { o.part(a, b - a) };
-            for (r, v) in (a..b).zip(out) {
+            let mut r = a;
+            // Four rows at a time where the kernel has them (measured
+            // 179-185 against 160-173 tok/s one row at a time, and 158-170
+            // eight at a time).
+            if w.wtype != WeightType::F32 && input.mode == Activations::F32 {
+                while r + 4 <= b {
+                    let rs = [r, r + 1, r + 2, r + 3].map(|k| w.row_blocks(k));
+                    let v = dot4_blocks_f32(w.wtype, rs, input.x, input.xsum);
+                    out[r - a..r - a + 4].copy_from_slice(&v);
+                    r += 4;
+                }
+            }
+            for (r, v) in (r..b).zip(&mut out[r - a..]) {
                 *v = row_dot(w, input, r, 0);
             }
         }
@@ -921,6 +1039,25 @@ mod tests {
     }
 
     #[test]
+    fn four_row_block_dot_matches_reference() {
+        let mut seed = 21;
+        for t in [WeightType::Q8_0, WeightType::Q4_0, WeightType::Q4_1] {
+            for nb in [1, 7, 16, 17, 18, 48] {
+                let rows: Vec<Vec<u8>> = (0..4).map(|_| random_blocks(t, nb, &mut seed)).collect();
+                let x = random_f32(nb * QK, &mut seed);
+                let mut xsum = Vec::new();
+                block_sums(&x, &mut xsum);
+                let got = dot4_blocks_f32(t, [&rows[0], &rows[1], &rows[2], &rows[3]], &x, &xsum);
+                for (r, g) in rows.iter().zip(got) {
+                    let want = dot_blocks_f32_reference(t, r, &x);
+                    let tol = 1e-5 * (1.0 + want.abs()) * nb as f32;
+                    assert!((g - want).abs() <= tol, "{t:?} {nb}: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn f32_dot_matches_reference() {
         let mut seed = 3;
         for n in [0, 1, 15, 16, 17, 100, 576] {
@@ -975,7 +1112,11 @@ mod tests {
             let mut want = vec![0.0; m.rows];
             matmul_reference(m, &x, 1, &mut want);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?}: {g} vs {w}", m.wtype);
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{:?}: {g} vs {w}",
+                    m.wtype
+                );
             }
         }
     }
