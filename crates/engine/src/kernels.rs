@@ -916,7 +916,22 @@ pub fn matmul(w: &Matrix, input: &Input, out: &mut [f32], scratch: &mut Vec<f32>
         // SAFETY: the members' parts are disjoint and inside `scratch`,
         // which outlives the job.
         let o = unsafe { o.part(a * n, (b - a) * n) };
-        for (row, r) in o.chunks_exact_mut(n).zip(a..b) {
+        let mut r = a;
+        if w.wtype != WeightType::F32 && input.mode == Activations::F32 {
+            let (cols, nb) = (w.cols, w.cols / QK);
+            while r + 4 <= b {
+                let rs = [r, r + 1, r + 2, r + 3].map(|k| w.row_blocks(k));
+                for t in 0..n {
+                    let x = &input.x[t * cols..(t + 1) * cols];
+                    let v = dot4_blocks_f32(w.wtype, rs, x, &input.xsum[t * nb..(t + 1) * nb]);
+                    for (i, v) in v.into_iter().enumerate() {
+                        o[(r - a + i) * n + t] = v;
+                    }
+                }
+                r += 4;
+            }
+        }
+        for (row, r) in o[(r - a) * n..].chunks_exact_mut(n).zip(r..b) {
             for (t, v) in row.iter_mut().enumerate() {
                 *v = row_dot(w, input, r, t);
             }

@@ -30,6 +30,9 @@ struct Shared {
     lock: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Nanoseconds of spinning, and of spinning and yielding, before sleep.
+    spin_ns: AtomicU64,
+    idle_ns: AtomicU64,
 }
 
 /// A job reference with its lifetime erased: [`Team::run`] does not return
@@ -39,7 +42,8 @@ struct JobPtr(*const Job);
 // SAFETY: the pointee is `Sync`, and outlives every use (see `Team::run`).
 unsafe impl Send for JobPtr {}
 
-/// Spinning (then yielding) this long after a job before sleeping.
+/// By default, helpers spin this long after a job, then yield this long,
+/// then sleep ([`Team::set_patience`]).
 const SPIN: Duration = Duration::from_micros(100);
 const YIELD: Duration = Duration::from_millis(2);
 
@@ -65,6 +69,8 @@ impl Team {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            spin_ns: AtomicU64::new(SPIN.as_nanos() as u64),
+            idle_ns: AtomicU64::new((SPIN + YIELD).as_nanos() as u64),
         });
         let helpers = (1..members)
             .map(|i| {
@@ -92,6 +98,16 @@ impl Team {
 
     pub fn members(&self) -> usize {
         self.members
+    }
+
+    /// How long helpers spin, then spin or yield, after a job before they
+    /// sleep. A runtime whose jobs come between disk reads (layers
+    /// streamed per token) spins less, leaving the cores to the loader.
+    pub fn set_patience(&self, spin: Duration, yield_too: Duration) {
+        self.shared.spin_ns.store(spin.as_nanos() as u64, Relaxed);
+        self.shared
+            .idle_ns
+            .store((spin + yield_too).as_nanos() as u64, Relaxed);
     }
 
     /// Calls `f(member, members)` once on each member, the caller being
@@ -147,8 +163,8 @@ fn helper(s: &Shared, me: usize, members: usize) {
             }
             k = k.wrapping_add(1);
             if k.is_multiple_of(64) {
-                let idle = t.elapsed();
-                if idle > SPIN + YIELD {
+                let idle = t.elapsed().as_nanos() as u64;
+                if idle > s.idle_ns.load(Relaxed) {
                     let g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
                     s.sleepers.fetch_add(1, SeqCst);
                     if s.epoch.load(SeqCst) == seen && !s.stop.load(SeqCst) {
@@ -156,7 +172,7 @@ fn helper(s: &Shared, me: usize, members: usize) {
                     }
                     s.sleepers.fetch_sub(1, SeqCst);
                     continue;
-                } else if idle > SPIN {
+                } else if idle > s.spin_ns.load(Relaxed) {
                     std::thread::yield_now();
                     continue;
                 }
