@@ -425,3 +425,43 @@ fn bad_sampling_flags_are_usage_errors() {
         assert_clean_error(&o, 2, flag, "must be");
     }
 }
+
+/// At base fidelity a decomposed model computes on its q4 base blocks
+/// (repacked as Q4_0), holding a fraction of the exact model's memory.
+#[test]
+fn base_fidelity_computes_on_the_base_blocks() {
+    let dir = tmp();
+    let c = dir.path().join("mixtral.tpde");
+    let o = tpde(&[&"pack", &fixture("moe-mixtral-tiny"), &"-o", &c]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let opts = |fidelity| LoadOptions {
+        fidelity,
+        ..LoadOptions::default()
+    };
+    let (exact, _, _) = Model::load(&c, opts(tpde_pack::Fidelity::Exact), 64).unwrap();
+    let (base, _, load) = Model::load(&c, opts(tpde_pack::Fidelity::Base), 64).unwrap();
+    assert!(
+        base.weight_bytes * 4 < exact.weight_bytes,
+        "{} vs {} bytes",
+        base.weight_bytes,
+        exact.weight_bytes
+    );
+    // The loader delivered base blocks, not values.
+    assert!(load.stream.delivered_bytes * 2 < exact.weight_bytes as u64);
+    let tokens: Vec<u32> = (0..12u32).map(|i| (i * 29 + 3) % 256).collect();
+    let a = exact.session(16).forward(&tokens, true).unwrap();
+    let b = base.session(16).forward(&tokens, true).unwrap();
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    eprintln!("base vs exact: worst logit difference {worst:.3e} (largest logit {scale:.3e})");
+    assert!(b.iter().all(|x| x.is_finite()));
+    assert!(worst > 0.0, "a 4-bit base differs from the exact weights");
+    assert!(
+        worst < 0.25 * scale,
+        "base logits far from exact ones: {worst} of {scale}"
+    );
+}

@@ -516,3 +516,76 @@ fn a_hot_tier_left_on_disk_streams_every_pass_with_the_same_bytes() {
         assert_eq!(got, expected);
     }
 }
+
+/// At base fidelity with `base_blocks`, decomposed tensors arrive as their
+/// base blocks, whose values (`q × d`, rounded to the tensor's dtype as the
+/// spec's prediction does) are the bytes the default path delivers; every
+/// other tensor is delivered as before.
+#[test]
+fn base_blocks_hold_the_values_the_base_path_delivers() {
+    let dtype_bytes = |dtype: &str, v: &[f32]| -> Vec<u8> {
+        match dtype {
+            "BF16" => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            "F16" => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            "F32" => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            "F64" => v.iter().flat_map(|x| f64::from(*x).to_le_bytes()).collect(),
+            d => panic!("dtype {d}"),
+        }
+    };
+    let mut decomposed = 0;
+    for (_d, path) in containers() {
+        let base = |blocks| LoadOptions {
+            fidelity: Fidelity::Base,
+            base_blocks: blocks,
+            ..LoadOptions::default()
+        };
+        let mut values = std::collections::BTreeMap::new();
+        Loader::open(&path, base(false))
+            .unwrap()
+            .stream(|step| {
+                for t in &step.tensors {
+                    assert!(t.base.is_none());
+                    values.insert(t.index, step.bytes(t).to_vec());
+                }
+                Ok(())
+            })
+            .unwrap();
+        let c = tpde_pack::Container::open(&path).unwrap();
+        let mut seen = 0;
+        let report = Loader::open(&path, base(true))
+            .unwrap()
+            .stream(|step| {
+                for t in &step.tensors {
+                    seen += 1;
+                    let got = step.bytes(t);
+                    let want = &values[&t.index];
+                    let m = &c.manifest.tensors[t.index];
+                    match t.base {
+                        None => {
+                            assert!(m.base_layout().is_none(), "{}", t.name);
+                            assert!(got == &want[..], "{}", t.name);
+                        }
+                        Some(layout) => {
+                            decomposed += 1;
+                            assert_eq!(got.len() as u64, m.hot_bytes(), "{}", t.name);
+                            let rows = (m.shape.iter().product::<u64>() as usize) / layout.cols;
+                            let v =
+                                tpde_engine::kernels::base_values_f32(&layout, rows, got).unwrap();
+                            assert!(dtype_bytes(&t.dtype, &v) == *want, "{}: values", t.name);
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, c.manifest.tensors.len());
+        assert!(report.delivered_bytes < values.values().map(|v| v.len() as u64).sum::<u64>());
+    }
+    assert!(decomposed > 0, "the containers have decomposed tensors");
+}

@@ -877,6 +877,113 @@ pub fn matmul_many(ws: &[&Matrix], input: &Input, outs: &mut [&mut [f32]], scrat
     });
 }
 
+/// A tpde base (`layout`: codec q4 or q8, group size, width; `rows`
+/// rows of blocks back to back, each an f16 scale `d` then the group's
+/// codes `q`, standing for `q × d`) as GGML blocks of 32 holding the same
+/// values: Q4_0 for q4 (a group of 64 becomes two blocks with its scale),
+/// Q8_0 for q8. `Ok(None)` when a group is not a whole number of 32
+/// elements; an error for a base a conforming writer cannot produce (a
+/// scale that is not finite, a q8 code −128, the wrong length).
+pub fn base_as_ggml(
+    layout: &tpde_format::BaseLayout,
+    rows: usize,
+    base: &[u8],
+) -> Result<Option<(WeightType, Vec<u8>)>, String> {
+    use tpde_format::BaseCodec;
+    let (g, cols) = (layout.group, layout.cols);
+    if g == 0 || !g.is_multiple_of(QK) || !cols.is_multiple_of(QK) {
+        return Ok(None);
+    }
+    let row_bytes = layout.row_bytes();
+    if base.len() != rows * row_bytes {
+        return Err(format!(
+            "base of {} bytes, expected {rows} rows of {row_bytes}",
+            base.len()
+        ));
+    }
+    let (ty, out_block) = match layout.codec {
+        BaseCodec::Q4 => (WeightType::Q4_0, 2 + QK / 2),
+        BaseCodec::Q8 => (WeightType::Q8_0, 2 + QK),
+    };
+    let mut out = Vec::with_capacity(rows * cols / QK * out_block);
+    for row in base.chunks_exact(row_bytes) {
+        let mut at = 0;
+        let mut col = 0;
+        while col < cols {
+            let n = g.min(cols - col);
+            let blk = &row[at..at + layout.block_bytes(n)];
+            at += blk.len();
+            col += n;
+            let d = [blk[0], blk[1]];
+            if u16::from_le_bytes(d) & 0x7c00 == 0x7c00 {
+                return Err("a base block's scale is not finite".into());
+            }
+            let codes = &blk[2..];
+            for k in 0..n / QK {
+                out.extend_from_slice(&d);
+                match layout.codec {
+                    BaseCodec::Q4 => {
+                        // Code i of the group is in byte i/2, low nibble when
+                        // i is even; Q4_0 keeps element j in the low nibble
+                        // of byte j and element j + 16 in its high nibble.
+                        let nib = |i: usize| (codes[i / 2] >> (4 * (i % 2))) & 15;
+                        for j in 0..QK / 2 {
+                            out.push(nib(k * QK + j) | nib(k * QK + j + QK / 2) << 4);
+                        }
+                    }
+                    BaseCodec::Q8 => {
+                        let c = &codes[k * QK..(k + 1) * QK];
+                        if c.contains(&0x80) {
+                            return Err("a q8 base code is -128".into());
+                        }
+                        out.extend_from_slice(c);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some((ty, out)))
+}
+
+/// The values of a tpde base (`q × d` in f32), for what the block kernels
+/// do not take.
+pub fn base_values_f32(
+    layout: &tpde_format::BaseLayout,
+    rows: usize,
+    base: &[u8],
+) -> Result<Vec<f32>, String> {
+    use tpde_format::BaseCodec;
+    let row_bytes = layout.row_bytes();
+    if base.len() != rows * row_bytes {
+        return Err(format!(
+            "base of {} bytes, expected {rows} rows of {row_bytes}",
+            base.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(rows * layout.cols);
+    for row in base.chunks_exact(row_bytes) {
+        let (mut at, mut col) = (0, 0);
+        while col < layout.cols {
+            let n = layout.group.min(layout.cols - col);
+            let blk = &row[at..at + layout.block_bytes(n)];
+            at += blk.len();
+            col += n;
+            let d = f16_at(blk, 0);
+            if !d.is_finite() {
+                return Err("a base block's scale is not finite".into());
+            }
+            for i in 0..n {
+                let q = match layout.codec {
+                    BaseCodec::Q4 => ((blk[2 + i / 2] >> (4 * (i % 2))) & 15) as i32 - 8,
+                    BaseCodec::Q8 => blk[2 + i] as i8 as i32,
+                };
+                out.push(q as f32 * d);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// An output that the members of a team fill in disjoint parts.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);
@@ -1051,6 +1158,88 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A random tpde base: `rows` rows of `cols`, groups of `g`.
+    fn random_base(layout: &tpde_format::BaseLayout, rows: usize, seed: &mut u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..rows {
+            let mut col = 0;
+            while col < layout.cols {
+                let n = layout.group.min(layout.cols - col);
+                col += n;
+                // A finite scale, sometimes -0 (a group of zeros).
+                let d = if lcg(seed).is_multiple_of(7) {
+                    half::f16::NEG_ZERO
+                } else {
+                    half::f16::from_f32((lcg(seed) % 2000) as f32 / 1e4 - 0.1)
+                };
+                out.extend_from_slice(&d.to_le_bytes());
+                match layout.codec {
+                    tpde_format::BaseCodec::Q4 => {
+                        for _ in 0..n.div_ceil(2) {
+                            out.push((lcg(seed) & 0xff) as u8);
+                        }
+                    }
+                    tpde_format::BaseCodec::Q8 => {
+                        for _ in 0..n {
+                            out.push(((lcg(seed) % 255) as i32 - 127) as i8 as u8);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn base_blocks_repack_to_the_same_values() {
+        use tpde_format::{BaseCodec, BaseLayout};
+        let mut seed = 31;
+        for codec in [BaseCodec::Q4, BaseCodec::Q8] {
+            for (group, cols) in [(32, 64), (64, 64), (64, 192), (128, 96), (256, 576)] {
+                let layout = BaseLayout { codec, group, cols };
+                let rows = 3;
+                let base = random_base(&layout, rows, &mut seed);
+                let want = base_values_f32(&layout, rows, &base).unwrap();
+                let (t, blocks) = base_as_ggml(&layout, rows, &base).unwrap().unwrap();
+                let m = Matrix::blocks(t, rows, cols, Bytes::from_vec(blocks)).unwrap();
+                let mut got = vec![0.0f32; cols];
+                for r in 0..rows {
+                    m.row_into(r, &mut got);
+                    let w = &want[r * cols..(r + 1) * cols];
+                    // Equal values (Q4_0's `d·nib − 8d` gives +0 where
+                    // `q·d` gives −0).
+                    assert!(
+                        got.iter().zip(w).all(|(a, b)| a == b),
+                        "{codec:?} g{group} c{cols} row {r}"
+                    );
+                }
+            }
+        }
+        // Groups that are not whole blocks of 32 are left to the f32 path.
+        let odd = BaseLayout {
+            codec: BaseCodec::Q4,
+            group: 48,
+            cols: 96,
+        };
+        let base = random_base(&odd, 2, &mut seed);
+        assert!(base_as_ggml(&odd, 2, &base).unwrap().is_none());
+        assert_eq!(base_values_f32(&odd, 2, &base).unwrap().len(), 192);
+        // Bases no conforming writer makes are errors, not numbers.
+        let l = BaseLayout {
+            codec: BaseCodec::Q8,
+            group: 32,
+            cols: 32,
+        };
+        let mut b = random_base(&l, 1, &mut seed);
+        b[5] = 0x80;
+        assert!(base_as_ggml(&l, 1, &b).is_err());
+        let mut b = random_base(&l, 1, &mut seed);
+        b[..2].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+        assert!(base_as_ggml(&l, 1, &b).is_err());
+        assert!(base_values_f32(&l, 1, &b).is_err());
+        assert!(base_as_ggml(&l, 2, &b).is_err(), "wrong length");
     }
 
     #[test]

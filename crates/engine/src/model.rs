@@ -143,6 +143,9 @@ struct Raw {
     dtype: String,
     shape: Vec<u64>,
     bytes: Bytes,
+    /// The bytes are the tensor's tpde base blocks of this layout (base
+    /// fidelity), not values in `dtype`.
+    base: Option<tpde_format::BaseLayout>,
 }
 
 fn values_f32(name: &str, dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String> {
@@ -169,8 +172,21 @@ fn values_f32(name: &str, dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>
 }
 
 impl Raw {
+    /// Its values as f32.
+    fn values(&self, name: &str) -> std::result::Result<Vec<f32>, String> {
+        match &self.base {
+            Some(layout) => {
+                let numel: u64 = self.shape.iter().product();
+                let rows = numel as usize / layout.cols.max(1);
+                kernels::base_values_f32(layout, rows, &self.bytes)
+                    .map_err(|m| format!("{name}: {m}"))
+            }
+            None => values_f32(name, &self.dtype, &self.bytes),
+        }
+    }
+
     fn vector(&self, name: &str, len: usize) -> std::result::Result<Vec<f32>, String> {
-        let v = values_f32(name, &self.dtype, &self.bytes)?;
+        let v = self.values(name)?;
         if v.len() != len {
             return Err(format!("{name}: {} values, expected {len}", v.len()));
         }
@@ -193,10 +209,28 @@ impl Raw {
                 self.shape
             ));
         }
-        let wtype = match self.dtype.as_str() {
-            "Q8_0" => Some(WeightType::Q8_0),
-            "Q4_0" => Some(WeightType::Q4_0),
-            "Q4_1" => Some(WeightType::Q4_1),
+        // A tpde base computes as the GGML blocks that hold its values.
+        let repacked = match &self.base {
+            Some(layout) if layout.cols == cols => {
+                kernels::base_as_ggml(layout, count * rows, &self.bytes)
+                    .map_err(|m| format!("{name}: {m}"))?
+            }
+            _ => None,
+        };
+        if let Some((t, v)) = repacked {
+            let b = Bytes::from_vec(v);
+            let each = rows * cols / kernels::QK * t.block_bytes();
+            return (0..count)
+                .map(|e| {
+                    Matrix::blocks(t, rows, cols, b.slice(e * each..(e + 1) * each))
+                        .map_err(|m| format!("{name}: {m}"))
+                })
+                .collect();
+        }
+        let wtype = match (self.base.is_some(), self.dtype.as_str()) {
+            (false, "Q8_0") => Some(WeightType::Q8_0),
+            (false, "Q4_0") => Some(WeightType::Q4_0),
+            (false, "Q4_1") => Some(WeightType::Q4_1),
             _ => None,
         };
         match wtype {
@@ -210,7 +244,7 @@ impl Raw {
                     .collect()
             }
             _ => {
-                let v = values_f32(name, &self.dtype, &self.bytes)?;
+                let v = self.values(name)?;
                 v.chunks_exact(rows * cols)
                     .map(|c| {
                         Matrix::f32(rows, cols, c.to_vec()).map_err(|m| format!("{name}: {m}"))
@@ -424,10 +458,18 @@ fn role(name: &str) -> Option<Role> {
 
 /// Bytes the engine holds for a tensor: quantized blocks and f32 as they
 /// are, every other type as f32.
-fn held_bytes(dtype: &str, byte_len: u64, numel: u64) -> u64 {
-    match dtype {
-        "Q4_0" | "Q4_1" | "Q8_0" | "F32" => byte_len,
-        _ => numel * 4,
+fn held_bytes(t: &tpde_format::Tensor, fidelity: Fidelity) -> u64 {
+    let numel: u64 = t.shape.iter().product();
+    match (t.base_layout(), fidelity) {
+        // Base blocks become GGML blocks of 32: 18 or 34 bytes each.
+        (Some(l), Fidelity::Base) => match l.codec {
+            tpde_format::BaseCodec::Q4 => numel / 32 * 18,
+            tpde_format::BaseCodec::Q8 => numel / 32 * 34,
+        },
+        _ => match t.dtype.as_str() {
+            "Q4_0" | "Q4_1" | "Q8_0" | "F32" => t.byte_len,
+            _ => numel * 4,
+        },
     }
 }
 
@@ -459,6 +501,7 @@ fn collect_roles(
                         dtype: t.dtype.clone(),
                         shape: t.shape.clone(),
                         bytes: Bytes::new(data.clone(), t.range.clone()),
+                        base: t.base,
                     },
                 );
             }
@@ -515,6 +558,11 @@ impl Model {
         placing: &Placing,
     ) -> Result<(Model, Metadata, LoadReport)> {
         let t0 = std::time::Instant::now();
+        // At base fidelity the engine computes on the base blocks themselves.
+        let options = LoadOptions {
+            base_blocks: true,
+            ..options
+        };
         let c = Container::open(path)?;
         let meta = Metadata::read(&c)?;
         let config = meta.config(path)?;
@@ -523,7 +571,7 @@ impl Model {
             .manifest
             .tensors
             .iter()
-            .map(|t| held_bytes(&t.dtype, t.byte_len, t.shape.iter().product()))
+            .map(|t| held_bytes(t, options.fidelity))
             .sum();
         let resident = match options.ram_budget {
             _ if placing.stream => false,
@@ -613,7 +661,7 @@ impl Model {
             .flat_map(|s| s.tensors.iter())
             .map(|&i| {
                 let t = &c.manifest.tensors[i];
-                held_bytes(&t.dtype, t.byte_len, t.shape.iter().product())
+                held_bytes(t, options.fidelity)
             })
             .sum();
         let mut raw: HashMap<Role, Raw> = HashMap::new();
@@ -952,6 +1000,7 @@ fn expert_from_tensors(
                 dtype: t.dtype,
                 shape: t.shape,
                 bytes: Bytes::new(Arc::new(t.data), 0..len),
+                base: None,
             },
         );
     }

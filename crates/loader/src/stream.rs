@@ -50,6 +50,11 @@ pub struct LoadOptions {
     pub stream_experts: bool,
     /// The steps this loader streams (and sizes its buffers for).
     pub steps: StepSet,
+    /// At base fidelity, deliver each decomposed tensor as its base blocks
+    /// (the hot tier's bytes, checked; [`LoadedTensor::base`] says how
+    /// they are laid out) rather than as values in its dtype: for a
+    /// runtime that computes on the quantized base directly.
+    pub base_blocks: bool,
 }
 
 /// Which steps a loader streams.
@@ -85,6 +90,7 @@ impl Default for LoadOptions {
             hot_resident: true,
             stream_experts: true,
             steps: StepSet::All,
+            base_blocks: false,
         }
     }
 }
@@ -129,6 +135,8 @@ pub struct Step {
     pub read_bytes: u64,
     /// Original bytes of its tensors.
     pub original_bytes: u64,
+    /// Bytes delivered: the original bytes, less what base blocks save.
+    pub out_bytes: u64,
 }
 
 /// A delivered step: its tensors, back to back in `data`. The consumer may
@@ -161,6 +169,9 @@ pub struct LoadedTensor {
     pub shape: Vec<u64>,
     /// Where its bytes are in [`LoadedStep::data`].
     pub range: std::ops::Range<usize>,
+    /// Delivered as base blocks of this layout (`base_blocks`), rows'
+    /// blocks back to back; `None`: values in `dtype`.
+    pub base: Option<tpde_format::BaseLayout>,
 }
 
 /// Seconds each stage was busy, summed over the threads that ran it.
@@ -188,7 +199,8 @@ pub struct StreamReport {
     pub read_bytes: u64,
     /// Of which the hot tier.
     pub hot_bytes: u64,
-    /// Original bytes delivered to the consumer.
+    /// Bytes delivered to the consumer: original bytes, or base blocks
+    /// where `base_blocks` asked for them.
     pub delivered_bytes: u64,
     pub wall_seconds: f64,
     pub stages: StageSeconds,
@@ -231,6 +243,17 @@ fn largest_decomposed_chunk(c: &Container) -> u64 {
         .flat_map(|t| c.chunk_lens(t))
         .max()
         .unwrap_or(0)
+}
+
+/// Bytes delivered for each chunk of `t`: its original bytes, or with
+/// `blocks` (base blocks asked for) a decomposed chunk's base.
+fn delivered_chunk_lens(c: &Container, t: &tpde_format::Tensor, blocks: bool) -> Vec<u64> {
+    match &t.storage {
+        Storage::Decomposed { chunks, .. } if blocks => {
+            chunks.iter().map(|ch| ch.base.len).collect()
+        }
+        _ => c.chunk_lens(t),
+    }
 }
 
 /// `f`, if it is the file `c` was opened from (not one put at its path since).
@@ -666,7 +689,7 @@ impl Loader {
                 if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
                     return Err(e);
                 }
-                delivered.0 += step.original_bytes;
+                delivered.0 += step.out_bytes;
                 delivered.1 += loaded.tensors.len();
                 let t = Instant::now();
                 consume(&mut loaded)?;
@@ -709,11 +732,18 @@ impl Loader {
         })
     }
 
+    /// Whether tensor `t` is delivered as its base blocks.
+    fn blocks(&self, t: &tpde_format::Tensor) -> bool {
+        self.options.base_blocks
+            && self.options.fidelity == Fidelity::Base
+            && matches!(t.storage, Storage::Decomposed { .. })
+    }
+
     /// A step's output: one buffer (the spare one, grown as needed), the
     /// tensors back to back.
     fn layout(&self, step: &Step, spare: &mut Vec<u8>) -> LoadedStep {
         let m = &self.container.manifest;
-        let n = step.original_bytes as usize;
+        let n = step.out_bytes as usize;
         // Every byte is written by the decoders: a reused buffer is not
         // cleared, and a new one (the consumer kept the last) comes zeroed
         // from the allocator rather than filled here.
@@ -728,7 +758,11 @@ impl Loader {
             .iter()
             .map(|&ti| {
                 let t = &m.tensors[ti];
-                let range = at..at + t.byte_len as usize;
+                let blocks = self.blocks(t);
+                let len: u64 = delivered_chunk_lens(&self.container, t, blocks)
+                    .iter()
+                    .sum();
+                let range = at..at + len as usize;
                 at = range.end;
                 LoadedTensor {
                     index: ti,
@@ -736,6 +770,7 @@ impl Loader {
                     dtype: t.dtype.clone(),
                     shape: t.shape.clone(),
                     range,
+                    base: if blocks { t.base_layout() } else { None },
                 }
             })
             .collect();
@@ -768,7 +803,11 @@ impl Loader {
         let mut rest = &mut data[..];
         for t in tensors.iter() {
             let tensor = &m.tensors[t.index];
-            for (ci, len) in c.chunk_lens(tensor).into_iter().enumerate() {
+            let blocks = self.blocks(tensor);
+            for (ci, len) in delivered_chunk_lens(c, tensor, blocks)
+                .into_iter()
+                .enumerate()
+            {
                 let (out, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
                 rest = tail;
                 let (hot, cold) = match &tensor.storage {
@@ -876,7 +915,11 @@ impl Loader {
                 let layout = t.base_layout().expect("decomposed");
                 let base = get(&ch.base, " (hot base)")?;
                 let bad = |e| Error::integrity(&c.path, format!("{}: {e}", who()));
-                if self.options.fidelity == Fidelity::Exact {
+                if self.blocks(t) {
+                    let t0 = Instant::now();
+                    out.copy_from_slice(base);
+                    timers.add(&timers.reconstruct, t0);
+                } else if self.options.fidelity == Fidelity::Exact {
                     let cold = get(&ch.cold, " (cold residual)")?;
                     let (z, g) =
                         residual::decode_timed(dtype, &layout, base, cold, out).map_err(bad)?;
@@ -921,7 +964,7 @@ fn plan(
         _ => (0, 0),
     };
     let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
-    let out = steps.iter().map(|s| s.original_bytes).max().unwrap_or(0);
+    let out = steps.iter().map(|s| s.out_bytes).max().unwrap_or(0);
     let threads = rayon::current_num_threads();
     let per_thread = PER_THREAD_BYTES
         + match options.fidelity {
@@ -1122,6 +1165,7 @@ fn plan_steps(
                     spans: Vec::new(),
                     read_bytes: 0,
                     original_bytes: 0,
+                    out_bytes: 0,
                 },
                 Vec::new(),
                 0,
@@ -1131,6 +1175,8 @@ fn plan_steps(
         let (step, sections, hot_end, hot_range) = steps.last_mut().expect("pushed");
         step.tensors.push(ti);
         step.original_bytes += t.byte_len;
+        let blocks = options.base_blocks && options.fidelity == Fidelity::Base;
+        step.out_bytes += delivered_chunk_lens(c, t, blocks).iter().sum::<u64>();
         let mut note = |e: &Extent, cold: bool| {
             if in_hot(e) {
                 if options.hot_resident {
