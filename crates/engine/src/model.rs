@@ -558,9 +558,13 @@ impl Model {
         placing: &Placing,
     ) -> Result<(Model, Metadata, LoadReport)> {
         let t0 = std::time::Instant::now();
-        // At base fidelity the engine computes on the base blocks themselves.
+        // At base fidelity the engine computes on the base blocks
+        // themselves. The engine keeps what the loader delivers, so the
+        // loader need not keep the hot tier too (that would double the
+        // memory while loading): each step reads its own hot extents.
         let options = LoadOptions {
             base_blocks: true,
+            hot_resident: false,
             ..options
         };
         let c = Container::open(path)?;
