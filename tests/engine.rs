@@ -465,3 +465,39 @@ fn base_fidelity_computes_on_the_base_blocks() {
         "base logits far from exact ones: {worst} of {scale}"
     );
 }
+
+/// Llama-3 rope scaling against transformers' `ROPE_INIT_FUNCTIONS["llama3"]`
+/// (`tests/reference/llama3-rope.json`, from `rope_reference.py`): the rope
+/// settings of Llama-3.1-8B and Llama-3.2-1B, and a small config whose
+/// scaling bends inside its 16 frequencies. Every inverse frequency within
+/// 2e-6 relative (f32 against transformers' f32 arithmetic).
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama3-rope.json");
+    let r: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    let cases = r["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 3);
+    for (name, case) in cases {
+        let config = serde_json::to_vec(&case["config"]).unwrap();
+        let c = tpde_engine::config::Config::from_hf_json(&config).unwrap();
+        let got = c.rope_inv_freq();
+        let want: Vec<f64> = case["inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let mut scaled = 0;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let rel = (*g as f64 - w).abs() / w.abs();
+            assert!(rel <= 2e-6, "{name} pair {i}: {g} vs {w}");
+            let plain = c.rope_base.powf(-2.0 * i as f32 / c.rope_dim as f32) as f64;
+            if (plain - w).abs() / w > 1e-3 {
+                scaled += 1;
+            }
+        }
+        assert!(scaled > 0, "{name}: the scaling changes some frequencies");
+    }
+}

@@ -239,6 +239,18 @@ impl Config {
         self.n_kv_heads * self.head_dim
     }
 
+    /// The rotary embedding's inverse frequency for each pair of
+    /// dimensions: `base^(−2i/rope_dim)`, divided by the pair's factor
+    /// (Llama-3 scaling, or a GGUF's `rope_freqs`).
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        (0..self.rope_dim / 2)
+            .map(|i| {
+                let f = self.rope_base.powf(-2.0 * i as f32 / self.rope_dim as f32);
+                f / self.rope_freq_factors.get(i).copied().unwrap_or(1.0)
+            })
+            .collect()
+    }
+
     /// Width of the query projection.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim

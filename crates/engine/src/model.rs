@@ -1195,12 +1195,7 @@ impl<'m> Session<'m> {
     fn new(model: &'m Model, ctx: usize) -> Session<'m> {
         let c = &model.config;
         let ctx = ctx.clamp(1, c.ctx_len.max(1));
-        let inv_freq = (0..c.rope_dim / 2)
-            .map(|i| {
-                let f = c.rope_base.powf(-2.0 * i as f32 / c.rope_dim as f32);
-                f / c.rope_freq_factors.get(i).copied().unwrap_or(1.0)
-            })
-            .collect();
+        let inv_freq = c.rope_inv_freq();
         Session {
             model,
             ctx,
