@@ -167,6 +167,13 @@ fn tpde_bench_reports_pp_tg_and_the_audit() {
     }
     assert!(r["tg"]["sd"].as_f64().is_some());
     assert_eq!(r["bytes_streamed_per_token"].as_f64(), Some(0.0));
+    assert_eq!(r["streamed"], Value::Bool(false));
+    assert_eq!(r["page_cache"].as_str(), Some("buffered"));
+    // The loading pass with the loader's stage figures.
+    let ls = &r["load_stream"];
+    assert!(ls["read_bytes"].as_u64().is_some_and(|b| b > 0), "{ls}");
+    assert!(ls["stages"]["checksum"].as_f64().is_some_and(|s| s > 0.0), "{ls}");
+    assert!(r["load_effective_gbps"].as_f64().is_some_and(|g| g > 0.0));
     assert!(j["audit"]["environment"]["rustc"].is_string());
     assert_eq!(
         j["audit"]["container"]["manifest_blake3"]

@@ -278,6 +278,24 @@ fn print_model_bench(r: &tpde_engine::bench::BenchReport) {
         "load             {:.3} s ({} bytes read)",
         x.load_seconds, x.bytes_read
     );
+    let ls = &x.load_stream;
+    println!(
+        "load stages      read {:.4} s · checksum {:.4} s · decompress {:.4} s · reconstruct {:.4} s (busy, summed over threads); {:.2} GB/s delivered",
+        ls.stages.read,
+        ls.stages.checksum,
+        ls.stages.decompress,
+        ls.stages.reconstruct,
+        x.load_effective_gbps
+    );
+    if let (Some(d), Some(iops)) = (&x.disk, x.disk_iops) {
+        println!(
+            "disk {:<11} {:.1} MiB read in {} requests ({iops:.0} IOPS) during the tg tests; page cache {}",
+            d.device,
+            d.read_bytes as f64 / (1u64 << 20) as f64,
+            d.reads,
+            x.page_cache
+        );
+    }
     println!(
         "streamed/token   {:.0} bytes{}",
         x.bytes_streamed_per_token,

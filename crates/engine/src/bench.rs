@@ -82,6 +82,18 @@ pub struct Results {
     /// Streamed: passes over the layers, bytes, wall and read seconds
     /// over the whole run (warm-ups and `pp` included).
     pub stream: Option<crate::model::StreamStats>,
+    /// How the page cache stood: `cold (O_DIRECT)` or `buffered` (the page
+    /// cache may serve reads).
+    pub page_cache: &'static str,
+    /// The loading pass as the loader reports it: bytes, wall time and the
+    /// busy seconds of each stage (read, checksum, decompress, reconstruct).
+    pub load_stream: tpde_loader::StreamReport,
+    /// Bytes delivered by the load ÷ its wall time, GB/s.
+    pub load_effective_gbps: f64,
+    /// The block device holding the container, from /proc/diskstats over
+    /// the `tg` tests (warm-up excluded), and reads ÷ their seconds.
+    pub disk: Option<telemetry::DiskCounters>,
+    pub disk_iops: Option<f64>,
     pub placement: Placement,
     /// Bytes read while loading, and the original bytes delivered.
     pub bytes_read: u64,
@@ -155,6 +167,8 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     // One warm-up of each test, as llama-bench does.
     let (mut pp, mut ttft, mut tg) = (Vec::new(), Vec::new(), Vec::new());
     let (mut tg_bytes, mut raw_before) = (0u64, None);
+    let device = telemetry::disk_of(path);
+    let (mut disk, mut tg_seconds) = (None::<telemetry::DiskCounters>, 0.0);
     for rep in 0..=reps {
         if opts.prompt > 0 {
             session.reset();
@@ -174,6 +188,7 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
                 raw_before = Some(raw()?);
             }
             let before = model.stream_stats().map_or(0, |s| s.bytes());
+            let disk_before = device.as_deref().and_then(telemetry::disk_counters);
             let mut tok = tokens(1, c.vocab, rep as u64 + 99)[0];
             let t = Instant::now();
             for _ in 0..opts.gen {
@@ -181,8 +196,22 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
                 tok = argmax(&logits);
             }
             if rep > 0 {
-                tg.push(opts.gen as f64 / t.elapsed().as_secs_f64());
+                let secs = t.elapsed().as_secs_f64();
+                tg.push(opts.gen as f64 / secs);
+                tg_seconds += secs;
                 tg_bytes += model.stream_stats().map_or(0, |s| s.bytes()) - before;
+                let after = device.as_deref().and_then(telemetry::disk_counters);
+                if let Some(d) = after.zip(disk_before).map(|(a, b)| a.since(&b)) {
+                    disk = Some(match disk {
+                        None => d,
+                        Some(x) => telemetry::DiskCounters {
+                            device: d.device,
+                            reads: x.reads + d.reads,
+                            read_bytes: x.read_bytes + d.read_bytes,
+                            read_ms: x.read_ms + d.read_ms,
+                        },
+                    });
+                }
             }
         }
     }
@@ -221,6 +250,20 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         },
         expert_cache: cache,
         stream: stats,
+        page_cache: if opts.load.direct {
+            "cold (O_DIRECT)"
+        } else {
+            "buffered"
+        },
+        load_effective_gbps: load.stream.delivered_bytes as f64
+            / load.stream.wall_seconds.max(1e-9)
+            / 1e9,
+        load_stream: load.stream.clone(),
+        disk_iops: disk
+            .as_ref()
+            .filter(|_| tg_seconds > 0.0)
+            .map(|d| d.reads as f64 / tg_seconds),
+        disk,
         placement: load.placement.clone(),
         bytes_read: load.stream.read_bytes,
         original_bytes: load.stream.delivered_bytes,
