@@ -4,7 +4,7 @@
 #   bash benches/engine.sh [MODEL.gguf] [REPS]
 #
 # Packs MODEL (default: the SmolLM2-135M Q4_1 fixture), then, back to back:
-#   tpde bench  -p 0 -n 32   and  -p 512 -n 128   (2 threads, every weight resident)
+#   tpde bench --fidelity base  -p 0 -n 32  and  -p 512 -n 128   (2 threads, every weight resident)
 #   llama-bench -p 0 -n 32   and  -p 512 -n 128   (-t 2), when benches/llama_cpp.sh has built it
 # and prints tpde ÷ llama.cpp for tg32, tg128 and pp512. Without llama.cpp it prints tpde's
 # figures and says that the comparison was skipped, and why.
@@ -22,8 +22,8 @@ trap 'rm -rf "$work"' EXIT
 $tpde pack "$model" -o "$work/model.tpde" --json > /dev/null
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; git $(git rev-parse --short HEAD)$(git diff --quiet || echo -dirty); $(date -u +%FT%TZ)"
 
-$tpde --threads 2 bench "$work/model.tpde" -p 0 -n 32 --reps "$reps" --json > "$work/tg32.json"
-$tpde --threads 2 bench "$work/model.tpde" -p 512 -n 128 --reps 3 --json > "$work/pp.json"
+$tpde --threads 2 bench "$work/model.tpde" --fidelity base -p 0 -n 32 --reps "$reps" --json > "$work/tg32.json"
+$tpde --threads 2 bench "$work/model.tpde" --fidelity base -p 512 -n 128 --reps 3 --json > "$work/pp.json"
 have_llama=0
 if [ -x "$llama" ]; then
   have_llama=1
