@@ -643,9 +643,12 @@ impl Model {
             prefetch: 1,
             ..options.clone()
         };
+        // Layers are small and compute fast: reading four ahead keeps a read
+        // in flight through more of the pass than two (the part of the pass
+        // without one went from 5.5-7 ms to 1.7-2 ms on SmolLM2 here).
         let options = LoadOptions {
             steps: StepSet::Layers,
-            prefetch: options.prefetch,
+            prefetch: options.prefetch.max(4),
             ..outside.clone()
         };
         let shards = if has_shards {
