@@ -172,7 +172,10 @@ fn tpde_bench_reports_pp_tg_and_the_audit() {
     // The loading pass with the loader's stage figures.
     let ls = &r["load_stream"];
     assert!(ls["read_bytes"].as_u64().is_some_and(|b| b > 0), "{ls}");
-    assert!(ls["stages"]["checksum"].as_f64().is_some_and(|s| s > 0.0), "{ls}");
+    assert!(
+        ls["stages"]["checksum"].as_f64().is_some_and(|s| s > 0.0),
+        "{ls}"
+    );
     assert!(r["load_effective_gbps"].as_f64().is_some_and(|g| g > 0.0));
     assert!(j["audit"]["environment"]["rustc"].is_string());
     assert_eq!(
