@@ -21,6 +21,7 @@
 pub mod base;
 pub mod float;
 pub mod ggml;
+pub mod rans;
 pub mod residual;
 
 pub use float::FloatDtype;
