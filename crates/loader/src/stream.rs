@@ -501,22 +501,9 @@ impl Loader {
     /// step also stops the one being decoded).
     pub fn stream(
         &mut self,
-        consume: impl FnMut(&mut LoadedStep) -> Result<()>,
-    ) -> Result<StreamReport> {
-        self.stream_steps(|_| true, consume)
-    }
-
-    /// Like [`Loader::stream`], over the steps `wanted` keeps only (a
-    /// runtime that holds some steps resident streams the others).
-    pub fn stream_steps(
-        &mut self,
-        wanted: impl Fn(&Step) -> bool,
         mut consume: impl FnMut(&mut LoadedStep) -> Result<()>,
     ) -> Result<StreamReport> {
         let wall = Instant::now();
-        let wanted: Vec<bool> = self.steps.iter().map(wanted).collect();
-        let all_steps = wanted.iter().all(|&w| w);
-        let wanted = &wanted[..];
         let mut spare = std::mem::take(&mut self.spare);
         let this = &*self;
         let path = &this.container.path;
@@ -558,9 +545,6 @@ impl Loader {
             });
             scope.spawn(move || {
                 for (i, step) in this.steps.iter().enumerate() {
-                    if !wanted[i] {
-                        continue;
-                    }
                     let mut slot = None;
                     if step.read_bytes > 0 {
                         // Backpressure: wait for a buffer the consumer is done with.
@@ -612,9 +596,6 @@ impl Loader {
                 this.hot_at + this.hot_len
             };
             for (i, step) in this.steps.iter().enumerate() {
-                if !wanted[i] {
-                    continue;
-                }
                 let mut loaded = this.layout(step, &mut spare);
                 let jobs = this.jobs(step, &mut loaded);
                 let failed = Mutex::new(None::<(usize, Error)>);
@@ -703,21 +684,13 @@ impl Loader {
         });
         self.spare = spare;
         result?;
-        // Chunks of steps left out were not checked: the hot tier counts as
-        // loaded after a pass over every step.
-        self.hot_loaded |= all_steps;
+        self.hot_loaded = true;
         let s = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
         let hot_bytes = if first_pass { self.hot_len } else { 0 };
-        let streamed = self
-            .steps
-            .iter()
-            .zip(wanted)
-            .filter(|(_, &w)| w)
-            .map(|(s, _)| s.read_bytes);
         Ok(StreamReport {
-            steps: wanted.iter().filter(|&&w| w).count(),
+            steps: self.steps.len(),
             tensors: delivered.1,
-            read_bytes: hot_bytes + streamed.sum::<u64>(),
+            read_bytes: hot_bytes + self.steps.iter().map(|s| s.read_bytes).sum::<u64>(),
             hot_bytes,
             delivered_bytes: delivered.0,
             wall_seconds: wall.elapsed().as_secs_f64(),
