@@ -319,6 +319,9 @@ fn print_model_bench(r: &tpde_engine::bench::BenchReport) {
         println!(
             "physical bound   {bound:.1} tok/s (raw read {a:.2} / {b:.2} GB/s before / after ÷ bytes per token); tg ÷ bound {ratio:.2}"
         );
+        if let Some(g) = x.container_read_gbps {
+            println!("container read   {g:.2} GB/s while a read was in flight (the loader, over the run)");
+        }
     }
     if let Some(h) = x.expert_cache_hit_rate {
         match &x.expert_cache {

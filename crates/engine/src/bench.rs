@@ -73,6 +73,9 @@ pub struct Results {
     pub raw_read_gbps: Option<[f64; 2]>,
     /// Streamed: their mean ÷ bytes streamed per token, and `tg` ÷ that.
     pub physical_bound_tps: Option<f64>,
+    /// Streamed: the loader's container read throughput over the run
+    /// (layer bytes ÷ wall seconds with a read in flight), GB/s.
+    pub container_read_gbps: Option<f64>,
     pub tg_vs_bound: Option<f64>,
     /// Experts served from memory ÷ experts used (every expert resident: 1);
     /// `None` for a dense model.
@@ -243,6 +246,9 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         bytes_streamed_per_token: per_token,
         raw_read_gbps,
         physical_bound_tps: bound,
+        container_read_gbps: stats
+            .filter(|s| s.read_seconds > 0.0)
+            .map(|s| s.layer_bytes as f64 / s.read_seconds / 1e9),
         tg_vs_bound: bound.zip(tg).map(|(b, t)| t.mean / b),
         expert_cache_hit_rate: match cache {
             Some(s) => s.hit_rate(),
