@@ -315,50 +315,78 @@ fn streamed_experts_match_resident_ones_and_the_cache_counts_its_hits() {
         let c = dir.path().join(format!("{key}.tpde"));
         let o = tpde(&[&"pack", &src, &"-o", &c]);
         assert!(o.status.success(), "{key}: {}", stderr(&o));
-        let (resident, _, _) = Model::load(&c, LoadOptions::default(), 64).unwrap();
-        let tokens: Vec<u32> = (0..10u32).map(|i| (i * 37 + 5) % 256).collect();
-        // Token by token, so that each forward call looks up exactly k
-        // experts per layer.
-        let run = |m: &Model| {
-            let mut s = m.session(tokens.len());
-            let mut out = Vec::new();
-            for &t in &tokens {
-                out.extend(s.forward(&[t], false).unwrap());
-            }
-            (out, s.expert_hits.clone())
-        };
-        let (want, hits) = run(&resident);
-        let cfg = &resident.config;
-        let lookups = (tokens.len() * cfg.n_layers * cfg.n_experts_used) as u64;
-        let distinct = hits.iter().flatten().filter(|&&h| h > 0).count() as u64;
-        for cap in [Some(0), Some(150_000), None] {
-            let placing = Placing {
-                ctx: 64,
-                stream: true,
-                expert_cache: cap,
+        // At base fidelity, resident layers and streamed experts both come
+        // as base blocks: the logits must still be the same bits.
+        for fidelity in [tpde_pack::Fidelity::Exact, tpde_pack::Fidelity::Base] {
+            let opts = LoadOptions {
+                fidelity,
+                ..LoadOptions::default()
             };
-            let (m, _, _) = Model::load_with(&c, LoadOptions::default(), &placing).unwrap();
-            let (got, got_hits) = run(&m);
-            assert!(
-                got == want,
-                "{key} cache {cap:?}: logits differ from resident"
-            );
-            assert_eq!(got_hits, hits, "{key}: same routing");
-            let st = m.stream_stats().unwrap();
-            let cs = st.cache;
-            assert_eq!(cs.hits + cs.misses, lookups, "{key} {cap:?}: {cs:?}");
-            assert!(cs.peak_bytes <= cs.capacity_bytes, "{key}: {cs:?}");
-            assert!(st.expert_bytes > 0);
-            match cap {
-                Some(0) => assert_eq!(cs.hits, 0, "{key}: nothing kept"),
-                None => {
-                    assert_eq!(cs.misses, distinct, "{key}: each expert fetched once");
-                    assert_eq!(cs.evictions, 0);
-                }
-                Some(_) => {
-                    assert!(cs.misses >= distinct && cs.misses <= lookups);
-                    assert!(cs.evictions > 0, "{key}: a cache of two experts evicts");
-                }
+            streamed_experts_case(key, &c, &opts);
+        }
+    }
+}
+
+fn streamed_experts_case(key: &str, c: &std::path::Path, opts: &LoadOptions) {
+    let f = opts.fidelity;
+    let (resident, _, _) = Model::load(c, opts.clone(), 64).unwrap();
+    let tokens: Vec<u32> = (0..10u32).map(|i| (i * 37 + 5) % 256).collect();
+    // Token by token, so that each forward call looks up exactly k
+    // experts per layer.
+    let run = |m: &Model| {
+        let mut s = m.session(tokens.len());
+        let mut out = Vec::new();
+        for &t in &tokens {
+            out.extend(s.forward(&[t], false).unwrap());
+        }
+        (out, s.expert_hits.clone())
+    };
+    let (want, hits) = run(&resident);
+    let cfg = &resident.config;
+    let lookups = (tokens.len() * cfg.n_layers * cfg.n_experts_used) as u64;
+    let distinct = hits.iter().flatten().filter(|&&h| h > 0).count() as u64;
+    // The largest expert, for a cache that holds two.
+    let one = {
+        let placing = Placing {
+            ctx: 64,
+            stream: true,
+            expert_cache: None,
+        };
+        let (m, _, _) = Model::load_with(c, opts.clone(), &placing).unwrap();
+        run(&m);
+        let cs = m.stream_stats().unwrap().cache;
+        cs.peak_bytes / cs.misses.max(1)
+    };
+    for cap in [Some(0), Some(2 * one + one / 2), None] {
+        let placing = Placing {
+            ctx: 64,
+            stream: true,
+            expert_cache: cap,
+        };
+        let (m, _, _) = Model::load_with(c, opts.clone(), &placing).unwrap();
+        let (got, got_hits) = run(&m);
+        assert!(
+            got == want,
+            "{key} {f:?} cache {cap:?}: logits differ from resident"
+        );
+        assert_eq!(got_hits, hits, "{key}: same routing");
+        let st = m.stream_stats().unwrap();
+        let cs = st.cache;
+        assert_eq!(cs.hits + cs.misses, lookups, "{key} {f:?} {cap:?}: {cs:?}");
+        assert!(cs.peak_bytes <= cs.capacity_bytes, "{key}: {cs:?}");
+        assert!(st.expert_bytes > 0);
+        match cap {
+            Some(0) => assert_eq!(cs.hits, 0, "{key}: nothing kept"),
+            None => {
+                assert_eq!(cs.misses, distinct, "{key}: each expert fetched once");
+                assert_eq!(cs.evictions, 0);
+            }
+            Some(_) => {
+                assert!(cs.misses >= distinct && cs.misses <= lookups);
+                assert!(
+                    cs.evictions > 0,
+                    "{key} {f:?}: a cache of two experts evicts"
+                );
             }
         }
     }

@@ -235,6 +235,65 @@ fn base_fidelity_gives_the_quantized_values_close_to_the_original() {
     }
 }
 
+/// `fetch_base_blocks` gives each decomposed tensor's base blocks for the
+/// expert's rows, reading only the shard's hot part: their values, rounded
+/// to the dtype, are what a base fetch delivers. Per-expert tensors
+/// (MiniLM-derived) and slices of stacked ones (the GGUF fixture's F16
+/// `ffn_*_exps`) alike.
+#[test]
+fn base_blocks_of_an_expert_are_the_blocks_behind_its_base_values() {
+    let d = tmp();
+    let mut checked = 0;
+    for (i, src) in [
+        fixture("moe-minilm-experts"),
+        fixture("moe-mixtral-tiny-gguf/model.gguf"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = d.path().join(i.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = pack(src, &dir);
+        let c = Container::open(&out).unwrap();
+        let r = tpde_pack::ExpertReader::new(&c).unwrap();
+        let (l, _) = r.layers()[0];
+        let (_, _, hot_len) = shard_of(&c, l, 1);
+        let before = c.bytes_read();
+        let blocks = r.fetch_base_blocks(l, 1).unwrap();
+        assert!(
+            c.bytes_read() - before <= hot_len,
+            "only the shard's hot part"
+        );
+        let values = r.fetch(l, 1, Fidelity::Base).unwrap();
+        assert_eq!(blocks.len(), values.len());
+        for (b, v) in blocks.iter().zip(&values) {
+            assert_eq!((b.name.as_str(), &b.shape), (v.name.as_str(), &v.shape));
+            let Some(layout) = b.base else {
+                assert_eq!(b.data, v.data, "{}: stored exactly", b.name);
+                continue;
+            };
+            checked += 1;
+            let rows = b.shape.iter().product::<u64>() as usize / layout.cols;
+            assert_eq!(b.data.len(), rows * layout.row_bytes(), "{}", b.name);
+            let f = tpde_engine::kernels::base_values_f32(&layout, rows, &b.data).unwrap();
+            let bytes: Vec<u8> = match b.dtype.as_str() {
+                "BF16" => f
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                "F16" => f
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                "F32" => f.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                d => panic!("dtype {d}"),
+            };
+            assert!(bytes == v.data, "{}: the blocks' values", b.name);
+        }
+    }
+    assert!(checked > 0, "the fixtures have decomposed expert tensors");
+}
+
 #[test]
 fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
     let src = fixture("moe-qwen-tiny");

@@ -1007,7 +1007,7 @@ fn expert_from_tensors(
                 dtype: t.dtype,
                 shape: t.shape,
                 bytes: Bytes::new(Arc::new(t.data), 0..len),
-                base: None,
+                base: t.base,
             },
         );
     }
@@ -1530,9 +1530,13 @@ fn fetch_expert(
     let shards = st.shards.as_ref().expect("a reader means shards");
     lock(&st.cache).get_or_fetch(&(l, e), || {
         let before = shards.bytes_read();
-        let tensors = reader
-            .fetch(l as u32, e as u32, st.fidelity)
-            .map_err(|err| err.to_string())?;
+        // At base fidelity, the base blocks themselves (as the loader
+        // delivers the layers').
+        let tensors = match st.fidelity {
+            Fidelity::Base => reader.fetch_base_blocks(l as u32, e as u32),
+            Fidelity::Exact => reader.fetch(l as u32, e as u32, st.fidelity),
+        }
+        .map_err(|err| err.to_string())?;
         lock(&st.stats).expert_bytes += shards.bytes_read() - before;
         let ex = expert_from_tensors(&m.config, l, e, tensors)?;
         let bytes = expert_bytes(&ex) as u64;

@@ -40,6 +40,9 @@ pub struct ExtractedTensor {
     /// Row-major; a stacked tensor's slice drops the expert dimension.
     pub shape: Vec<u64>,
     pub data: Vec<u8>,
+    /// `data` holds the tensor's base blocks of this layout
+    /// ([`ExpertReader::fetch_base_blocks`]) rather than values in `dtype`.
+    pub base: Option<tpde_format::BaseLayout>,
 }
 
 /// The tensors of expert `expert` of layer `layer` (plans the model's
@@ -81,8 +84,11 @@ struct Piece {
     out: usize,
     ti: usize,
     ci: usize,
-    /// Bytes of the chunk's original bytes that belong to the expert.
+    /// Bytes of the chunk's output that belong to the expert: original
+    /// bytes, or base bytes when `blocks` is set.
     range: std::ops::Range<u64>,
+    /// Base blocks asked for (`range` is then in the chunk's base).
+    blocks: bool,
 }
 
 impl<'c> ExpertReader<'c> {
@@ -135,6 +141,23 @@ impl<'c> ExpertReader<'c> {
         layer: u32,
         expert: u32,
         fidelity: Fidelity,
+    ) -> Result<Vec<ExtractedTensor>> {
+        self.fetch_as(layer, expert, fidelity, false)
+    }
+
+    /// The expert at base fidelity, its decomposed tensors as their base
+    /// blocks (checked, the rows of the expert's slice), for a runtime that
+    /// computes on the blocks; tensors stored exactly come as they are.
+    pub fn fetch_base_blocks(&self, layer: u32, expert: u32) -> Result<Vec<ExtractedTensor>> {
+        self.fetch_as(layer, expert, Fidelity::Base, true)
+    }
+
+    fn fetch_as(
+        &self,
+        layer: u32,
+        expert: u32,
+        fidelity: Fidelity,
+        blocks: bool,
     ) -> Result<Vec<ExtractedTensor>> {
         let c = self.c;
         let m = &c.manifest;
@@ -189,14 +212,30 @@ impl<'c> ExpertReader<'c> {
                         ti,
                         ci,
                         range: lo.max(a) - a..hi.min(b) - a,
+                        blocks: false,
                     });
                 }
+            }
+            let layout = t.base_layout().filter(|_| blocks);
+            let mut len = per;
+            if let Some(layout) = layout {
+                // Base blocks: whole rows of the original (a stacked slice
+                // and a chunk are both whole rows) become rows of blocks.
+                let row = t.byte_len / t.numel().unwrap_or(1).max(1) * layout.cols as u64;
+                let row_blocks = layout.row_bytes() as u64;
+                for p in pieces.iter_mut().filter(|p| p.out == out.len()) {
+                    let (ra, rb) = (p.range.start / row, p.range.end / row);
+                    p.blocks = true;
+                    p.range = ra * row_blocks..rb * row_blocks;
+                }
+                len = per / row * row_blocks;
             }
             out.push(ExtractedTensor {
                 name: t.name.clone(),
                 dtype: t.dtype.clone(),
                 shape,
-                data: vec![0u8; per as usize],
+                data: vec![0u8; len as usize],
+                base: layout,
             });
         }
         // Each piece's place in the output.
@@ -413,6 +452,16 @@ impl<'c> ExpertReader<'c> {
             Storage::Raw { chunks } => {
                 let bytes = get(&chunks[ci], &who)?;
                 to.copy_from_slice(&bytes[a..b]);
+            }
+            Storage::Decomposed { chunks, .. } if p.blocks => {
+                let base = get(&chunks[ci].base, &|| format!("{} (hot base)", who()))?;
+                if b > base.len() {
+                    return Err(Error::integrity(
+                        &c.path,
+                        format!("{}: base shorter than its rows", who()),
+                    ));
+                }
+                to.copy_from_slice(&base[a..b]);
             }
             Storage::Decomposed { chunks, cols, .. } => {
                 let ch = &chunks[ci];
