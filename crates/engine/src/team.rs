@@ -112,7 +112,8 @@ impl Team {
 
     /// Calls `f(member, members)` once on each member, the caller being
     /// member 0, and returns when all are done. A panic in any of them is
-    /// raised here.
+    /// raised here. Jobs do not nest: `f` must not call `run` (a second
+    /// caller waits for the first job to end).
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
         if self.members == 1 {
             f(0, 1);
