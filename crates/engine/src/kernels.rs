@@ -655,6 +655,54 @@ mod avx512 {
         out
     }
 
+    /// Four f32 rows · one vector, 16 lanes at a time.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn dot4_f32(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+            for (a, r) in acc.iter_mut().zip(&rows) {
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(r.as_ptr().add(i)), xv, *a);
+            }
+            i += 16;
+        }
+        let mut out = acc.map(|a| _mm512_reduce_add_ps(a));
+        for j in i..n {
+            for (o, r) in out.iter_mut().zip(&rows) {
+                *o += r[j] * x[j];
+            }
+        }
+        out
+    }
+
+    /// Four f32 rows · two vectors: each row's loads serve both vectors.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn dot4x2_f32(rows: [&[f32]; 4], x: [&[f32]; 2]) -> [[f32; 2]; 4] {
+        let n = x[0].len();
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            let x0 = _mm512_loadu_ps(x[0].as_ptr().add(i));
+            let x1 = _mm512_loadu_ps(x[1].as_ptr().add(i));
+            for (a, r) in acc.iter_mut().zip(&rows) {
+                let w = _mm512_loadu_ps(r.as_ptr().add(i));
+                a[0] = _mm512_fmadd_ps(w, x0, a[0]);
+                a[1] = _mm512_fmadd_ps(w, x1, a[1]);
+            }
+            i += 16;
+        }
+        let mut out = acc.map(|a| a.map(|v| _mm512_reduce_add_ps(v)));
+        for j in i..n {
+            for (o, r) in out.iter_mut().zip(&rows) {
+                o[0] += r[j] * x[0][j];
+                o[1] += r[j] * x[1][j];
+            }
+        }
+        out
+    }
+
     /// Four rows of blocks · one f32 vector.
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
     pub unsafe fn dot4_blocks_f32(
@@ -984,6 +1032,32 @@ pub fn base_values_f32(
     Ok(out)
 }
 
+/// From this many vectors on, [`matmul`] dequantizes block rows once and
+/// multiplies in f32 rather than dequantizing in registers for each vector.
+const DEQUANT_BATCH: usize = 8;
+
+/// Four f32 rows · one vector (each row as long as the vector).
+pub fn dot4_f32(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    assert!(rows.iter().all(|r| r.len() == x.len()));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected; lengths checked above.
+        return unsafe { avx512::dot4_f32(rows, x) };
+    }
+    rows.map(|r| dot_f32(r, x))
+}
+
+/// Four f32 rows · two vectors: `out[row][vector]`.
+pub fn dot4x2_f32(rows: [&[f32]; 4], x: [&[f32]; 2]) -> [[f32; 2]; 4] {
+    assert!(rows.iter().all(|r| r.len() == x[0].len()) && x[1].len() == x[0].len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the features were detected; lengths checked above.
+        return unsafe { avx512::dot4x2_f32(rows, x) };
+    }
+    rows.map(|r| [dot_f32(r, x[0]), dot_f32(r, x[1])])
+}
+
 /// An output that the members of a team fill in disjoint parts.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);
@@ -1024,6 +1098,40 @@ pub fn matmul(w: &Matrix, input: &Input, out: &mut [f32], scratch: &mut Vec<f32>
         // which outlives the job.
         let o = unsafe { o.part(a * n, (b - a) * n) };
         let mut r = a;
+        if w.wtype != WeightType::F32 && input.mode == Activations::F32 && n >= DEQUANT_BATCH {
+            // Many vectors: four rows dequantized once, then plain f32
+            // products with each vector.
+            let cols = w.cols;
+            let mut rows4 = vec![0.0f32; 4 * cols];
+            while r + 4 <= b {
+                for (i, dst) in rows4.chunks_exact_mut(cols).enumerate() {
+                    w.row_into(r + i, dst);
+                }
+                let (w0, rest) = rows4.split_at(cols);
+                let (w1, rest) = rest.split_at(cols);
+                let (w2, w3) = rest.split_at(cols);
+                let mut t = 0;
+                while t + 2 <= n {
+                    let x2 = [
+                        &input.x[t * cols..(t + 1) * cols],
+                        &input.x[(t + 1) * cols..(t + 2) * cols],
+                    ];
+                    let v = dot4x2_f32([w0, w1, w2, w3], x2);
+                    for (i, v) in v.into_iter().enumerate() {
+                        o[(r - a + i) * n + t] = v[0];
+                        o[(r - a + i) * n + t + 1] = v[1];
+                    }
+                    t += 2;
+                }
+                if t < n {
+                    let v = dot4_f32([w0, w1, w2, w3], &input.x[t * cols..(t + 1) * cols]);
+                    for (i, v) in v.into_iter().enumerate() {
+                        o[(r - a + i) * n + t] = v;
+                    }
+                }
+                r += 4;
+            }
+        }
         if w.wtype != WeightType::F32 && input.mode == Activations::F32 {
             let (cols, nb) = (w.cols, w.cols / QK);
             while r + 4 <= b {
@@ -1262,6 +1370,27 @@ mod tests {
     }
 
     #[test]
+    fn four_row_f32_dots_match_reference() {
+        let mut seed = 41;
+        for n in [16, 17, 64, 100, 576] {
+            let rows: Vec<Vec<f32>> = (0..4).map(|_| random_f32(n, &mut seed)).collect();
+            let r = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+            let (x0, x1) = (random_f32(n, &mut seed), random_f32(n, &mut seed));
+            let one = dot4_f32(r, &x0);
+            let two = dot4x2_f32(r, [&x0, &x1]);
+            for (k, row) in rows.iter().enumerate() {
+                for (got, x) in [(one[k], &x0), (two[k][0], &x0), (two[k][1], &x1)] {
+                    let want = dot_f32_reference(row, x);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{n}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn f32_dot_matches_reference() {
         let mut seed = 3;
         for n in [0, 1, 15, 16, 17, 100, 576] {
@@ -1341,7 +1470,9 @@ mod tests {
                 let b = random_blocks(t, rows * cols / QK, &mut seed);
                 Matrix::blocks(t, rows, cols, Bytes::from_vec(b)).unwrap()
             };
-            for n in [1, 3] {
+            // 9: from DEQUANT_BATCH on, rows are dequantized once (an odd
+            // count also takes the single-vector tail).
+            for n in [1, 3, 9] {
                 let x = random_f32(n * cols, &mut seed);
                 let mut qa = QuantizedActs::default();
                 qa.quantize(&x, cols);
