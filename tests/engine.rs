@@ -544,3 +544,25 @@ fn llama3_rope_scaling_matches_transformers() {
         assert!(scaled > 0, "{name}: the scaling changes some frequencies");
     }
 }
+
+#[test]
+fn bad_streaming_flags_are_usage_errors() {
+    let c = smollm_container();
+    for args in [
+        vec!["--stream-only", "--stream-layers"],
+        vec!["--stream-only", "--expert-cache", "1MiB"],
+        vec!["--expert-cache", "lots"],
+        vec!["--ram", "-5"],
+    ] {
+        let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"bench", &c];
+        for a in &args {
+            argv.push(a);
+        }
+        let o = tpde(&argv);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
+    let o = tpde(&[&"run", &c, &"-p", &"hi", &"--ram", &"1KB"]);
+    assert_clean_error(&o, 2, "smollm2.tpde", "budget");
+}

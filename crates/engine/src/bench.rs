@@ -9,6 +9,7 @@ use crate::model::{LoadReport, Model, Placement, Placing};
 use serde::Serialize;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
+use tpde_loader::bench::Composition;
 use tpde_loader::{telemetry, LoadOptions};
 use tpde_pack::{Error, Result};
 
@@ -107,13 +108,6 @@ pub struct Results {
     /// Resident RAM, GPU memory, and bytes left on SSD.
     pub memory: Composition,
     pub threads: usize,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Composition {
-    pub ram_bytes: u64,
-    pub gpu_bytes: u64,
-    pub ssd_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
