@@ -381,10 +381,19 @@ fn load_w<const W: usize>(b: &[u8]) -> u64 {
 fn q4_key_table<const W: usize>(dtype: FloatDtype, d: half::f16) -> [u64; 16] {
     let mut t = [0u64; 16];
     match dtype {
-        FloatDtype::BF16 => {
+        FloatDtype::BF16 if d.is_finite() => {
+            // In a loop the compiler vectorizes: round to nearest even
+            // without the NaN case of `bf16_bits_rne` (a code times a finite
+            // scale is never NaN), then the key without a branch.
             let df = d.to_f32();
-            for (n, e) in t.iter_mut().enumerate() {
-                *e = key_w::<W>(crate::float::bf16_bits_rne((n as i32 - 8) as f32 * df) as u64);
+            let mut k16 = [0u16; 16];
+            for (n, e) in k16.iter_mut().enumerate() {
+                let b = (Q4_VALUES[n] * df).to_bits();
+                let r = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+                *e = r ^ (((r as i16 >> 15) as u16) | 0x8000);
+            }
+            for (e, k) in t.iter_mut().zip(k16) {
+                *e = u64::from(k);
             }
         }
         _ => {
@@ -600,6 +609,105 @@ fn decompress_planes(
     Ok((offsets, counts))
 }
 
+/// [`decompress_planes`] for the fast decoder: the class counts come from
+/// the frames' declared content sizes instead of a pass over the base (the
+/// planes of a class must declare the same count, and the counts must add
+/// up to the chunk's elements, which bounds what is allocated). Whether they
+/// are the base's counts is checked by [`gather`], which consumes exactly
+/// the base's elements of each class and refuses to read past a class's
+/// planes: together the same rule as counting the base first.
+fn decompress_planes_by_frames(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    rows: usize,
+    chunk: &[u8],
+    planes: &mut Vec<u8>,
+) -> Result<(Vec<usize>, Vec<usize>), CodecError> {
+    let w = dtype.width();
+    let classes = class_count(layout.codec);
+    let n_streams = classes * w;
+    let table_len = n_streams * 4;
+    if chunk.len() < table_len {
+        return Err(CodecError::Corrupt(format!(
+            "residual chunk of {} bytes is shorter than its stream table ({table_len})",
+            chunk.len()
+        )));
+    }
+    let len_of = |i: usize| {
+        u32::from_le_bytes(chunk[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize
+    };
+    let mut counts = vec![0usize; classes];
+    let mut at = table_len;
+    for (c, count) in counts.iter_mut().enumerate() {
+        for j in 0..w {
+            let i = c * w + j;
+            let len = len_of(i);
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= chunk.len())
+                .ok_or_else(|| {
+                    CodecError::Corrupt(format!("stream {i} runs past the end of the chunk"))
+                })?;
+            let n = if len == 0 {
+                0
+            } else {
+                match zstd_safe::get_frame_content_size(&chunk[at..end]) {
+                    Ok(Some(n)) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+                    _ => {
+                        return Err(CodecError::Corrupt(format!(
+                            "stream {i}: zstd frame without a valid content size"
+                        )))
+                    }
+                }
+            };
+            if j == 0 {
+                *count = n;
+            } else if n != *count {
+                return Err(CodecError::Corrupt(format!(
+                    "stream {i} holds {n} elements but stream {} of its class holds {}",
+                    c * w,
+                    *count
+                )));
+            }
+            at = end;
+        }
+    }
+    if at != chunk.len() {
+        return Err(CodecError::Corrupt(format!(
+            "{} trailing bytes after the last stream",
+            chunk.len() - at
+        )));
+    }
+    let elements = rows * layout.cols;
+    let total = counts
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n))
+        .unwrap_or(usize::MAX);
+    if total != elements {
+        return Err(CodecError::Corrupt(format!(
+            "the residual's streams hold {total} elements, the base {elements}"
+        )));
+    }
+    let (offsets, total) = plane_offsets(&counts, w);
+    if planes.len() < total + PLANE_SLACK {
+        planes.resize(total + PLANE_SLACK, 0);
+    }
+    let mut at = table_len;
+    for (i, &off) in offsets.iter().enumerate() {
+        let len = len_of(i);
+        let n = counts[i / w];
+        if n > 0 {
+            zstd_decompress_exact(&chunk[at..at + len], &mut planes[off..off + n])?;
+        }
+        at += len;
+    }
+    Ok((offsets, counts))
+}
+
+/// Bytes after the last plane that the fast gather may read (never use):
+/// one group's worth, for a cursor that ran past its class.
+const PLANE_SLACK: usize = 64;
+
 thread_local! {
     /// Decoded planes of the chunk being rebuilt on this thread.
     static PLANES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -665,13 +773,13 @@ pub fn decode_timed(
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
         let t0 = std::time::Instant::now();
-        let (offsets, counts) = decompress_planes(dtype, layout, base, rows, chunk, planes)?;
+        let (offsets, counts) = decompress_planes_by_frames(dtype, layout, rows, chunk, planes)?;
         let t1 = std::time::Instant::now();
         match dtype.width() {
             2 => gather::<2>(dtype, layout, base, rows, &offsets, &counts, planes, out),
             4 => gather::<4>(dtype, layout, base, rows, &offsets, &counts, planes, out),
             _ => gather::<8>(dtype, layout, base, rows, &offsets, &counts, planes, out),
-        }
+        }?;
         Ok((t1 - t0, t1.elapsed()))
     })
 }
@@ -682,9 +790,10 @@ pub fn decode_timed(
 ///
 /// `at < planes.len()`. Holds for every read of [`gather`]: a class's
 /// cursor starts at its first plane's offset and advances once per element
-/// of the class, and the element counts were taken from the base being
-/// decoded, so the cursor stays below `offsets[class * W] + counts[class]`
-/// and each further plane of the class is `counts[class]` bytes further on.
+/// of the class, and [`gather`] checks before each read that the cursor is
+/// below `offsets[class * W] + counts[class]`, the end of the class's first
+/// plane; each further plane of the class is `counts[class]` bytes further
+/// on, and the planes hold every class's `W` planes.
 #[inline(always)]
 unsafe fn plane_byte(planes: &[u8], at: usize) -> u8 {
     debug_assert!(at < planes.len());
@@ -702,22 +811,38 @@ fn gather<const W: usize>(
     counts: &[usize],
     planes: &[u8],
     out: &mut [u8],
-) {
+) -> Result<(), CodecError> {
     let bits = (W * 8) as u32;
     let m = mask(bits);
     let rb = layout.row_bytes();
     // Absolute read position of each class's first plane; its plane `p` is
     // `p * counts[class]` further on (planes of a class are consecutive).
+    // `lim`: the end of the class's first plane. A class with fewer bytes
+    // than the base has elements of it stops the gather (`short`) before
+    // any read past its planes.
     let mut cur = [0usize; 9];
     let mut stride = [0usize; 9];
+    let mut lim = [0usize; 9];
     for c in 0..counts.len() {
         cur[c] = offsets[c * W];
         stride[c] = counts[c];
+        lim[c] = cur[c] + counts[c];
     }
+    assert!(
+        (0..counts.len()).all(|c| offsets[c * W] + W * counts[c] + PLANE_SLACK <= planes.len()),
+        "the planes hold every class, and the slack"
+    );
+    // `short`: the first class found to run out (its planes hold fewer
+    // elements than the base has of it).
+    let mut short: Option<usize> = None;
+    let (mut bad_pad, mut bad_scale, mut bad_q8) = (false, false, false);
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn one<const W: usize>(
         cur: &mut [usize; 9],
         stride: &[usize; 9],
+        lim: &[usize; 9],
+        short: &mut Option<usize>,
         planes: &[u8],
         class: usize,
         pred_key: u64,
@@ -725,6 +850,10 @@ fn gather<const W: usize>(
         dst: &mut [u8],
     ) {
         let at = cur[class];
+        if at >= lim[class] {
+            short.get_or_insert(class);
+            return;
+        }
         cur[class] = at + 1;
         let mut z = 0u64;
         for p in 0..W {
@@ -744,6 +873,12 @@ fn gather<const W: usize>(
         .zip(out.chunks_exact_mut(layout.cols * W))
     {
         layout.for_each_group(|col, len, off| {
+            // A non-finite scale would make predictions depend on the
+            // processor (0 × Inf is a NaN of unspecified sign).
+            bad_scale |= row[off + 1] & 0x7C == 0x7C;
+            if short.is_some() {
+                return;
+            }
             let d = block_scale(&row[off..]);
             let payload = &row[off + 2..off + layout.block_bytes(len)];
             let vals = &mut orow[col * W..(col + len) * W];
@@ -751,24 +886,24 @@ fn gather<const W: usize>(
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
                     if wide && len == 64 {
-                        // SAFETY: the features are present (`available`); the
-                        // planes hold this group's bytes at the cursors, as
-                        // `plane_byte` argues; `payload` is 32 bytes and
-                        // `vals` 64 × W.
+                        // SAFETY: the features are present (`available`);
+                        // `payload` is 32 bytes and `vals` 64 × W; the planes
+                        // have 64 bytes of slack past the last class (asserted
+                        // above), so reads from `min(cur, lim)` stay inside.
                         if W == 2 {
                             let keys: [u16; 16] = std::array::from_fn(|k| table[k] as u16);
                             unsafe {
                                 gather_avx512::group64_w2(
-                                    &keys, payload, &mut cur, &stride, planes, vals,
+                                    &keys, payload, &mut cur, &stride, &lim, planes, vals,
                                 )
-                            };
+                            }
                         } else {
                             let keys: [u32; 16] = std::array::from_fn(|k| table[k] as u32);
                             unsafe {
                                 gather_avx512::group64_w4(
-                                    &keys, payload, &mut cur, &stride, planes, vals,
+                                    &keys, payload, &mut cur, &stride, &lim, planes, vals,
                                 )
-                            };
+                            }
                         }
                         return;
                     }
@@ -776,33 +911,95 @@ fn gather<const W: usize>(
                     for (pair, &b) in (&mut pairs).zip(payload) {
                         let (lo, hi) = ((b & 15) as usize, (b >> 4) as usize);
                         let (a, z) = pair.split_at_mut(W);
-                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[lo], table[lo], m, a);
-                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[hi], table[hi], m, z);
+                        let s = &mut short;
+                        one::<W>(
+                            &mut cur,
+                            &stride,
+                            &lim,
+                            s,
+                            planes,
+                            Q4_CLASS[lo],
+                            table[lo],
+                            m,
+                            a,
+                        );
+                        one::<W>(
+                            &mut cur,
+                            &stride,
+                            &lim,
+                            s,
+                            planes,
+                            Q4_CLASS[hi],
+                            table[hi],
+                            m,
+                            z,
+                        );
                     }
                     let tail = pairs.into_remainder();
                     if !tail.is_empty() {
-                        let lo = (payload[len / 2] & 15) as usize;
-                        one::<W>(&mut cur, &stride, planes, Q4_CLASS[lo], table[lo], m, tail);
+                        let b = payload[len / 2];
+                        bad_pad |= b >> 4 != 0;
+                        let lo = (b & 15) as usize;
+                        let s = &mut short;
+                        one::<W>(
+                            &mut cur,
+                            &stride,
+                            &lim,
+                            s,
+                            planes,
+                            Q4_CLASS[lo],
+                            table[lo],
+                            m,
+                            tail,
+                        );
                     }
                 }
                 BaseCodec::Q8 => {
                     for (v, &b) in vals.chunks_exact_mut(W).zip(payload) {
+                        bad_q8 |= b == 0x80;
                         let q = b as i8 as i32;
                         let k = key_w::<W>(dtype.predict_bits(q, d));
-                        one::<W>(
-                            &mut cur,
-                            &stride,
-                            planes,
-                            class_of(BaseCodec::Q8, q),
-                            k,
-                            m,
-                            v,
-                        );
+                        let c = class_of(BaseCodec::Q8, q);
+                        one::<W>(&mut cur, &stride, &lim, &mut short, planes, c, k, m, v);
                     }
                 }
             }
         });
     }
+    // The checks of `count_classes`, in the same order.
+    if bad_pad {
+        return Err(CodecError::Corrupt(
+            "non-zero padding nibble in a q4 base".into(),
+        ));
+    }
+    if bad_scale {
+        return Err(CodecError::Corrupt(
+            "non-finite group scale in the base".into(),
+        ));
+    }
+    if bad_q8 {
+        return Err(CodecError::Corrupt(
+            "q8 code -128 in the base (codes are -127..=127)".into(),
+        ));
+    }
+    // The streams' counts add up to the base's elements, so a class whose
+    // cursor did not end exactly at its streams' end means one with more
+    // elements in the base than in its streams.
+    let over = (0..counts.len()).find(|&c| cur[c] > lim[c]);
+    if let Some(c) = short.or(over) {
+        return Err(CodecError::Corrupt(format!(
+            "the base has more elements of class {c} than its streams hold ({})",
+            counts[c]
+        )));
+    }
+    if let Some(c) = (0..counts.len()).find(|&c| cur[c] != lim[c]) {
+        // Unreachable while the counts add up; kept as the rule itself.
+        return Err(CodecError::Corrupt(format!(
+            "the base has fewer elements of class {c} than its streams hold ({})",
+            counts[c]
+        )));
+    }
+    Ok(())
 }
 
 /// The base's own values (`base` fidelity): each element's prediction in
@@ -951,11 +1148,15 @@ mod gather_avx512 {
     /// byte of its class's plane 0 (at `cur[class]`) and plane 1 (at
     /// `cur[class] + stride[class]`), its predicted key `keys[code]`.
     ///
+    /// A cursor may end past its `lim` (see [`codes_and_planes`]): the
+    /// caller must then refuse the output.
+    ///
     /// # Safety
     ///
-    /// [`available`] is true; `payload` holds 32 bytes and `out` 128; for
-    /// each class, `planes` holds as many bytes at both plane positions as
-    /// the group has elements of that class.
+    /// [`available`] is true; `payload` holds 32 bytes and `out` 128;
+    /// for every class, its last plane (plane 1 for two-byte values, at
+    /// `lim[class] + stride[class]`, or plane 3 for four-byte ones) ends at
+    /// least 64 bytes before the end of `planes`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
     pub unsafe fn group64_w2(
@@ -963,6 +1164,7 @@ mod gather_avx512 {
         payload: &[u8],
         cur: &mut [usize; 9],
         stride: &[usize; 9],
+        lim: &[usize; 9],
         planes: &[u8],
         out: &mut [u8],
     ) {
@@ -974,7 +1176,7 @@ mod gather_avx512 {
         let mut key_tab = [0u16; 32];
         key_tab[..16].copy_from_slice(keys);
         let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
-        let (codes, [z0, z1]) = codes_and_planes::<2>(payload, cur, stride, planes);
+        let (codes, [z0, z1]) = codes_and_planes::<2>(payload, cur, stride, lim, planes);
         for half in 0..2 {
             let (lo, hi, idx) = if half == 0 {
                 (
@@ -1015,7 +1217,10 @@ mod gather_avx512 {
     /// The group's 64 codes in element order (payload byte i holds elements
     /// 2i, low nibble, and 2i + 1, high nibble), and each element's residual
     /// bytes from the `P` planes of its class, plane `p` in vector `p`; the
-    /// class cursors advance past them.
+    /// class cursors advance past them. A class's bytes are read from
+    /// `min(cur, lim)`, so a cursor past its class's planes (a base with more
+    /// elements of the class than its streams) reads at most 64 bytes past
+    /// the end of the class's last plane.
     ///
     /// # Safety
     ///
@@ -1026,6 +1231,7 @@ mod gather_avx512 {
         payload: &[u8],
         cur: &mut [usize; 9],
         stride: &[usize; 9],
+        lim: &[usize; 9],
         planes: &[u8],
     ) -> (std::arch::x86_64::__m512i, [std::arch::x86_64::__m512i; P]) {
         use std::arch::x86_64::*;
@@ -1038,19 +1244,31 @@ mod gather_avx512 {
             _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
         );
         let classes = _mm512_permutexvar_epi8(codes, class_tab);
-        let mut z = [_mm512_setzero_si512(); P];
+        // One register per plane (an array indexed in the loop would live
+        // on the stack); planes beyond `P` are never touched.
+        let (mut z0, mut z1, mut z2, mut z3) = (
+            _mm512_setzero_si512(),
+            _mm512_setzero_si512(),
+            _mm512_setzero_si512(),
+            _mm512_setzero_si512(),
+        );
         for c in 0..9 {
+            // An empty mask loads nothing (and cannot fault).
             let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
-            if m == 0 {
-                continue;
-            }
-            let at = planes.as_ptr().add(cur[c]);
-            for (p, zp) in z.iter_mut().enumerate() {
-                *zp = _mm512_mask_expandloadu_epi8(*zp, m, at.add(p * stride[c]) as *const i8);
+            // Never from past `lim[c]`: a cursor that ran past it reads the
+            // slack after the planes, and the caller refuses the chunk.
+            let at = planes.as_ptr().add(cur[c].min(lim[c])) as *const i8;
+            let s = stride[c];
+            z0 = _mm512_mask_expandloadu_epi8(z0, m, at);
+            z1 = _mm512_mask_expandloadu_epi8(z1, m, at.add(s));
+            if P == 4 {
+                z2 = _mm512_mask_expandloadu_epi8(z2, m, at.add(2 * s));
+                z3 = _mm512_mask_expandloadu_epi8(z3, m, at.add(3 * s));
             }
             cur[c] += m.count_ones() as usize;
         }
-        (codes, z)
+        let all = [z0, z1, z2, z3];
+        (codes, std::array::from_fn(|p| all[p]))
     }
 
     /// [`group64_w2`] for 4-byte values: four planes, 32-bit keys; `out`
@@ -1067,6 +1285,7 @@ mod gather_avx512 {
         payload: &[u8],
         cur: &mut [usize; 9],
         stride: &[usize; 9],
+        lim: &[usize; 9],
         planes: &[u8],
         out: &mut [u8],
     ) {
@@ -1076,7 +1295,7 @@ mod gather_avx512 {
             "a group of 64 codes"
         );
         let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
-        let (codes, z) = codes_and_planes::<4>(payload, cur, stride, planes);
+        let (codes, z) = codes_and_planes::<4>(payload, cur, stride, lim, planes);
         // Sixteen elements at a time: the four planes' bytes into 32-bit
         // words, then as for two-byte values.
         macro_rules! quarter {
@@ -1120,6 +1339,7 @@ mod gather_avx512 {
         _: &[u8],
         _: &mut [usize; 9],
         _: &[usize; 9],
+        _: &[usize; 9],
         _: &[u8],
         _: &mut [u8],
     ) {
@@ -1131,6 +1351,7 @@ mod gather_avx512 {
         _: &[u16; 16],
         _: &[u8],
         _: &mut [usize; 9],
+        _: &[usize; 9],
         _: &[usize; 9],
         _: &[u8],
         _: &mut [u8],

@@ -385,3 +385,87 @@ fn a_zstd_frame_asking_for_a_huge_window_is_rejected() {
     residual::zstd_decompress_exact(&f, &mut out).unwrap();
     assert_eq!(&out, b"hello");
 }
+
+/// A base whose codes were changed after the residual was made: the fast
+/// decoder takes each class's element count from the residual's frames and
+/// checks it against the base while it rebuilds (the reference counts the
+/// base first). Both must agree: the same error-or-not, and when a change
+/// keeps every class's count (a code swapped for another of its class), the
+/// same output.
+#[test]
+fn a_base_changed_after_the_residual_gives_the_references_answer() {
+    let mut rng = SplitMix(2026);
+    let (mut errors, mut same_counts) = (0, 0);
+    for case in 0..400 {
+        let dtype = DTYPES[case % 4];
+        let codec = CODECS[(case / 4) % 2];
+        // 64-element groups over 128 columns take the AVX-512 path where it
+        // exists; 100 columns end rows with a tail group (the scalar path).
+        let cols = if case % 3 == 0 { 100 } else { 128 };
+        let layout = BaseLayout {
+            codec,
+            group: 64,
+            cols,
+        };
+        let rows = 6;
+        let src = weights(dtype, cols * rows, case as u64);
+        let mut hot = vec![0u8; rows * layout.row_bytes()];
+        base::quantize(dtype, &layout, &src, &mut hot);
+        let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+        // Change one to four code bytes (never a scale: those have their own test).
+        for _ in 0..1 + rng.next() % 4 {
+            let r = (rng.next() % rows as u64) as usize;
+            let col = (rng.next() % cols as u64) as usize;
+            let g = col / 64;
+            let in_group = col % 64;
+            let n = 64.min(cols - g * 64);
+            let off = r * layout.row_bytes() + g * layout.block_bytes(64) + 2;
+            match codec {
+                BaseCodec::Q4 => {
+                    if in_group < n {
+                        let shift = 4 * (in_group % 2);
+                        let b = &mut hot[off + in_group / 2];
+                        // Half the time the mirror code (−q: the same class).
+                        let old = (*b >> shift) & 15;
+                        let new = if rng.next().is_multiple_of(2) && old > 0 {
+                            16 - old
+                        } else {
+                            (rng.next() % 16) as u8
+                        };
+                        *b = (*b & !(15 << shift)) | (new << shift);
+                    }
+                }
+                BaseCodec::Q8 => {
+                    let old = hot[off + in_group] as i8 as i32;
+                    let v = if rng.next().is_multiple_of(2) {
+                        -old
+                    } else {
+                        (rng.next() % 255) as i32 - 127
+                    };
+                    hot[off + in_group] = v as i8 as u8;
+                }
+            }
+        }
+        let mut fast = vec![0u8; src.len()];
+        let mut reference = vec![0u8; src.len()];
+        let a = residual::decode(dtype, &layout, &hot, &cold, &mut fast);
+        let b = residual::decode_reference(dtype, &layout, &hot, &cold, &mut reference);
+        assert_eq!(
+            a.is_ok(),
+            b.is_ok(),
+            "case {case}: fast {a:?}, reference {b:?}"
+        );
+        match a {
+            Ok(()) => {
+                same_counts += 1;
+                assert!(fast == reference, "case {case}: outputs differ");
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    // Both outcomes were exercised.
+    assert!(
+        errors > 50 && same_counts > 50,
+        "{errors} errors, {same_counts} same counts"
+    );
+}

@@ -6,6 +6,7 @@
 //!
 //! ```sh
 //! cargo run --release -p tpde-pack --example codec_stages -- model.safetensors [reps]
+//! STAGES=decode cargo run --release -p tpde-pack --example codec_stages -- model.safetensors 50
 //! ```
 
 use std::time::Instant;
@@ -44,7 +45,20 @@ fn main() {
         }
     }
     let total: usize = chunks.iter().map(|c| c.2.len()).sum();
+    // `STAGES=decode,zstd` times only the stages whose names hold one of
+    // those words (the others run once, unprinted, when later ones need them).
+    let only: Option<Vec<String>> = std::env::var("STAGES")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
     let time = |name: &str, f: &mut dyn FnMut()| {
+        if let Some(only) = &only {
+            if !only.iter().any(|w| name.contains(w.as_str())) {
+                if matches!(name, "quantize" | "encode") {
+                    f();
+                }
+                return;
+            }
+        }
         let t = Instant::now();
         for _ in 0..reps {
             f();
