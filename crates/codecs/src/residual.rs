@@ -294,7 +294,17 @@ pub fn encode(
     let rows = check_shapes(dtype, layout, src.len(), base.len())?;
     let counts = count_classes(layout, base, rows)?;
     let w = dtype.width();
-    let (offsets, total) = plane_offsets(&counts, w);
+    // Each plane is followed by PLANE_SLACK spare bytes: the SIMD scatter
+    // stores whole vectors at a plane's cursor, and what lands past the
+    // cursor is overwritten by the plane's next bytes or falls in the slack.
+    let mut offsets = Vec::with_capacity(counts.len() * w);
+    let mut total = 0;
+    for &n in &counts {
+        for _ in 0..w {
+            offsets.push(total);
+            total += n + PLANE_SLACK;
+        }
+    }
     let mut planes = vec![0u8; total];
     match dtype.width() {
         2 => scatter::<2>(
@@ -422,11 +432,24 @@ fn scatter<const W: usize>(
     let bits = (W * 8) as u32;
     let rb = layout.row_bytes();
     // Absolute write position of each class's first plane; plane `p` of the
-    // class is `p * counts[class]` further on.
+    // class is `p * stride[class]` further on.
     let mut cur = [0usize; 9];
+    let mut stride = [0usize; 9];
     for c in 0..counts.len() {
         cur[c] = offsets[c * W];
+        stride[c] = if W > 1 {
+            offsets[c * W + 1] - offsets[c * W]
+        } else {
+            0
+        };
     }
+    assert!(
+        (0..counts.len()).all(
+            |c| offsets[c * W] + (W - 1) * stride[c] + counts[c] + PLANE_SLACK <= planes.len()
+        ),
+        "every plane has its slack"
+    );
+    let wide = (W == 2 || W == 4) && layout.codec == BaseCodec::Q4 && gather_avx512::available();
     for (row, srow) in base
         .chunks_exact(rb)
         .take(rows)
@@ -441,12 +464,32 @@ fn scatter<const W: usize>(
                 let at = cur[class];
                 cur[class] = at + 1;
                 for p in 0..W {
-                    planes[at + p * counts[class]] = (z >> (8 * p)) as u8;
+                    planes[at + p * stride[class]] = (z >> (8 * p)) as u8;
                 }
             };
             match layout.codec {
                 BaseCodec::Q4 => {
                     let table = q4_key_table::<W>(dtype, d);
+                    if wide && len == 64 {
+                        // SAFETY: the features are present; `payload` is 32
+                        // bytes and `vals` 64 × W; every plane is followed by
+                        // its slack (asserted above), and a class's cursor
+                        // never passes its count (the counts are the base's).
+                        unsafe {
+                            if W == 2 {
+                                let keys: [u16; 16] = std::array::from_fn(|k| table[k] as u16);
+                                gather_avx512::scatter64_w2(
+                                    &keys, payload, vals, &mut cur, &stride, planes,
+                                );
+                            } else {
+                                let keys: [u32; 16] = std::array::from_fn(|k| table[k] as u32);
+                                gather_avx512::scatter64_w4(
+                                    &keys, payload, vals, &mut cur, &stride, planes,
+                                );
+                            }
+                        }
+                        return;
+                    }
                     for (i, v) in vals.chunks_exact(W).enumerate() {
                         let n = ((payload[i / 2] >> (4 * (i % 2))) & 15) as usize;
                         put(v, Q4_CLASS[n], table[n]);
@@ -1271,6 +1314,168 @@ mod gather_avx512 {
         (codes, std::array::from_fn(|p| all[p]))
     }
 
+    /// The encoder's scatter for one q4 group of 64 two-byte elements, the
+    /// inverse of [`group64_w2`]: each element's zigzagged residual against
+    /// `keys[code]`, its low byte appended to its class's plane 0 (at
+    /// `cur[class]`) and its high byte to plane 1 (`stride[class]` further).
+    /// Whole vectors are stored at the cursors: up to 64 bytes past a
+    /// cursor are overwritten with garbage.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `payload` holds 32 bytes and `vals` 128; each
+    /// class's two planes have room for its remaining elements plus 64 bytes
+    /// at their cursors, and nothing there needs keeping.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn scatter64_w2(
+        keys: &[u16; 16],
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        assert!(
+            payload.len() >= 32 && vals.len() >= 128,
+            "a group of 64 codes"
+        );
+        let mut key_tab = [0u16; 32];
+        key_tab[..16].copy_from_slice(keys);
+        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
+        let (codes, classes) = codes_and_classes(payload);
+        let mut lo = [_mm256_setzero_si256(); 2];
+        let mut hi = [_mm256_setzero_si256(); 2];
+        for half in 0..2 {
+            let x = _mm512_loadu_si512(vals.as_ptr().add(64 * half) as *const _);
+            let idx = if half == 0 {
+                _mm512_castsi512_si256(codes)
+            } else {
+                _mm512_extracti64x4_epi64(codes, 1)
+            };
+            let pred = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), key_tab);
+            // key(x) = x ^ (sign ? 0xFFFF : 0x8000); r = key − pred; zigzag.
+            let k = _mm512_xor_si512(
+                x,
+                _mm512_or_si512(_mm512_srai_epi16(x, 15), _mm512_set1_epi16(i16::MIN)),
+            );
+            let r = _mm512_sub_epi16(k, pred);
+            let z = _mm512_xor_si512(_mm512_slli_epi16(r, 1), _mm512_srai_epi16(r, 15));
+            lo[half] = _mm512_cvtepi16_epi8(z);
+            hi[half] = _mm512_cvtepi16_epi8(_mm512_srli_epi16(z, 8));
+        }
+        let join = |v: [__m256i; 2]| _mm512_inserti64x4(_mm512_castsi256_si512(v[0]), v[1], 1);
+        scatter_planes(classes, &[join(lo), join(hi)], cur, stride, planes);
+    }
+
+    /// [`scatter64_w2`] for 4-byte elements: four planes, 32-bit keys;
+    /// `vals` holds 256 bytes.
+    ///
+    /// # Safety
+    ///
+    /// As for [`scatter64_w2`], with four planes per class.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn scatter64_w4(
+        keys: &[u32; 16],
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        assert!(
+            payload.len() >= 32 && vals.len() >= 256,
+            "a group of 64 codes"
+        );
+        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
+        let (codes, classes) = codes_and_classes(payload);
+        let mut bytes = [[_mm_setzero_si128(); 4]; 4]; // [plane][quarter]
+        #[allow(clippy::needless_range_loop)] // `q` picks the quarter of every plane
+        for q in 0..4 {
+            let x = _mm512_loadu_si512(vals.as_ptr().add(64 * q) as *const _);
+            let idx = _mm512_cvtepu8_epi32(match q {
+                0 => _mm512_extracti32x4_epi32(codes, 0),
+                1 => _mm512_extracti32x4_epi32(codes, 1),
+                2 => _mm512_extracti32x4_epi32(codes, 2),
+                _ => _mm512_extracti32x4_epi32(codes, 3),
+            });
+            let pred = _mm512_permutexvar_epi32(idx, key_tab);
+            let k = _mm512_xor_si512(
+                x,
+                _mm512_or_si512(_mm512_srai_epi32(x, 31), _mm512_set1_epi32(i32::MIN)),
+            );
+            let r = _mm512_sub_epi32(k, pred);
+            let z = _mm512_xor_si512(_mm512_slli_epi32(r, 1), _mm512_srai_epi32(r, 31));
+            bytes[0][q] = _mm512_cvtepi32_epi8(z);
+            bytes[1][q] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(z, 8));
+            bytes[2][q] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(z, 16));
+            bytes[3][q] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(z, 24));
+        }
+        let join = |v: [__m128i; 4]| {
+            let a = _mm512_inserti32x4(_mm512_castsi128_si512(v[0]), v[1], 1);
+            let a = _mm512_inserti32x4(a, v[2], 2);
+            _mm512_inserti32x4(a, v[3], 3)
+        };
+        let planes_v = [
+            join(bytes[0]),
+            join(bytes[1]),
+            join(bytes[2]),
+            join(bytes[3]),
+        ];
+        scatter_planes(classes, &planes_v, cur, stride, planes);
+    }
+
+    /// The group's 64 codes in element order (as in [`codes_and_planes`])
+    /// and their classes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    unsafe fn codes_and_classes(
+        payload: &[u8],
+    ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+        use std::arch::x86_64::*;
+        let mut class_tab = [0u8; 64];
+        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
+        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
+        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
+        let codes = _mm512_or_si512(
+            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
+            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
+        );
+        (codes, _mm512_permutexvar_epi8(codes, class_tab))
+    }
+
+    /// Appends each plane vector's bytes of class `c` to that class's plane
+    /// at its cursor (compressed, then stored whole), for the 9 classes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    unsafe fn scatter_planes<const P: usize>(
+        classes: std::arch::x86_64::__m512i,
+        v: &[std::arch::x86_64::__m512i; P],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        let base = planes.as_mut_ptr();
+        for c in 0..9 {
+            let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
+            if m == 0 {
+                continue;
+            }
+            let at = base.add(cur[c]);
+            for (p, &vp) in v.iter().enumerate() {
+                _mm512_storeu_si512(
+                    at.add(p * stride[c]) as *mut _,
+                    _mm512_maskz_compress_epi8(m, vp),
+                );
+            }
+            cur[c] += m.count_ones() as usize;
+        }
+    }
+
     /// [`group64_w2`] for 4-byte values: four planes, 32-bit keys; `out`
     /// holds 256 bytes.
     ///
@@ -1341,6 +1546,30 @@ mod gather_avx512 {
         _: &[usize; 9],
         _: &[usize; 9],
         _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter64_w2(
+        _: &[u16; 16],
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter64_w4(
+        _: &[u32; 16],
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
         _: &mut [u8],
     ) {
         unreachable!("never available off x86-64")

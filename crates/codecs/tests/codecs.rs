@@ -469,3 +469,102 @@ fn a_base_changed_after_the_residual_gives_the_references_answer() {
         "{errors} errors, {same_counts} same counts"
     );
 }
+
+/// Groups of 64 built to hit the rules of the scale: ties for the largest
+/// magnitude between opposite signs (the first wins), −0 before +0 in a
+/// group of zeros, groups of only NaN or ±Inf, a largest finite value next
+/// to infinities, values that round exactly half-way between two codes, and
+/// magnitudes at the f16 limits. The fast quantizer (64-element groups go
+/// through SIMD where the machine has it) must match the reference.
+#[test]
+fn quantize_matches_the_reference_on_built_groups() {
+    for dtype in [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32] {
+        let enc = |v: f32| -> u64 {
+            match dtype {
+                FloatDtype::BF16 => half::bf16::from_f32(v).to_bits() as u64,
+                FloatDtype::F16 => half::f16::from_f32(v).to_bits() as u64,
+                _ => v.to_bits() as u64,
+            }
+        };
+        let nan = dtype.mask() & !dtype.sign_mask(); // all exponent and mantissa bits: a NaN
+        let groups: Vec<Vec<u64>> = vec![
+            // tie between −3 and +3: −3 comes first
+            (0..64)
+                .map(|i| {
+                    enc(match i {
+                        5 => -3.0,
+                        9 => 3.0,
+                        _ => 0.5,
+                    })
+                })
+                .collect(),
+            // +3 first
+            (0..64)
+                .map(|i| {
+                    enc(match i {
+                        5 => 3.0,
+                        9 => -3.0,
+                        _ => -0.25,
+                    })
+                })
+                .collect(),
+            // −0 then +0 only
+            (0..64)
+                .map(|i| if i % 2 == 0 { dtype.sign_mask() } else { 0 })
+                .collect(),
+            // only NaN and ±Inf
+            (0..64)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        nan
+                    } else {
+                        enc(if i % 2 == 0 {
+                            f32::INFINITY
+                        } else {
+                            f32::NEG_INFINITY
+                        })
+                    }
+                })
+                .collect(),
+            // infinities around a largest finite value
+            (0..64)
+                .map(|i| {
+                    enc(match i {
+                        0 => f32::INFINITY,
+                        1 => 2.0,
+                        63 => f32::NEG_INFINITY,
+                        _ => 1.0 / (i as f32),
+                    })
+                })
+                .collect(),
+            // half-way values: max 8 gives d = −1, so k + 0.5 lies between codes
+            (0..64)
+                .map(|i| enc(if i == 0 { 8.0 } else { (i % 16) as f32 - 7.5 }))
+                .collect(),
+            // beyond the f16 range (scale clamped), and tiny subnormal-scale groups
+            (0..64)
+                .map(|i| enc(if i == 7 { 1.0e6 } else { 3.0e5 }))
+                .collect(),
+            (0..64)
+                .map(|i| enc(if i == 7 { 1.0e-6 } else { -3.0e-7 }))
+                .collect(),
+        ];
+        let layout = BaseLayout {
+            codec: BaseCodec::Q4,
+            group: 64,
+            cols: 64,
+        };
+        for (g, bits) in groups.iter().enumerate() {
+            let mut src = vec![0u8; 64 * dtype.width()];
+            for (i, &b) in bits.iter().enumerate() {
+                dtype.store_bits(&mut src, i, b & dtype.mask());
+            }
+            let mut fast = vec![0u8; layout.row_bytes()];
+            let mut reference = vec![0u8; layout.row_bytes()];
+            base::quantize(dtype, &layout, &src, &mut fast);
+            base::quantize_reference(dtype, &layout, &src, &mut reference);
+            assert_eq!(fast, reference, "{dtype:?} group {g}");
+            roundtrip(dtype, &layout, &src);
+        }
+    }
+}
