@@ -17,6 +17,7 @@
 
 pub mod atomic;
 pub mod container;
+mod digest;
 mod error;
 pub mod extract;
 pub mod inspect;

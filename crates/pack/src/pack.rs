@@ -6,6 +6,7 @@
 //! so memory is bounded by the window, never by the model.
 
 use crate::atomic::AtomicFile;
+use crate::digest::{Piece, Stream};
 use crate::error::{Error, Result};
 use crate::source::{Source, SourceKind};
 use crate::Progress;
@@ -141,12 +142,17 @@ struct Job {
     /// Absolute offset of the chunk's bytes in the source file.
     src_offset: u64,
     src_len: u64,
+    /// Offset of the chunk's bytes in its tensor, and the tensor's length.
+    tensor_at: u64,
+    tensor_len: u64,
 }
 
 struct JobOut {
     src: Vec<u8>,
     hot: Vec<u8>,
     cold: Vec<u8>,
+    /// The tensor digest's part of this chunk, hashed by the worker.
+    digest: Piece,
 }
 
 /// Transformer layer of a tensor name (`…layers.12.…`, `…layer.3.…`, `blk.7.…`, `h.0.…`).
@@ -286,10 +292,7 @@ pub fn pack(
     let mut cursor = align_up(hot_at).expect("small");
     let mut open: Option<Open> = None;
     let mut experts = Vec::new();
-    let mut hashers: Vec<Option<blake3::Hasher>> = planned
-        .iter()
-        .map(|_| Some(blake3::Hasher::new()))
-        .collect();
+    let mut hashers: Vec<Option<Stream>> = planned.iter().map(|_| Some(Stream::new())).collect();
     let mut left: Vec<usize> = planned
         .iter()
         .map(|p| chunk_count(&p.tensor.storage))
@@ -306,7 +309,9 @@ pub fn pack(
         |job, r| {
             let p = &mut planned[job.tensor];
             if let Some(h) = hashers[job.tensor].as_mut() {
-                h.update(&r.src);
+                // Chunks of a tensor are committed in their order within it.
+                let in_order = h.add(&r.digest);
+                assert!(in_order, "a tensor's chunks are planned in order");
             }
             // Job order keeps each step's dense chunks together, and each
             // expert's chunks together after them: a section opens once and
@@ -813,6 +818,8 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
                         decompose: None,
                         src_offset: base + at,
                         src_len: c.len,
+                        tensor_at: at,
+                        tensor_len: p.tensor.byte_len,
                     });
                     at += c.len;
                 }
@@ -830,6 +837,8 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
                         decompose: Some((dtype, layout, c.base.len)),
                         src_offset: base + at,
                         src_len: len,
+                        tensor_at: at,
+                        tensor_len: p.tensor.byte_len,
                     });
                     at += len;
                 }
@@ -863,18 +872,25 @@ fn jobs_of(planned: &[Planned]) -> Vec<Job> {
 fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
     let f = &source.files[job.file];
     let src = read_at(&f.file, &f.path, job.src_offset, job.src_len)?;
+    let digest = Piece::of(&src, job.tensor_at, job.tensor_len);
     let Some((dtype, layout, base_len)) = job.decompose else {
         return Ok(JobOut {
             src,
             hot: Vec::new(),
             cold: Vec::new(),
+            digest,
         });
     };
     let mut hot = vec![0u8; base_len as usize];
     base::quantize(dtype, &layout, &src, &mut hot);
     let cold = residual::encode(dtype, &layout, &src, &hot, level)
         .map_err(|e| Error::input(&f.path, format!("cannot encode a chunk: {e}")))?;
-    Ok(JobOut { src, hot, cold })
+    Ok(JobOut {
+        src,
+        hot,
+        cold,
+        digest,
+    })
 }
 
 /// Reads exactly `len` bytes at `offset` into an owned buffer.
@@ -885,18 +901,26 @@ pub(crate) fn read_at(file: &std::fs::File, path: &Path, offset: u64, len: u64) 
     Ok(buf)
 }
 
+/// BLAKE3 of a whole file, read and hashed in 4 MiB pieces on the rayon
+/// pool (a few at a time, so memory stays small) and joined in order.
 fn hash_file(file: &std::fs::File, path: &Path, len: u64) -> Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut at = 0;
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    while at < len {
-        let n = (buf.len() as u64).min(len - at) as usize;
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(Error::io(path, "cannot read"))?;
-        h.update(&buf[..n]);
-        at += n as u64;
+    const PIECE: u64 = 4 << 20;
+    let pieces: Vec<u64> = (0..len.div_ceil(PIECE)).map(|i| i * PIECE).collect();
+    let mut s = Stream::new();
+    for batch in pieces.chunks(2 * rayon::current_num_threads().max(1)) {
+        let parts: Vec<Piece> = batch
+            .par_iter()
+            .map(|&at| {
+                let buf = read_at(file, path, at, PIECE.min(len - at))?;
+                Ok(Piece::of(&buf, at, len))
+            })
+            .collect::<Result<_>>()?;
+        for p in &parts {
+            let in_order = s.add(p);
+            assert!(in_order, "pieces are joined in order");
+        }
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(s.finalize().to_hex().to_string())
 }
 
 fn store_blob(

@@ -4,6 +4,7 @@
 
 use crate::atomic::AtomicDir;
 use crate::container::Container;
+use crate::digest::{Piece, Stream};
 use crate::error::{Error, Result};
 use crate::pack::read_at;
 use crate::Progress;
@@ -16,7 +17,15 @@ use tpde_format::FileContent;
 /// they come from (for error messages).
 pub type Sink<'a> = dyn FnMut(&[u8], &dyn Fn() -> String) -> Result<()> + Send + 'a;
 
-/// One piece of a restored file.
+/// One piece of a restored file. Each job also records where its bytes sit
+/// in the file and in its tensor (planned from the manifest's lengths), so
+/// that the worker hashes them: see [`crate::digest`].
+struct Placed {
+    job: Job,
+    file_at: u64,
+    tensor_at: u64,
+}
+
 enum Job {
     Blob {
         chunk: usize,
@@ -105,58 +114,100 @@ pub fn restore_file(
         } => (header, &tensors[..], &pad_after[..], Some(padding)),
     };
     let is_header = !matches!(f.content, FileContent::Blob { .. });
-    for ci in 0..blob.chunks.len() {
-        jobs.push(Job::Blob {
-            chunk: ci,
-            header: is_header,
+    let mut file_at = 0u64;
+    for (ci, chunk) in blob.chunks.iter().enumerate() {
+        jobs.push(Placed {
+            job: Job::Blob {
+                chunk: ci,
+                header: is_header,
+            },
+            file_at,
+            tensor_at: 0,
         });
+        file_at = file_at.saturating_add(chunk.raw_len);
     }
     {
         for (k, &ti) in tensors.iter().enumerate() {
             let t = &c.manifest.tensors[ti as usize];
-            let n = c.chunk_lens(t).len();
+            let lens = c.chunk_lens(t);
+            let n = lens.len();
             if n == 0 && t.blake3 != blake3::hash(&[]).to_hex().as_str() {
                 return Err(Error::integrity(
                     &c.path,
                     format!("tensor {:?}: digest mismatch", t.name),
                 ));
             }
-            for ci in 0..n {
-                jobs.push(Job::Tensor {
-                    tensor: ti as usize,
-                    chunk: ci,
-                    last: ci + 1 == n,
+            let mut tensor_at = 0u64;
+            for (ci, len) in lens.into_iter().enumerate() {
+                jobs.push(Placed {
+                    job: Job::Tensor {
+                        tensor: ti as usize,
+                        chunk: ci,
+                        last: ci + 1 == n,
+                    },
+                    file_at,
+                    tensor_at,
                 });
+                file_at = file_at.saturating_add(len);
+                tensor_at = tensor_at.saturating_add(len);
             }
             if let Some(&len) = pad_after.get(k).filter(|&&l| l > 0) {
-                jobs.push(Job::Pad { len });
+                jobs.push(Placed {
+                    job: Job::Pad { len },
+                    file_at,
+                    tensor_at: 0,
+                });
+                file_at = file_at.saturating_add(len);
             }
         }
     }
     let mut pads = padding.map(|b| BlobStream::new(c, b, format!("file {:?} padding", f.path)));
 
-    let mut file_hash = blake3::Hasher::new();
-    let mut tensor_hash = blake3::Hasher::new();
+    // The file's and the current tensor's BLAKE3, joined from what the
+    // workers hashed of each piece.
+    let mut file_hash = Stream::new();
+    let mut tensor_hash = Stream::new();
     let mut total = 0u64;
     let what = |header: bool| if header { "header" } else { "blob" };
     // Output buffers go back to a pool after their commit: no zero-filled
     // allocation per chunk.
     let pool = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
+    let out_of_place = |what: String| {
+        Error::integrity(
+            &c.path,
+            format!("{what}: rebuilt to another length than the manifest's"),
+        )
+    };
     crate::pipeline::ordered(
         &jobs,
-        |job| match job {
-            Job::Blob { chunk, header } => c.read_blob_chunk(&blob.chunks[*chunk], || {
-                format!("file {:?} {} chunk {chunk}", f.path, what(*header))
-            }),
-            Job::Pad { .. } => Ok(Vec::new()),
-            Job::Tensor { tensor, chunk, .. } => {
-                let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
-                c.rebuild_chunk_into(*tensor, *chunk, &mut out, requantize)?;
-                Ok(out)
-            }
+        |placed| {
+            let bytes = match &placed.job {
+                Job::Blob { chunk, header } => c.read_blob_chunk(&blob.chunks[*chunk], || {
+                    format!("file {:?} {} chunk {chunk}", f.path, what(*header))
+                })?,
+                Job::Pad { .. } => Vec::new(),
+                Job::Tensor { tensor, chunk, .. } => {
+                    let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
+                    c.rebuild_chunk_into(*tensor, *chunk, &mut out, requantize)?;
+                    out
+                }
+            };
+            let in_file = Piece::of(&bytes, placed.file_at, f.len);
+            let in_tensor = match placed.job {
+                Job::Tensor { tensor, .. } => Some(Piece::of(
+                    &bytes,
+                    placed.tensor_at,
+                    c.manifest.tensors[tensor].byte_len,
+                )),
+                _ => None,
+            };
+            Ok((bytes, in_file, in_tensor))
         },
-        |job, bytes| {
-            file_hash.update(&bytes);
+        |placed, (bytes, in_file, in_tensor)| {
+            let job = &placed.job;
+            if !matches!(job, Job::Pad { .. }) && !file_hash.add(&in_file) {
+                return Err(out_of_place(format!("file {:?}", f.path)));
+            }
             total += bytes.len() as u64;
             match job {
                 Job::Blob { chunk, header } => {
@@ -171,7 +222,9 @@ pub fn restore_file(
                     ..
                 } => {
                     let t = &c.manifest.tensors[*tensor];
-                    tensor_hash.update(&bytes);
+                    if !in_tensor.is_some_and(|p| tensor_hash.add(&p)) {
+                        return Err(out_of_place(format!("tensor {:?}", t.name)));
+                    }
                     sink(&bytes, &|| format!("tensor {:?} chunk {chunk}", t.name))?;
                     if *last {
                         let got = std::mem::take(&mut tensor_hash).finalize();
@@ -188,7 +241,7 @@ pub fn restore_file(
                         .as_mut()
                         .expect("padding jobs come with a padding blob");
                     pads.take(*len, &mut |b: &[u8]| {
-                        file_hash.update(b);
+                        file_hash.bytes(b);
                         total += b.len() as u64;
                         progress.advance(b.len() as u64);
                         sink(b, &|| format!("file {:?} padding", f.path))
