@@ -171,7 +171,7 @@ fn main() {
     let mut r_by_q = [0.0f64; 16];
     let mut n_by_q = [0u64; 16];
     let mut outside = 0u64;
-    let (mut bits_uk, mut bits_uv, mut bits_max) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut bits_uk, mut bits_max) = (0.0f64, 0.0f64);
     for &(x, q, db, is_max) in &elems {
         let d = f16::from_bits(db);
         let ed = ((db >> 10) & 0x1f) as usize;
@@ -202,13 +202,6 @@ fn main() {
             continue;
         }
         bits_uk += f64::from(b - a + 1).log2();
-        let ulp = |k: u32| {
-            let v = val(k).abs();
-            let nv = val(if val(k) >= 0.0 { k + 1 } else { k - 1 }).abs();
-            (nv - v) as f64
-        };
-        let width = (val(b) as f64 - val(a) as f64).abs() + ulp(b).max(ulp(a));
-        bits_uv -= (ulp(k as u32) / width).log2().min(0.0);
         let r = -(px / pc).log2();
         bits_r += r;
         r_by_q[qi] += r;
@@ -245,10 +238,6 @@ fn main() {
     println!(
         "  (other values) given the cell, uniform in keys  {:7.3}",
         bits_uk / n
-    );
-    println!(
-        "  (other values) given the cell, uniform in value {:7.3}",
-        bits_uv / n
     );
     println!(
         "  the element that set the scale, given d {:7.3}",

@@ -901,13 +901,14 @@ pub(crate) fn read_at(file: &std::fs::File, path: &Path, offset: u64, len: u64) 
     Ok(buf)
 }
 
-/// BLAKE3 of a whole file, read and hashed in 4 MiB pieces on the rayon
-/// pool (a few at a time, so memory stays small) and joined in order.
+/// BLAKE3 of a whole file, read and hashed in 1 MiB pieces on the rayon
+/// pool (four per thread at a time, so memory stays small) and joined in
+/// order.
 fn hash_file(file: &std::fs::File, path: &Path, len: u64) -> Result<String> {
-    const PIECE: u64 = 4 << 20;
+    const PIECE: u64 = 1 << 20;
     let pieces: Vec<u64> = (0..len.div_ceil(PIECE)).map(|i| i * PIECE).collect();
     let mut s = Stream::new();
-    for batch in pieces.chunks(2 * rayon::current_num_threads().max(1)) {
+    for batch in pieces.chunks(4 * rayon::current_num_threads().max(1)) {
         let parts: Vec<Piece> = batch
             .par_iter()
             .map(|&at| {
