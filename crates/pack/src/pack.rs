@@ -275,17 +275,23 @@ pub fn pack(
 
     progress.begin("pack", source.total_bytes());
 
-    // Whole-file digests of safetensors files, in parallel.
-    let file_digests: Vec<Option<String>> = source
-        .files
-        .par_iter()
-        .map(|f| match f.kind {
-            SourceKind::Safetensors { .. } | SourceKind::Gguf { .. } => {
-                hash_file(&f.file, &f.path, f.len).map(Some)
-            }
-            SourceKind::Blob => Ok(None),
-        })
-        .collect::<Result<_>>()?;
+    // Whole-file digests of safetensors and GGUF files, on a thread of
+    // their own beside the pipeline below (whose workers leave time idle):
+    // the digest needs the bytes in file order, the jobs run in execution
+    // order.
+    let hash_files = || -> Result<Vec<Option<String>>> {
+        source
+            .files
+            .par_iter()
+            .map(|f| match f.kind {
+                SourceKind::Safetensors { .. } | SourceKind::Gguf { .. } => {
+                    hash_file(&f.file, &f.path, f.len).map(Some)
+                }
+                SourceKind::Blob => Ok(None),
+            })
+            .collect()
+    };
+    let mut file_digests: Vec<Option<String>> = Vec::new();
 
     // Cold sections and expert shards open as the execution step or the
     // expert changes.
@@ -303,78 +309,85 @@ pub fn pack(
         }
     }
 
-    crate::pipeline::ordered(
-        &jobs,
-        |job| run_job(&source, job, opts.zstd_level),
-        |job, r| {
-            let p = &mut planned[job.tensor];
-            if let Some(h) = hashers[job.tensor].as_mut() {
-                // Chunks of a tensor are committed in their order within it.
-                let in_order = h.add(&r.digest);
-                assert!(in_order, "a tensor's chunks are planned in order");
-            }
-            // Job order keeps each step's dense chunks together, and each
-            // expert's chunks together after them: a section opens once and
-            // closes when the next begins.
-            let decomposed = matches!(p.tensor.storage, Storage::Decomposed { .. });
-            match job.shard {
-                Some(key) if !matches!(open, Some(Open::Shard { key: k, .. }) if k == key) => {
-                    close(&mut sections, &mut experts, &mut open, &mut cursor);
-                    open = Some(Open::Shard {
-                        key,
-                        start: cursor,
-                        hot_at: cursor,
-                        cold_at: cursor + shard_hot[&key],
-                    });
+    std::thread::scope(|scope| -> Result<()> {
+        let digests = scope.spawn(hash_files);
+        let pipeline_result = crate::pipeline::ordered(
+            &jobs,
+            |job| run_job(&source, job, opts.zstd_level),
+            |job, r| {
+                let p = &mut planned[job.tensor];
+                if let Some(h) = hashers[job.tensor].as_mut() {
+                    // Chunks of a tensor are committed in their order within it.
+                    let in_order = h.add(&r.digest);
+                    assert!(in_order, "a tensor's chunks are planned in order");
                 }
-                None if decomposed
-                    && !matches!(&open, Some(Open::Cold { name, .. }) if *name == p.step) =>
-                {
-                    close(&mut sections, &mut experts, &mut open, &mut cursor);
-                    open = Some(Open::Cold {
-                        name: p.step.clone(),
-                        start: cursor,
-                    });
+                // Job order keeps each step's dense chunks together, and each
+                // expert's chunks together after them: a section opens once and
+                // closes when the next begins.
+                let decomposed = matches!(p.tensor.storage, Storage::Decomposed { .. });
+                match job.shard {
+                    Some(key) if !matches!(open, Some(Open::Shard { key: k, .. }) if k == key) => {
+                        close(&mut sections, &mut experts, &mut open, &mut cursor);
+                        open = Some(Open::Shard {
+                            key,
+                            start: cursor,
+                            hot_at: cursor,
+                            cold_at: cursor + shard_hot[&key],
+                        });
+                    }
+                    None if decomposed
+                        && !matches!(&open, Some(Open::Cold { name, .. }) if *name == p.step) =>
+                    {
+                        close(&mut sections, &mut experts, &mut open, &mut cursor);
+                        open = Some(Open::Cold {
+                            name: p.step.clone(),
+                            start: cursor,
+                        });
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            // Where this chunk's hot bytes go (dense ones were placed by the
-            // plan) and where its residual goes.
-            let (hot_place, cold_place) = match &mut open {
-                Some(Open::Shard {
-                    hot_at, cold_at, ..
-                }) if job.shard.is_some() => (Some(hot_at), cold_at),
-                _ => (None, &mut cursor),
-            };
-            let (hot_bytes, hot_extent) = match &mut p.tensor.storage {
-                Storage::Raw { chunks } => (&r.src, &mut chunks[job.chunk]),
-                Storage::Decomposed { chunks, .. } => {
-                    let c = &mut chunks[job.chunk];
-                    c.cold = Extent {
-                        offset: *cold_place,
-                        len: r.cold.len() as u64,
-                        xxh3: xxh3(&r.cold),
-                    };
-                    write_at(&r.cold, *cold_place)?;
-                    *cold_place += r.cold.len() as u64;
-                    (&r.hot, &mut c.base)
+                // Where this chunk's hot bytes go (dense ones were placed by the
+                // plan) and where its residual goes.
+                let (hot_place, cold_place) = match &mut open {
+                    Some(Open::Shard {
+                        hot_at, cold_at, ..
+                    }) if job.shard.is_some() => (Some(hot_at), cold_at),
+                    _ => (None, &mut cursor),
+                };
+                let (hot_bytes, hot_extent) = match &mut p.tensor.storage {
+                    Storage::Raw { chunks } => (&r.src, &mut chunks[job.chunk]),
+                    Storage::Decomposed { chunks, .. } => {
+                        let c = &mut chunks[job.chunk];
+                        c.cold = Extent {
+                            offset: *cold_place,
+                            len: r.cold.len() as u64,
+                            xxh3: xxh3(&r.cold),
+                        };
+                        write_at(&r.cold, *cold_place)?;
+                        *cold_place += r.cold.len() as u64;
+                        (&r.hot, &mut c.base)
+                    }
+                };
+                if let Some(at) = hot_place {
+                    hot_extent.offset = *at;
+                    *at += hot_bytes.len() as u64;
                 }
-            };
-            if let Some(at) = hot_place {
-                hot_extent.offset = *at;
-                *at += hot_bytes.len() as u64;
-            }
-            hot_extent.xxh3 = xxh3(hot_bytes);
-            write_at(hot_bytes, hot_extent.offset)?;
-            left[job.tensor] -= 1;
-            if left[job.tensor] == 0 {
-                let h = hashers[job.tensor].take().expect("hasher");
-                p.tensor.blake3 = h.finalize().to_hex().to_string();
-            }
-            progress.advance(job.src_len);
-            Ok(())
-        },
-    )?;
+                hot_extent.xxh3 = xxh3(hot_bytes);
+                write_at(hot_bytes, hot_extent.offset)?;
+                left[job.tensor] -= 1;
+                if left[job.tensor] == 0 {
+                    let h = hashers[job.tensor].take().expect("hasher");
+                    p.tensor.blake3 = h.finalize().to_hex().to_string();
+                }
+                progress.advance(job.src_len);
+                Ok(())
+            },
+        );
+        let digests = digests.join().expect("the digest thread does not panic");
+        pipeline_result?;
+        file_digests = digests?;
+        Ok(())
+    })?;
     close(&mut sections, &mut experts, &mut open, &mut cursor);
 
     // Files section: safetensors headers and every other file, zstd-compressed.
