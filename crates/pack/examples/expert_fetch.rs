@@ -7,8 +7,8 @@
 //! cargo run --release -p tpde-pack --example expert_fetch -- moe.tpde [REPS] [cold]
 //! ```
 
-use std::time::Instant;
 use std::os::unix::io::AsRawFd;
+use std::time::Instant;
 use tpde_pack::{Container, ExpertReader, Fidelity};
 
 fn main() {
