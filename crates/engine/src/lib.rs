@@ -8,5 +8,7 @@ pub mod config;
 pub mod generate;
 pub mod kernels;
 pub mod model;
-pub mod team;
+/// The thread team of the forward pass (its own crate: the expert reader
+/// uses it too).
+pub use tpde_team as team;
 pub mod tokenizer;

@@ -1,4 +1,5 @@
-//! A fixed team of threads for the forward pass's parallel loops.
+//! A fixed team of threads for short parallel jobs: the engine's forward
+//! pass, and the fetch of one expert from its shard (`tpde_pack`).
 //!
 //! A token's forward pass is a few hundred short parallel loops (one per
 //! matrix product, tens of microseconds each). A work-stealing pool puts
