@@ -23,7 +23,12 @@ fn main() {
     let (header, _) = tpde_ingest::safetensors::read_header(&data[..], data.len() as u64)
         .expect("safetensors header");
 
-    // The chunks the pipeline would make: whole rows, about 2^18 elements.
+    // The chunks the pipeline would make: whole rows, about 2^18 elements
+    // (`CHUNK_ELEMS=` to try others).
+    let chunk_elems: usize = std::env::var("CHUNK_ELEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(262_144);
     let mut chunks = Vec::new();
     for t in &header.tensors {
         let Some(dtype) = FloatDtype::from_name(t.dtype.name()) else {
@@ -40,7 +45,7 @@ fn main() {
         };
         let bytes =
             &data[(header.data_start + t.begin) as usize..(header.data_start + t.end) as usize];
-        for src in bytes.chunks((262_144 / cols).max(1) * cols * dtype.width()) {
+        for src in bytes.chunks((chunk_elems / cols).max(1) * cols * dtype.width()) {
             chunks.push((dtype, layout, src));
         }
     }
