@@ -36,18 +36,19 @@ impl Piece {
     /// Hashes the whole subtrees of `bytes`, which sit at `offset` in a
     /// stream of `total` bytes.
     pub fn of(bytes: &[u8], offset: u64, total: u64) -> Piece {
-        // (A piece running past `total`, from a damaged manifest, gives a
-        // wrong digest, never a panic.)
-        let end = offset + bytes.len() as u64;
+        // A piece running past `total` (offsets planned from a damaged
+        // manifest) is kept as bytes: its stream then gives a wrong digest,
+        // never a panic or an overflow.
+        let end = offset.saturating_add(bytes.len() as u64);
         // The start of the stream's last chunk: never hashed here.
         let last = if total == 0 {
             0
         } else {
             (total - 1) / CHUNK * CHUNK
         };
-        let first = offset.div_ceil(CHUNK) * CHUNK;
+        let first = offset.div_ceil(CHUNK).saturating_mul(CHUNK);
         let body_end = (end / CHUNK * CHUNK).min(last);
-        if first >= body_end {
+        if end > total || first >= body_end {
             return Piece {
                 offset,
                 head: bytes.to_vec(),
@@ -274,6 +275,22 @@ mod tests {
                 let small: Vec<usize> = (1..n).step_by(333).collect();
                 assert_eq!(joined(&bytes, &small), want, "{n} bytes, small pieces");
             }
+        }
+    }
+
+    #[test]
+    fn pieces_past_the_end_or_at_huge_offsets_do_not_panic() {
+        let bytes = data(5000, 3);
+        for (offset, total) in [
+            (0, 100),
+            (u64::MAX - 10, u64::MAX),
+            (4000, 4000),
+            (1 << 40, 5000),
+        ] {
+            let p = Piece::of(&bytes, offset, total);
+            let mut s = Stream::new();
+            let _ = s.add(&p);
+            let _ = s.finalize();
         }
     }
 
