@@ -1278,15 +1278,7 @@ mod gather_avx512 {
         planes: &[u8],
     ) -> (std::arch::x86_64::__m512i, [std::arch::x86_64::__m512i; P]) {
         use std::arch::x86_64::*;
-        let mut class_tab = [0u8; 64];
-        class_tab[..16].copy_from_slice(&super::Q4_CLASS_U8);
-        let class_tab = _mm512_loadu_si512(class_tab.as_ptr() as *const _);
-        let p = _mm512_cvtepu8_epi16(_mm256_loadu_si256(payload.as_ptr() as *const __m256i));
-        let codes = _mm512_or_si512(
-            _mm512_and_si512(p, _mm512_set1_epi16(0x000F)),
-            _mm512_and_si512(_mm512_slli_epi16(p, 4), _mm512_set1_epi16(0x0F00)),
-        );
-        let classes = _mm512_permutexvar_epi8(codes, class_tab);
+        let (codes, classes) = codes_and_classes(payload);
         // One register per plane (an array indexed in the loop would live
         // on the stack); planes beyond `P` are never touched.
         let (mut z0, mut z1, mut z2, mut z3) = (
@@ -1428,7 +1420,8 @@ mod gather_avx512 {
         scatter_planes(classes, &planes_v, cur, stride, planes);
     }
 
-    /// The group's 64 codes in element order (as in [`codes_and_planes`])
+    /// The group's 64 codes in element order (payload byte i holds elements
+    /// 2i, low nibble, and 2i + 1, high nibble)
     /// and their classes.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
