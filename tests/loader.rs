@@ -517,6 +517,60 @@ fn a_hot_tier_left_on_disk_streams_every_pass_with_the_same_bytes() {
     }
 }
 
+/// A loader of some steps with the hot tier resident (its first pass reads
+/// each streamed step's part of the hot tier before the step's other reads,
+/// and the part of the steps it leaves out last; its second pass none):
+/// both passes deliver the bytes a loader of every step delivers, with one
+/// read buffer (each step's reads wait for the step before to be consumed)
+/// and with several.
+#[test]
+fn a_loader_of_some_steps_delivers_the_same_bytes_with_one_read_buffer_or_several() {
+    use tpde_loader::StepSet;
+    for (_d, path) in containers() {
+        let want: std::collections::BTreeMap<usize, Vec<u8>> =
+            stream_all(&path, LoadOptions::default())
+                .into_iter()
+                .flat_map(|(_, ts)| ts.into_iter().map(|t| (t.index, t.data)))
+                .collect();
+        for steps in [StepSet::Layers, StepSet::OutsideLayers] {
+            for prefetch in [1, 3] {
+                let mut l = Loader::open(
+                    &path,
+                    LoadOptions {
+                        steps,
+                        prefetch,
+                        ..LoadOptions::default()
+                    },
+                )
+                .unwrap();
+                let mut passes = Vec::new();
+                for _ in 0..2 {
+                    let mut got = std::collections::BTreeMap::new();
+                    let report = l
+                        .stream(|step| {
+                            for t in &step.tensors {
+                                got.insert(t.index, step.bytes(t).to_vec());
+                            }
+                            Ok(())
+                        })
+                        .unwrap();
+                    passes.push((got, report.hot_bytes));
+                }
+                let who = format!("{} {steps:?} prefetch {prefetch}", path.display());
+                assert!(!passes[0].0.is_empty(), "{who}: steps delivered");
+                assert!(passes[0].0 == passes[1].0, "{who}: passes differ");
+                for (i, data) in &passes[0].0 {
+                    assert!(want[i] == *data, "{who}: tensor {i} differs");
+                }
+                assert!(
+                    passes[0].1 > 0 && passes[1].1 == 0,
+                    "{who}: hot tier read once"
+                );
+            }
+        }
+    }
+}
+
 /// At base fidelity with `base_blocks`, decomposed tensors arrive as their
 /// base blocks, whose values (`q × d`, rounded to the tensor's dtype as the
 /// spec's prediction does) are the bytes the default path delivers; every

@@ -2,18 +2,20 @@
 //!
 //! [`Loader::open`] plans the steps and the memory (a budget that cannot
 //! hold the hot tier is refused there). [`Loader::stream`] then walks the
-//! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). Two reader
-//! threads keep the disk busy: one reads the hot section front to back into
-//! the resident hot buffer (first pass only: the hot tier stays resident),
-//! the other each step's streamed sections (its cold section and its expert
-//! shards; at base fidelity only the shards' hot parts) into a buffer from a
-//! fixed pool; both in pieces of about [`PIECE_BYTES`]. The calling thread
+//! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). The reads
+//! of a pass are planned in the order the steps need them: each step's part
+//! of the hot section, into the resident hot buffer (first pass only: the
+//! hot tier stays resident), then its streamed sections (its cold section
+//! and its expert shards; at base fidelity only the shards' hot parts), into
+//! a buffer from a fixed pool; in pieces of about [`PIECE_BYTES`]. Two
+//! reader threads take them in turn, so that the disk has the next request
+//! queued, and announce them in order. The calling thread
 //! has each chunk checked (xxh3), decompressed and reconstructed on the
 //! loader's decode threads as soon as the pieces holding it have landed,
 //! into the step's output buffer, and hands the step to the consumer when
 //! all its chunks are done.
-//! The reader runs up to `pool_buffers` steps ahead and waits for a free
-//! buffer when it gets there (backpressure); a step's bytes reach the
+//! The readers run up to `pool_buffers` steps ahead and wait for a free
+//! buffer when they get there (backpressure); a step's bytes reach the
 //! consumer only after every one of their checksums passed.
 
 use crate::telemetry;
@@ -177,7 +179,7 @@ pub struct LoadedTensor {
 /// Seconds each stage was busy, summed over the threads that ran it.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StageSeconds {
-    /// The reader thread inside `pread`.
+    /// Wall time during which a reader thread was inside `pread` (any of them).
     pub read: f64,
     /// xxh3 of every extent read.
     pub checksum: f64,
@@ -399,6 +401,93 @@ enum Msg {
     Failed(Error),
 }
 
+/// Reader threads: two, so that a request is queued at the disk while the
+/// reader of the one before waits for the CPU.
+const READERS: usize = 2;
+
+/// One read of a pass, in the order the steps need them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// File range `[a, b)` of the hot tier.
+    Hot { a: u64, b: u64 },
+    /// `len` bytes at file offset `offset` into step `step`'s pool buffer
+    /// at `at`.
+    Streamed {
+        step: usize,
+        offset: u64,
+        at: u64,
+        len: u64,
+    },
+    /// Step `step` was read.
+    StepEnd { step: usize },
+}
+
+/// Hands out a pass's reads in order (with the pool buffer of the step a
+/// streamed read belongs to) and announces them in the same order,
+/// whichever reader finishes first.
+#[derive(Default)]
+struct ReadOrder {
+    /// The next read to hand out, and the buffer of the step whose
+    /// streamed reads are being handed out.
+    next: Mutex<(usize, Option<(usize, usize)>)>,
+    /// Reads announced.
+    sent: Mutex<usize>,
+    turn: std::sync::Condvar,
+    /// Set when an announcement failed (a read error, or the consumer
+    /// gone): the readers stop.
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl ReadOrder {
+    /// The next read and its step's pool buffer; waits for a free buffer
+    /// (backpressure) at a step's first streamed read. `None`: nothing left,
+    /// or stopping.
+    fn take(
+        &self,
+        reads: &[Read],
+        free: &Mutex<mpsc::Receiver<usize>>,
+    ) -> Option<(usize, Option<usize>)> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stop.load(Relaxed) {
+            return None;
+        }
+        let t = next.0;
+        let r = *reads.get(t)?;
+        let slot = match r {
+            Read::Hot { .. } => None,
+            Read::Streamed { step, .. } | Read::StepEnd { step } => match next.1 {
+                Some((s, k)) if s == step => Some(k),
+                _ if matches!(r, Read::Streamed { .. }) => {
+                    let k = free.lock().unwrap_or_else(|p| p.into_inner()).recv().ok()?;
+                    next.1 = Some((step, k));
+                    Some(k)
+                }
+                _ => None,
+            },
+        };
+        next.0 = t + 1;
+        Some((t, slot))
+    }
+
+    /// Sends read `t`'s message once every earlier read's was sent; false
+    /// when the readers are to stop.
+    fn announce(&self, t: usize, msg: Msg, tx: &mpsc::Sender<Msg>) -> bool {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        while *sent != t && !self.stop.load(Relaxed) {
+            sent = self.turn.wait(sent).unwrap_or_else(|p| p.into_inner());
+        }
+        let failed = matches!(msg, Msg::Failed(_));
+        let ok = !self.stop.load(Relaxed) && tx.send(msg).is_ok() && !failed;
+        if ok {
+            *sent = t + 1;
+        } else {
+            self.stop.store(true, Relaxed);
+        }
+        self.turn.notify_all();
+        ok
+    }
+}
+
 /// Pieces of `[0, len)` of about [`PIECE_BYTES`] (multiples of the
 /// alignment when `len` is one).
 fn pieces(len: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -517,77 +606,67 @@ impl Loader {
         }
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut delivered = (0u64, 0usize);
+        let reads = this.reads(first_pass);
+        let order = ReadOrder::default();
+        let free_rx = Mutex::new(free_rx);
         let result = std::thread::scope(|scope| -> Result<()> {
-            // Two readers, so that the disk always has a request queued: one
-            // reads the hot tier front to back (first pass only), the other
-            // each step's streamed sections, in order, into pool buffers.
-            let clock = &clock;
-            let hot_tx = tx.clone();
-            scope.spawn(move || {
-                let hot_end = this.hot_at + this.hot_len;
-                let mut hot_read = this.hot_at;
-                while first_pass && hot_read < hot_end {
-                    let (a, b) = (hot_read, (hot_read + PIECE_BYTES).min(hot_end));
-                    let at = (a - this.hot_at) as usize;
-                    // SAFETY: this thread is the hot buffer's only writer;
-                    // pieces are disjoint, and each is read before the
-                    // message that makes it readable.
-                    let buf = unsafe { this.hot.fill(at, at + (b - a) as usize) };
-                    if let Err(e) = clock.time(|| read_into(&this.file, path, a, buf, "hot tier")) {
-                        let _ = hot_tx.send(Msg::Failed(e));
-                        return;
-                    }
-                    if hot_tx.send(Msg::Hot(b)).is_err() {
-                        return;
-                    }
-                    hot_read = b;
-                }
-            });
-            scope.spawn(move || {
-                for (i, step) in this.steps.iter().enumerate() {
-                    let mut slot = None;
-                    if step.read_bytes > 0 {
-                        // Backpressure: wait for a buffer the consumer is done with.
-                        let Ok(k) = free_rx.recv() else { return };
-                        slot = Some(k);
-                        let mut at = 0u64;
-                        for &(offset, len) in &step.spans {
-                            for (a, b) in pieces(len) {
-                                // SAFETY: buffer `k` was given back, so nothing
-                                // reads it; pieces are disjoint and announced
-                                // only once read.
-                                let buf = unsafe {
-                                    this.pool[k].fill((at + a) as usize, (at + b) as usize)
-                                };
-                                let what = format!("step {}", step.name);
-                                if let Err(e) = clock
-                                    .time(|| read_into(&this.file, path, offset + a, buf, &what))
-                                {
-                                    let _ = tx.send(Msg::Failed(e));
-                                    return;
-                                }
-                                let upto = (at + b) as usize;
-                                if tx
-                                    .send(Msg::Streamed {
-                                        step: i,
-                                        slot: k,
-                                        upto,
-                                    })
-                                    .is_err()
-                                {
-                                    return;
-                                }
+            // The reads of the whole pass, in the order the steps need
+            // them: each step's part of the hot tier (first pass only; the
+            // hot tier stays resident), then its streamed sections. Two
+            // reader threads take them in turn, so that the disk always has
+            // the next request queued while a reader waits for the CPU, and
+            // announce them in order. (One reader for the hot tier front to
+            // back beside one for the streamed sections split the disk
+            // between bytes needed now and bytes needed only at the last
+            // layer: the first step waited on both.)
+            let (reads, order, free_rx, clock) = (&reads, &order, &free_rx, &clock);
+            for _ in 0..READERS {
+                let tx = tx.clone();
+                scope.spawn(move || {
+                    while let Some((t, slot)) = order.take(reads, free_rx) {
+                        let msg = match reads[t] {
+                            Read::Hot { a, b } => {
+                                let at = (a - this.hot_at) as usize;
+                                // SAFETY: each hot range is read once, by
+                                // one reader, and is readable only after
+                                // its message, sent once it is read.
+                                let buf = unsafe { this.hot.fill(at, at + (b - a) as usize) };
+                                clock
+                                    .time(|| read_into(&this.file, path, a, buf, "hot tier"))
+                                    .map(|()| Msg::Hot(b))
                             }
-                            at += len;
+                            Read::Streamed {
+                                step,
+                                offset,
+                                at,
+                                len,
+                            } => {
+                                let k = slot.expect("a streamed read has its buffer");
+                                // SAFETY: buffer `k` was given back, so
+                                // nothing reads it; its ranges are read
+                                // once each and announced once read.
+                                let buf =
+                                    unsafe { this.pool[k].fill(at as usize, (at + len) as usize) };
+                                let what = format!("step {}", this.steps[step].name);
+                                clock
+                                    .time(|| read_into(&this.file, path, offset, buf, &what))
+                                    .map(|()| Msg::Streamed {
+                                        step,
+                                        slot: k,
+                                        upto: (at + len) as usize,
+                                    })
+                            }
+                            Read::StepEnd { step } => Ok(Msg::StepRead { step, slot }),
+                        };
+                        let failed = msg.is_err();
+                        if !order.announce(t, msg.unwrap_or_else(Msg::Failed), &tx) || failed {
+                            return;
                         }
                     }
-                    if tx.send(Msg::StepRead { step: i, slot }).is_err() {
-                        return;
-                    }
-                }
-            });
+                });
+            }
             // The channels move in here, so that an early return closes
-            // them and the reader stops instead of waiting forever.
+            // them and the readers stop instead of waiting forever.
             let (free_tx, rx) = (free_tx, rx);
             let mut deferred: Vec<Msg> = Vec::new();
             let mut hot_upto = if first_pass {
@@ -680,6 +759,17 @@ impl Loader {
                     let _ = free_tx.send(k);
                 }
             }
+            // The part of the hot tier no step streamed (a loader of some
+            // steps only) is read last: wait for it, so that the next pass
+            // finds the whole hot tier resident.
+            while first_pass && hot_upto < this.hot_at + this.hot_len {
+                match rx.recv() {
+                    Ok(Msg::Hot(upto)) => hot_upto = upto,
+                    Ok(Msg::Failed(e)) => return Err(e),
+                    Ok(_) => {}
+                    Err(_) => return Err(Error::integrity(path, "the reader stopped early")),
+                }
+            }
             Ok(())
         });
         self.spare = spare;
@@ -705,6 +795,43 @@ impl Loader {
         })
     }
 
+    /// A pass's reads in the order the steps need them: each step's part
+    /// of the hot tier (on the first pass), then its streamed sections,
+    /// then its end; the rest of the hot tier (of steps not streamed)
+    /// comes last. Ranges are pieces of at most [`PIECE_BYTES`], whole
+    /// blocks with `O_DIRECT` (the hot range as read, and every section,
+    /// starts on a block).
+    fn reads(&self, first_pass: bool) -> Vec<Read> {
+        let mut reads = Vec::new();
+        let hot_end = self.hot_at + self.hot_len;
+        let mut hot = self.hot_at;
+        let mut hot_to = |reads: &mut Vec<Read>, to: u64| {
+            while first_pass && hot < to {
+                let b = (hot + PIECE_BYTES).min(to);
+                reads.push(Read::Hot { a: hot, b });
+                hot = b;
+            }
+        };
+        for (i, step) in self.steps.iter().enumerate() {
+            hot_to(&mut reads, align_up(step.hot_end).min(hot_end));
+            let mut at = 0u64;
+            for &(offset, len) in &step.spans {
+                for (a, b) in pieces(len) {
+                    reads.push(Read::Streamed {
+                        step: i,
+                        offset: offset + a,
+                        at: at + a,
+                        len: b - a,
+                    });
+                }
+                at += len;
+            }
+            reads.push(Read::StepEnd { step: i });
+        }
+        hot_to(&mut reads, hot_end);
+        reads
+    }
+
     /// Whether tensor `t` is delivered as its base blocks.
     fn blocks(&self, t: &tpde_format::Tensor) -> bool {
         self.options.base_blocks
@@ -719,12 +846,15 @@ impl Loader {
         let n = step.out_bytes as usize;
         // Every byte is written by the decoders: a reused buffer is not
         // cleared, and a new one (the consumer kept the last) comes zeroed
-        // from the allocator rather than filled here.
+        // from the allocator rather than filled here. A reused buffer keeps
+        // its committed memory when it grows within its capacity (a step
+        // larger than the one before, after a smaller one: `resize` zeroes
+        // the new part, a fresh buffer would fault in every page).
         let mut data = std::mem::take(spare);
-        if data.len() < n {
+        if data.capacity() < n {
             data = vec![0u8; n];
         }
-        data.truncate(n);
+        data.resize(n, 0);
         let mut at = 0usize;
         let tensors = step
             .tensors

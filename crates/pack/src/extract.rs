@@ -134,12 +134,13 @@ impl<'c> ExpertReader<'c> {
 
     /// The tensors of expert `expert` of layer `layer`, at `fidelity`.
     ///
-    /// With a shard, its bytes are read in one sequential pass in groups of
-    /// chunks (the group's hot bytes, then its residuals), and each group's
-    /// chunks are checked and decoded by the thread team (`tpde_team`) as
-    /// soon as the group is in, while the calling thread reads the next;
-    /// chunks decode straight into the output. The team runs one job at a
-    /// time: do not call this from inside a team job.
+    /// With a shard, the disk is asked for all of it first (readahead), then
+    /// its bytes are read in order in groups of chunks (the group's hot
+    /// bytes, then its residuals) by the members of the thread team
+    /// (`tpde_team`), each group by whichever member needs it first, and
+    /// each group's chunks are checked and decoded as soon as the group is
+    /// in, straight into the output. The team runs one job at a time: do
+    /// not call this from inside a team job.
     pub fn fetch(
         &self,
         layer: u32,
@@ -163,6 +164,10 @@ impl<'c> ExpertReader<'c> {
         fidelity: Fidelity,
         blocks: bool,
     ) -> Result<Vec<ExtractedTensor>> {
+        let ts = std::time::Instant::now();
+        let st = std::sync::Mutex::new(Vec::<(&str, usize, u128)>::new());
+        let stamp =
+            |n: &'static str, k: usize| st.lock().unwrap().push((n, k, ts.elapsed().as_micros()));
         let c = self.c;
         let m = &c.manifest;
         let Some(l) = self.plan.layers.iter().find(|l| l.layer == layer) else {
@@ -189,6 +194,25 @@ impl<'c> ExpertReader<'c> {
                     expert + 1
                 ),
             ));
+        }
+        // The shard's entry, and its bytes asked of the disk before anything
+        // is planned (advice only: what is read is checked below).
+        let entry = m
+            .experts
+            .iter()
+            .find(|x| x.layer == layer && x.expert == expert)
+            .and_then(|x| {
+                let s = m.sections.get(x.section as usize)?;
+                let end = match fidelity {
+                    Fidelity::Exact => s.offset.checked_add(s.len)?,
+                    Fidelity::Base => s.offset.checked_add(x.hot_len)?,
+                };
+                Some((s, end))
+            });
+        if let Some((s, end)) = entry {
+            stamp("pre", 0);
+            c.will_need(s.offset, end - s.offset);
+            stamp("wn", 0);
         }
         // Which part of which chunk goes where, in output order.
         let mut out = Vec::new();
@@ -255,27 +279,15 @@ impl<'c> ExpertReader<'c> {
         }
         // The shard, if the container has one holding every piece (a valid
         // container may place them elsewhere: then they are read one by one).
-        let shard = m
-            .experts
-            .iter()
-            .find(|x| x.layer == layer && x.expert == expert)
-            .map(|x| {
-                let s = &m.sections[x.section as usize];
-                let end = match fidelity {
-                    Fidelity::Exact => s.offset + s.len,
-                    Fidelity::Base => s.offset + x.hot_len,
-                };
-                (s, end)
+        let shard = entry.filter(|(s, end)| {
+            pieces.iter().all(|p| {
+                let (hot, cold) = self.extents(p, fidelity);
+                [Some(hot), cold]
+                    .into_iter()
+                    .flatten()
+                    .all(|e| e.offset >= s.offset && e.end() <= *end)
             })
-            .filter(|(s, end)| {
-                pieces.iter().all(|p| {
-                    let (hot, cold) = self.extents(p, fidelity);
-                    [Some(hot), cold]
-                        .into_iter()
-                        .flatten()
-                        .all(|e| e.offset >= s.offset && e.end() <= *end)
-                })
-            });
+        });
         let failed = std::sync::Mutex::new(None::<(usize, Error)>);
         let fail = |k: usize, e: Error| {
             let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -285,7 +297,6 @@ impl<'c> ExpertReader<'c> {
         };
         match shard {
             Some((s, end)) => {
-                c.will_need(s.offset, end - s.offset);
                 // Pieces in the order of their hot bytes (the order of their
                 // residuals too), cut into groups of about GROUP_BYTES.
                 let mut order: Vec<usize> = (0..pieces.len()).collect();
@@ -361,14 +372,16 @@ impl<'c> ExpertReader<'c> {
                     at = b;
                     parts[gi][j] = Some((a, mine));
                 }
-                // One job on the thread team (`tpde_team`): this thread
-                // reads the groups in order and publishes each when it is
-                // in; every member, this one once it has read them all,
-                // takes pieces in order and decodes each as soon as its
-                // group is in. The team's helper spins between jobs, so it
-                // is awake when the first group lands (a rayon worker woke
-                // 0.1-0.25 ms after its piece was spawned, and a small
-                // expert's pieces decoded one after another).
+                // One job on the thread team (`tpde_team`). Every member
+                // takes pieces in order; one whose group is not in yet reads
+                // the next unread group itself (groups are read in order, by
+                // whichever member gets there first) or waits for the member
+                // reading it. So both cores decode while later groups are
+                // still on their way (when one member read every group, the
+                // other decoded alone until the last group was in). The
+                // team's helper spins between jobs, so it is awake when the
+                // first group lands (a rayon worker woke 0.1-0.25 ms after
+                // its piece was spawned).
                 let n_groups = groups.len();
                 let order: Vec<(usize, usize)> = groups
                     .iter()
@@ -377,64 +390,78 @@ impl<'c> ExpertReader<'c> {
                     .collect();
                 let outs: Vec<Mutex<Option<&mut [u8]>>> =
                     dest.iter_mut().map(|d| Mutex::new(d.take())).collect();
-                let to_read = Mutex::new(Some(parts));
+                let to_read: Vec<Mutex<Option<[Option<Part>; 2]>>> =
+                    parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
                 // Each group's spans, as read (offset, bytes), once they are in.
                 type Spans<'b> = Vec<(u64, &'b [u8])>;
                 let ready: Vec<OnceLock<Spans>> = (0..n_groups).map(|_| OnceLock::new()).collect();
+                let read_next = AtomicUsize::new(0);
                 let abort = AtomicBool::new(false);
                 let next = AtomicUsize::new(0);
-                tpde_team::Team::global().run(&|member, _| {
-                    if member == 0 {
-                        let parts = to_read
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take()
-                            .expect("member 0 reads once");
-                        for (gi, two) in parts.into_iter().enumerate() {
-                            let mut bufs: Vec<(u64, &[u8])> = Vec::new();
+                // Group `gi`'s spans, reading groups up to it if no other
+                // member is; `None` once a read has failed.
+                let group = |gi: usize| -> Option<&Spans> {
+                    loop {
+                        if let Some(b) = ready[gi].get() {
+                            return Some(b);
+                        }
+                        if abort.load(Ordering::Acquire) {
+                            return None;
+                        }
+                        let j = read_next.load(Ordering::Acquire);
+                        if j <= gi
+                            && read_next
+                                .compare_exchange(j, j + 1, Ordering::AcqRel, Ordering::Relaxed)
+                                .is_ok()
+                        {
+                            let two = to_read[j]
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take()
+                                .expect("each group read once");
+                            let mut bufs: Spans = Vec::new();
                             for (a, part) in two.into_iter().flatten() {
                                 if let Err(e) = c.read_span_into(a, part, || s.name.clone()) {
-                                    fail(groups[gi][0], e);
+                                    fail(groups[j][0], e);
                                     abort.store(true, Ordering::Release);
-                                    return;
+                                    return None;
                                 }
                                 bufs.push((a, part));
                             }
-                            let _ = ready[gi].set(bufs);
-                        }
-                    }
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(gi, k)) = order.get(i) else { return };
-                        let bufs = loop {
-                            if let Some(b) = ready[gi].get() {
-                                break b;
-                            }
-                            if abort.load(Ordering::Acquire) {
-                                return;
-                            }
+                            let _ = ready[j].set(bufs);
+                            stamp("g", j);
+                        } else {
                             std::hint::spin_loop();
-                        };
-                        let get = |e: &Extent, who: &dyn Fn() -> String| {
-                            let (a, v) = bufs
-                                .iter()
-                                .find(|(a, v)| e.offset >= *a && e.end() <= a + v.len() as u64)
-                                .expect("read with its group");
-                            let (a, v) = (*a, *v);
-                            let b = &v[(e.offset - a) as usize..(e.end() - a) as usize];
-                            c.check(e, b, who)?;
-                            Ok(Cow::Borrowed(b))
-                        };
-                        let to = outs[k]
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take()
-                            .expect("each piece once");
-                        if let Err(e) = self.decode(&pieces[k], fidelity, &get, to) {
-                            fail(k, e);
                         }
                     }
+                };
+                stamp("run", 0);
+                tpde_team::Team::global().run(&|member, _| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(gi, k)) = order.get(i) else { return };
+                    let Some(bufs) = group(gi) else { return };
+                    let get = |e: &Extent, who: &dyn Fn() -> String| {
+                        let (a, v) = bufs
+                            .iter()
+                            .find(|(a, v)| e.offset >= *a && e.end() <= a + v.len() as u64)
+                            .expect("read with its group");
+                        let (a, v) = (*a, *v);
+                        let b = &v[(e.offset - a) as usize..(e.end() - a) as usize];
+                        c.check(e, b, who)?;
+                        Ok(Cow::Borrowed(b))
+                    };
+                    let to = outs[k]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .expect("each piece once");
+                    stamp(if member == 0 { "s0" } else { "s1" }, k);
+                    if let Err(e) = self.decode(&pieces[k], fidelity, &get, to) {
+                        fail(k, e);
+                    }
+                    stamp(if member == 0 { "d0" } else { "d1" }, k);
                 });
+                stamp("end", 0);
             }
             None => {
                 // No shard (a container of format version 1 or 2): each
@@ -453,6 +480,10 @@ impl<'c> ExpertReader<'c> {
                         }
                     });
             }
+        }
+        stamp("ret", 0);
+        if std::env::var_os("TRACE").is_some() {
+            eprintln!("{:?}", st.lock().unwrap());
         }
         if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
