@@ -398,8 +398,9 @@ impl<'c> ExpertReader<'c> {
                 let read_next = AtomicUsize::new(0);
                 let abort = AtomicBool::new(false);
                 let next = AtomicUsize::new(0);
-                // Group `gi`'s spans, reading groups up to it if no other
-                // member is; `None` once a read has failed.
+                // Group `gi`'s spans, reading groups up to it (or the one
+                // after it, while another member reads it); `None` once a
+                // read has failed.
                 let group = |gi: usize| -> Option<&Spans> {
                     loop {
                         if let Some(b) = ready[gi].get() {
@@ -408,8 +409,11 @@ impl<'c> ExpertReader<'c> {
                         if abort.load(Ordering::Acquire) {
                             return None;
                         }
+                        // Rather than wait for a group another member is
+                        // reading, read the one after it.
                         let j = read_next.load(Ordering::Acquire);
-                        if j <= gi
+                        if j <= gi + 1
+                            && j < n_groups
                             && read_next
                                 .compare_exchange(j, j + 1, Ordering::AcqRel, Ordering::Relaxed)
                                 .is_ok()
