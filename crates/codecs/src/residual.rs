@@ -167,20 +167,71 @@ fn planes_from(dtype: FloatDtype, codec: BaseCodec, z: &[u64], class: &[u8]) -> 
     streams
 }
 
+/// How a residual stream's frames are made at zstd levels 1 to
+/// [`TUNED_UP_TO_LEVEL`]: zstd's `fast` strategy, matches of 7 bytes or
+/// more, found through a 64-entry hash table. A residual's byte planes are
+/// nearly random, so the short matches zstd's own level-3 settings take
+/// cost more than they save. On the MiniLM fixtures this makes the cold
+/// tier smaller (BF16 0.452 → 0.448 ×, F32 0.714 → 0.712 × of the original
+/// bytes), encodes 20–35 % faster and decodes a few percent faster (fewer
+/// sequences); zstd at level 19 reaches 0.447 × at a thirtieth of the
+/// speed. Frames stay plain zstd frames: readers see no difference.
+const RESIDUAL_MATCHES: [zstd_safe::CParameter; 4] = [
+    zstd_safe::CParameter::Strategy(zstd_safe::Strategy::ZSTD_fast),
+    zstd_safe::CParameter::MinMatch(7),
+    zstd_safe::CParameter::HashLog(6),
+    zstd_safe::CParameter::ChainLog(6),
+];
+
+/// Levels at which residual streams get [`RESIDUAL_MATCHES`]; above it
+/// (a user asking for a slower search), and at zstd's negative levels,
+/// the level's own settings apply.
+pub const TUNED_UP_TO_LEVEL: i32 = 3;
+
+/// Which settings a frame is made with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Frames {
+    /// zstd's settings for the level.
+    Level(i32),
+    /// The level with [`RESIDUAL_MATCHES`].
+    Residual(i32),
+}
+
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<(Frames, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
 /// Compresses `data` into one zstd frame that records its content size.
 pub fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    compress_frame(data, Frames::Level(level))
+}
+
+/// [`zstd_compress`] for a residual stream: with [`RESIDUAL_MATCHES`] at
+/// levels 1 to [`TUNED_UP_TO_LEVEL`].
+pub fn zstd_compress_residual(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    let how = if (1..=TUNED_UP_TO_LEVEL).contains(&level) {
+        Frames::Residual(level)
+    } else {
+        Frames::Level(level)
+    };
+    compress_frame(data, how)
+}
+
+fn compress_frame(data: &[u8], how: Frames) -> Result<Vec<u8>, CodecError> {
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+        if c.as_ref().is_none_or(|(h, _)| *h != how) {
+            let (Frames::Level(level) | Frames::Residual(level)) = how;
             let mut comp = zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?;
             comp.include_contentsize(true).map_err(CodecError::Zstd)?;
             comp.include_checksum(false).map_err(CodecError::Zstd)?;
-            *c = Some((level, comp));
+            if let Frames::Residual(_) = how {
+                for p in RESIDUAL_MATCHES {
+                    comp.set_parameter(p).map_err(CodecError::Zstd)?;
+                }
+            }
+            *c = Some((how, comp));
         }
         let (_, comp) = c.as_mut().expect("set above");
         comp.compress(data).map_err(CodecError::Zstd)
@@ -260,7 +311,7 @@ fn frame_streams<S: AsRef<[u8]>>(streams: &[S], level: i32) -> Result<Vec<u8>, C
         if s.is_empty() {
             table.extend_from_slice(&0u32.to_le_bytes());
         } else {
-            let f = zstd_compress(s, level)?;
+            let f = zstd_compress_residual(s, level)?;
             let len = u32::try_from(f.len())
                 .map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
             table.extend_from_slice(&len.to_le_bytes());

@@ -568,3 +568,34 @@ fn quantize_matches_the_reference_on_built_groups() {
         }
     }
 }
+
+/// Residual streams at levels 1 to `TUNED_UP_TO_LEVEL` are made with the
+/// writer's match settings (matches of 7 bytes or more): on a plane whose
+/// only repeats are 5 bytes long the frame differs from plain level 3's;
+/// above the tuned levels the two are the same frame. Every frame decodes
+/// to its input.
+#[test]
+fn residual_streams_use_the_writers_match_settings_at_the_tuned_levels() {
+    let mut rng = SplitMix(11);
+    // Random bytes with a 5-byte motif every 16 bytes: level 3's matches
+    // (minimum 5 bytes at its settings) find the motif, 7-byte matches do not.
+    let mut plane = Vec::new();
+    while plane.len() < 1 << 16 {
+        plane.extend_from_slice(&[0xA5, 0x5A, 0x3C, 0xC3, 0x99]);
+        plane.extend((0..11).map(|_| rng.next() as u8));
+    }
+    let plain = residual::zstd_compress(&plane, 3).unwrap();
+    let tuned = residual::zstd_compress_residual(&plane, 3).unwrap();
+    assert_ne!(plain, tuned, "level 3: the residual settings apply");
+    let above = residual::TUNED_UP_TO_LEVEL + 2;
+    assert_eq!(
+        residual::zstd_compress(&plane, above).unwrap(),
+        residual::zstd_compress_residual(&plane, above).unwrap(),
+        "level {above}: the level's own settings"
+    );
+    for f in [plain, tuned] {
+        let mut out = vec![0u8; plane.len()];
+        residual::zstd_decompress_exact(&f, &mut out).unwrap();
+        assert!(out == plane);
+    }
+}
