@@ -604,6 +604,23 @@ fn expert_shards_that_break_the_rules() {
     let mut older = moe_edit(|m| m["format_version"] = json!(2));
     older[8..12].copy_from_slice(&2u32.to_le_bytes());
     rejects(&older, "expert shards need format version 3");
+    // The exact-v2 residual in a container that claims version 3, and an
+    // unknown residual kind.
+    let mut v3 = moe_edit(|m| m["format_version"] = json!(3));
+    v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+    rejects(&v3, "needs format version 4");
+    rejects(
+        &moe_edit(|m| {
+            let t = m["tensors"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|t| t["storage"]["residual"].is_string())
+                .unwrap();
+            t["storage"]["residual"] = json!("exact-v3");
+        }),
+        "unknown residual kind",
+    );
     // A file blob moved into an expert section is not allowed there.
     rejects(
         &moe_edit(|m| {

@@ -108,7 +108,7 @@ fn every_expert_is_one_shard_holding_exactly_its_data() {
         let out = pack(&fixture(rel), d.path());
         let c = Container::open(&out).unwrap();
         let m = &c.manifest;
-        assert_eq!(m.format_version, 3);
+        assert_eq!(m.format_version, tpde_format::FORMAT_VERSION);
         let layers: Vec<u32> = m.experts.iter().map(|x| x.layer).collect();
         assert!(
             layers.windows(2).all(|w| w[0] <= w[1]),

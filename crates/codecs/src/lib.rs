@@ -12,9 +12,9 @@
 //! let layout = BaseLayout { codec: BaseCodec::Q4, group: 64, cols: 4 };
 //! let mut hot = vec![0u8; layout.row_bytes()];
 //! base::quantize(FloatDtype::F32, &layout, &vals, &mut hot);
-//! let cold = residual::encode(FloatDtype::F32, &layout, &vals, &hot, 3).unwrap();
+//! let cold = residual::encode(FloatDtype::F32, &layout, &vals, &hot, 3, residual::Kind::CURRENT).unwrap();
 //! let mut back = vec![0u8; vals.len()];
-//! residual::decode(FloatDtype::F32, &layout, &hot, &cold, &mut back).unwrap();
+//! residual::decode(FloatDtype::F32, &layout, &hot, &cold, &mut back, residual::Kind::CURRENT).unwrap();
 //! assert_eq!(back, vals); // bit-exact, NaN included
 //! ```
 

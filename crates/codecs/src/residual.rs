@@ -27,6 +27,25 @@
 //! exactly one zstd frame whose declared content size equals the number of
 //! elements of its class, which the decoder counts from the base before
 //! decompressing: nothing decompresses past its known size.
+//!
+//! ## `exact-v2`: split streams
+//!
+//! The residual kind of format version 4 ([`Kind::V2`]) also allows a
+//! stream to be *split* (its table entry has bit 31 set; the length is the
+//! low 31 bits): the plane's high nibbles, two to a byte, as one zstd frame,
+//! and its low nibbles, two to a byte, stored as they are.
+//!
+//! ```text
+//! u32 le  n: bytes of the plane (elements of the class), n ≥ 1
+//! frame   one zstd frame of ⌈n/2⌉ bytes: byte i holds the high nibble of
+//!         byte 2i in its low half and that of byte 2i + 1 in its high half
+//! bytes   ⌈n/2⌉ bytes: the low nibbles, packed the same way
+//! ```
+//!
+//! For odd `n` the last byte's high half is 0 in both parts. In the byte
+//! plane holding a residual's top mantissa bits the low nibble is noise
+//! (4.0 bits of entropy in 4) while the high nibble carries the skew: zstd
+//! then codes half as many symbols, at the same size.
 
 use crate::base::{block_code, block_scale};
 use crate::float::FloatDtype;
@@ -57,6 +76,45 @@ pub fn class_of(codec: BaseCodec, q: i32) -> usize {
         }
     }
 }
+
+/// How a chunk's streams are stored: the manifest's residual kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `exact-v1` (format versions 1 to 3): every non-empty stream is one
+    /// zstd frame.
+    V1,
+    /// `exact-v2` (format version 4): a stream may also be split into its
+    /// high nibbles (a zstd frame) and its low nibbles (stored).
+    V2,
+}
+
+impl Kind {
+    /// The kind the writer uses.
+    pub const CURRENT: Kind = Kind::V2;
+
+    /// The kind a manifest names (`exact-v1`, `exact-v2`).
+    pub fn from_name(name: &str) -> Option<Kind> {
+        match name {
+            "exact-v1" => Some(Kind::V1),
+            "exact-v2" => Some(Kind::V2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::V1 => "exact-v1",
+            Kind::V2 => "exact-v2",
+        }
+    }
+}
+
+/// Bit 31 of a stream's table entry: the stream is split (`exact-v2`).
+const SPLIT: u32 = 1 << 31;
+
+/// Planes shorter than this are never split (the 4-byte header and a
+/// second part are not worth it).
+const SPLIT_MIN_BYTES: usize = 4096;
 
 /// Zigzag of a `bits`-wide two's-complement value.
 #[inline]
@@ -303,23 +361,217 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
     })
 }
 
-fn frame_streams<S: AsRef<[u8]>>(streams: &[S], level: i32) -> Result<Vec<u8>, CodecError> {
+/// Which streams of an `exact-v2` chunk the writer splits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Splits {
+    /// Those [`split_pays`] picks.
+    Chosen,
+    /// Every non-empty one (valid too; for tests and fuzzing).
+    Every,
+}
+
+fn frame_streams<S: AsRef<[u8]>>(
+    streams: &[S],
+    level: i32,
+    kind: Kind,
+) -> Result<Vec<u8>, CodecError> {
+    frame_streams_with(streams, level, kind, Splits::Chosen)
+}
+
+fn frame_streams_with<S: AsRef<[u8]>>(
+    streams: &[S],
+    level: i32,
+    kind: Kind,
+    splits: Splits,
+) -> Result<Vec<u8>, CodecError> {
     let mut table = Vec::with_capacity(streams.len() * 4);
     let mut body = Vec::new();
     for s in streams {
         let s = s.as_ref();
         if s.is_empty() {
             table.extend_from_slice(&0u32.to_le_bytes());
-        } else {
-            let f = zstd_compress_residual(s, level)?;
-            let len = u32::try_from(f.len())
-                .map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
-            table.extend_from_slice(&len.to_le_bytes());
-            body.extend_from_slice(&f);
+            continue;
         }
+        let at = body.len();
+        let split = kind == Kind::V2 && (splits == Splits::Every || split_pays(s));
+        if split {
+            let n = u32::try_from(s.len())
+                .map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
+            body.extend_from_slice(&n.to_le_bytes());
+            NIBBLES.with(|b| -> Result<(), CodecError> {
+                let (hi, lo) = &mut *b.borrow_mut();
+                split_nibbles(s, hi, lo);
+                body.extend_from_slice(&zstd_compress_residual(hi, level)?);
+                body.extend_from_slice(lo);
+                Ok(())
+            })?;
+        } else {
+            body.extend_from_slice(&zstd_compress_residual(s, level)?);
+        }
+        let len = u32::try_from(body.len() - at)
+            .ok()
+            .filter(|&l| l < SPLIT)
+            .ok_or_else(|| CodecError::Shape("stream over 2 GiB".into()))?;
+        let entry = if split { len | SPLIT } else { len };
+        table.extend_from_slice(&entry.to_le_bytes());
     }
     table.extend_from_slice(&body);
     Ok(table)
+}
+
+/// Whether a plane is worth splitting: its low nibbles are noise given its
+/// high ones (≥ 3.9 bits of conditional entropy in 4), while the whole
+/// byte is compressible (≤ 7.5 bits; above that zstd stores it as it is).
+/// Measured on 16 evenly spaced runs of 256 bytes, with the Miller–Madow
+/// correction of a sampled entropy's bias.
+fn split_pays(plane: &[u8]) -> bool {
+    if plane.len() < SPLIT_MIN_BYTES {
+        return false;
+    }
+    const RUNS: usize = 16;
+    const RUN: usize = 256;
+    const N: usize = RUNS * RUN;
+    // Four histograms, so that runs of one byte value do not wait on one
+    // counter.
+    let mut hists = [[0u32; 256]; 4];
+    let gap = (plane.len() - RUN) / (RUNS - 1);
+    for k in 0..RUNS {
+        for q in plane[k * gap..k * gap + RUN].chunks_exact(4) {
+            for (h, &b) in hists.iter_mut().zip(q) {
+                h[b as usize] += 1;
+            }
+        }
+    }
+    let mut hist = [0u32; 256];
+    for h in &hists {
+        for (a, &c) in hist.iter_mut().zip(h) {
+            *a += c;
+        }
+    }
+    let mut high = [0u32; 16];
+    for (b, &c) in hist.iter().enumerate() {
+        high[b >> 4] += c;
+    }
+    // c·log2(c) for every count a sample can reach.
+    static C_LOG_C: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let clogc = C_LOG_C.get_or_init(|| {
+        (0..=N)
+            .map(|c| {
+                if c == 0 {
+                    0.0
+                } else {
+                    c as f64 * (c as f64).log2()
+                }
+            })
+            .collect()
+    });
+    // Bits per symbol, with the Miller–Madow correction.
+    let entropy = |counts: &[u32]| {
+        let seen = counts.iter().filter(|&&c| c > 0).count();
+        let sum: f64 = counts.iter().map(|&c| clogc[c as usize]).sum();
+        (N as f64).log2() - sum / N as f64
+            + (seen as f64 - 1.0) / (2.0 * N as f64 * std::f64::consts::LN_2)
+    };
+    let h8 = entropy(&hist);
+    h8 <= 7.5 && h8 - entropy(&high) >= 3.9
+}
+
+/// A plane's high nibbles and its low nibbles, two to a byte (element
+/// `2i` in the low half of byte `i`), into `hi` and `lo` (resized); for an
+/// odd length the last byte's high half is 0.
+fn split_nibbles(plane: &[u8], hi: &mut Vec<u8>, lo: &mut Vec<u8>) {
+    let half = plane.len().div_ceil(2);
+    hi.resize(half, 0);
+    lo.resize(half, 0);
+    for ((p, h), l) in plane.chunks_exact(2).zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        *h = (p[0] >> 4) | (p[1] & 0xF0);
+        *l = (p[0] & 0x0F) | (p[1] << 4);
+    }
+    if let [.., last] = plane {
+        if plane.len() % 2 == 1 {
+            hi[half - 1] = last >> 4;
+            lo[half - 1] = last & 0x0F;
+        }
+    }
+}
+
+/// Inverse of [`split_nibbles`] into `out` (`⌈out.len()/2⌉` bytes of each
+/// part). Written so that the compiler vectorizes it.
+fn join_nibbles(hi: &[u8], lo: &[u8], out: &mut [u8]) {
+    let pairs = out.len() / 2;
+    for ((o, &h), &l) in out.chunks_exact_mut(2).zip(&hi[..pairs]).zip(&lo[..pairs]) {
+        o[0] = (h << 4) | (l & 0x0F);
+        o[1] = (h & 0xF0) | (l >> 4);
+    }
+    if out.len() % 2 == 1 {
+        out[2 * pairs] = (hi[pairs] << 4) | (lo[pairs] & 0x0F);
+    }
+}
+
+/// The parts of a split stream, checked: `n` (at least 1), the zstd frame
+/// of the high nibbles (its exact extent, not yet decompressed), and the
+/// low nibbles, whose unused half byte (odd `n`) must be 0.
+fn split_parts(stream: &[u8], i: usize) -> Result<(usize, &[u8], &[u8]), CodecError> {
+    let bad = |m: String| CodecError::Corrupt(format!("split stream {i}: {m}"));
+    if stream.len() < 4 {
+        return Err(bad(format!(
+            "{} bytes, shorter than its header",
+            stream.len()
+        )));
+    }
+    let n = u32::from_le_bytes(stream[..4].try_into().expect("4 bytes")) as usize;
+    if n == 0 {
+        return Err(bad("holds no elements".into()));
+    }
+    let half = n.div_ceil(2);
+    let rest = &stream[4..];
+    let frame_len = rest.len().checked_sub(half).ok_or_else(|| {
+        bad(format!(
+            "{} bytes cannot hold {half} bytes of low nibbles",
+            stream.len()
+        ))
+    })?;
+    let (frame, lo) = rest.split_at(frame_len);
+    if n % 2 == 1 && lo[half - 1] >> 4 != 0 {
+        return Err(bad("the padding nibble is not 0".into()));
+    }
+    Ok((n, frame, lo))
+}
+
+thread_local! {
+    /// The high and low nibbles of a split stream being made or decoded
+    /// on this thread.
+    static NIBBLES: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Decodes stream `i` of the chunk (a zstd frame, or a split stream when
+/// `split`) into `out`, which is the plane's exact length.
+fn decode_stream(stream: &[u8], split: bool, i: usize, out: &mut [u8]) -> Result<(), CodecError> {
+    if !split {
+        return zstd_decompress_exact(stream, out);
+    }
+    let (n, frame, lo) = split_parts(stream, i)?;
+    if n != out.len() {
+        return Err(CodecError::Corrupt(format!(
+            "split stream {i} holds {n} elements, its class {}",
+            out.len()
+        )));
+    }
+    NIBBLES.with(|b| {
+        let (hi, _) = &mut *b.borrow_mut();
+        let half = n.div_ceil(2);
+        if hi.len() < half {
+            hi.resize(half, 0);
+        }
+        zstd_decompress_exact(frame, &mut hi[..half])?;
+        if n % 2 == 1 && hi[half - 1] >> 4 != 0 {
+            return Err(CodecError::Corrupt(format!(
+                "split stream {i}: the padding nibble is not 0"
+            )));
+        }
+        join_nibbles(&hi[..half], lo, out);
+        Ok(())
+    })
 }
 
 /// Reference encoder: the plain definition, element by element.
@@ -329,9 +581,26 @@ pub fn encode_reference(
     src: &[u8],
     base: &[u8],
     level: i32,
+    kind: Kind,
 ) -> Result<Vec<u8>, CodecError> {
     let (z, class) = residuals_reference(dtype, layout, src, base)?;
-    frame_streams(&planes_from(dtype, layout.codec, &z, &class), level)
+    frame_streams(&planes_from(dtype, layout.codec, &z, &class), level, kind)
+}
+
+/// An `exact-v2` chunk in which every non-empty stream is split, by the
+/// reference path: valid, but not what the writer makes (it splits only
+/// where it pays). For tests and fuzzing of the split streams' decoders.
+#[doc(hidden)]
+pub fn encode_every_stream_split(
+    dtype: FloatDtype,
+    layout: &BaseLayout,
+    src: &[u8],
+    base: &[u8],
+    level: i32,
+) -> Result<Vec<u8>, CodecError> {
+    let (z, class) = residuals_reference(dtype, layout, src, base)?;
+    let planes = planes_from(dtype, layout.codec, &z, &class);
+    frame_streams_with(&planes, level, Kind::V2, Splits::Every)
 }
 
 /// Fast encoder used by the pipeline; output identical to [`encode_reference`].
@@ -341,6 +610,7 @@ pub fn encode(
     src: &[u8],
     base: &[u8],
     level: i32,
+    kind: Kind,
 ) -> Result<Vec<u8>, CodecError> {
     let rows = check_shapes(dtype, layout, src.len(), base.len())?;
     let counts = count_classes(layout, base, rows)?;
@@ -392,7 +662,7 @@ pub fn encode(
     let streams: Vec<&[u8]> = (0..counts.len() * w)
         .map(|i| &planes[offsets[i]..offsets[i] + counts[i / w]])
         .collect();
-    frame_streams(&streams, level)
+    frame_streams(&streams, level, kind)
 }
 
 /// Start of plane `(class, byte)` at index `class * w + byte` in one buffer
@@ -634,12 +904,30 @@ fn count_classes(layout: &BaseLayout, base: &[u8], rows: usize) -> Result<Vec<us
     Ok(counts)
 }
 
-/// Splits a chunk into its streams after checking the stream table.
+/// A stream's table entry: its stored length and whether it is split
+/// (`exact-v2` only: under `exact-v1` bit 31 is refused).
+fn table_entry(chunk: &[u8], i: usize, kind: Kind) -> Result<(usize, bool), CodecError> {
+    let e = u32::from_le_bytes(chunk[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    let split = e & SPLIT != 0;
+    match (split, kind) {
+        (true, Kind::V1) => Err(CodecError::Corrupt(format!(
+            "stream {i}: a split stream, which exact-v1 does not have"
+        ))),
+        (true, _) if e == SPLIT => Err(CodecError::Corrupt(format!(
+            "stream {i}: a split stream of 0 bytes"
+        ))),
+        _ => Ok(((e & !SPLIT) as usize, split)),
+    }
+}
+
+/// Splits a chunk into its streams (and whether each is split) after
+/// checking the stream table.
 fn split_streams(
     chunk: &[u8],
     n_streams: usize,
     expected: impl Fn(usize) -> usize,
-) -> Result<Vec<&[u8]>, CodecError> {
+    kind: Kind,
+) -> Result<Vec<(&[u8], bool)>, CodecError> {
     let table_len = n_streams * 4;
     if chunk.len() < table_len {
         return Err(CodecError::Corrupt(format!(
@@ -650,7 +938,7 @@ fn split_streams(
     let mut at = table_len;
     let mut out = Vec::with_capacity(n_streams);
     for i in 0..n_streams {
-        let len = u32::from_le_bytes(chunk[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
+        let (len, split) = table_entry(chunk, i, kind)?;
         if (len == 0) != (expected(i) == 0) {
             return Err(CodecError::Corrupt(format!(
                 "stream {i} is {len} bytes but its class has {} elements",
@@ -663,7 +951,7 @@ fn split_streams(
             .ok_or_else(|| {
                 CodecError::Corrupt(format!("stream {i} runs past the end of the chunk"))
             })?;
-        out.push(&chunk[at..end]);
+        out.push((&chunk[at..end], split));
         at = end;
     }
     if at != chunk.len() {
@@ -684,20 +972,21 @@ fn decompress_planes(
     rows: usize,
     chunk: &[u8],
     planes: &mut Vec<u8>,
+    kind: Kind,
 ) -> Result<(Vec<usize>, Vec<usize>), CodecError> {
     let w = dtype.width();
     let counts = count_classes(layout, base, rows)?;
-    let streams = split_streams(chunk, counts.len() * w, |i| counts[i / w])?;
+    let streams = split_streams(chunk, counts.len() * w, |i| counts[i / w], kind)?;
     let (offsets, total) = plane_offsets(&counts, w);
     // Every byte is overwritten by the frames below, so a reused buffer
     // only grows; it is never cleared.
     if planes.len() < total {
         planes.resize(total, 0);
     }
-    for (i, s) in streams.iter().enumerate() {
+    for (i, &(s, split)) in streams.iter().enumerate() {
         let n = counts[i / w];
         if n > 0 {
-            zstd_decompress_exact(s, &mut planes[offsets[i]..offsets[i] + n])?;
+            decode_stream(s, split, i, &mut planes[offsets[i]..offsets[i] + n])?;
         }
     }
     Ok((offsets, counts))
@@ -716,6 +1005,7 @@ fn decompress_planes_by_frames(
     rows: usize,
     chunk: &[u8],
     planes: &mut Vec<u8>,
+    kind: Kind,
 ) -> Result<(Vec<usize>, Vec<usize>), CodecError> {
     let w = dtype.width();
     let classes = class_count(layout.codec);
@@ -727,15 +1017,12 @@ fn decompress_planes_by_frames(
             chunk.len()
         )));
     }
-    let len_of = |i: usize| {
-        u32::from_le_bytes(chunk[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize
-    };
     let mut counts = vec![0usize; classes];
     let mut at = table_len;
     for (c, count) in counts.iter_mut().enumerate() {
         for j in 0..w {
             let i = c * w + j;
-            let len = len_of(i);
+            let (len, split) = table_entry(chunk, i, kind)?;
             let end = at
                 .checked_add(len)
                 .filter(|&e| e <= chunk.len())
@@ -744,6 +1031,8 @@ fn decompress_planes_by_frames(
                 })?;
             let n = if len == 0 {
                 0
+            } else if split {
+                split_parts(&chunk[at..end], i)?.0
             } else {
                 match zstd_safe::get_frame_content_size(&chunk[at..end]) {
                     Ok(Some(n)) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
@@ -788,10 +1077,10 @@ fn decompress_planes_by_frames(
     }
     let mut at = table_len;
     for (i, &off) in offsets.iter().enumerate() {
-        let len = len_of(i);
+        let (len, split) = table_entry(chunk, i, kind)?;
         let n = counts[i / w];
         if n > 0 {
-            zstd_decompress_exact(&chunk[at..at + len], &mut planes[off..off + n])?;
+            decode_stream(&chunk[at..at + len], split, i, &mut planes[off..off + n])?;
         }
         at += len;
     }
@@ -814,10 +1103,11 @@ pub fn decode_reference(
     base: &[u8],
     chunk: &[u8],
     out: &mut [u8],
+    kind: Kind,
 ) -> Result<(), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     let mut planes = Vec::new();
-    let (offsets, _) = decompress_planes(dtype, layout, base, rows, chunk, &mut planes)?;
+    let (offsets, _) = decompress_planes(dtype, layout, base, rows, chunk, &mut planes, kind)?;
     let w = dtype.width();
     let mut cursor = vec![0usize; class_count(layout.codec)];
     let rb = layout.row_bytes();
@@ -849,8 +1139,9 @@ pub fn decode(
     base: &[u8],
     chunk: &[u8],
     out: &mut [u8],
+    kind: Kind,
 ) -> Result<(), CodecError> {
-    decode_timed(dtype, layout, base, chunk, out).map(|_| ())
+    decode_timed(dtype, layout, base, chunk, out, kind).map(|_| ())
 }
 
 /// [`decode`], also returning how long its two stages took: decompressing
@@ -862,12 +1153,14 @@ pub fn decode_timed(
     base: &[u8],
     chunk: &[u8],
     out: &mut [u8],
+    kind: Kind,
 ) -> Result<(std::time::Duration, std::time::Duration), CodecError> {
     let rows = check_shapes(dtype, layout, out.len(), base.len())?;
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
         let t0 = std::time::Instant::now();
-        let (offsets, counts) = decompress_planes_by_frames(dtype, layout, rows, chunk, planes)?;
+        let (offsets, counts) =
+            decompress_planes_by_frames(dtype, layout, rows, chunk, planes, kind)?;
         let t1 = std::time::Instant::now();
         match dtype.width() {
             2 => gather::<2>(dtype, layout, base, rows, &offsets, &counts, planes, out),

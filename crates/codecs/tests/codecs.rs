@@ -4,6 +4,9 @@
 use proptest::prelude::*;
 use tpde_codecs::{base, residual, BaseCodec, BaseLayout, FloatDtype};
 
+/// The residual kind the writer uses; tests of both name them.
+const K: residual::Kind = residual::Kind::CURRENT;
+
 const DTYPES: [FloatDtype; 4] = [
     FloatDtype::F16,
     FloatDtype::BF16,
@@ -104,17 +107,26 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
         hot, hot_ref,
         "quantize fast != reference ({dtype:?} {layout:?})"
     );
-    let cold = residual::encode(dtype, layout, src, &hot, 3).unwrap();
-    let cold_ref = residual::encode_reference(dtype, layout, src, &hot, 3).unwrap();
-    assert_eq!(
-        cold, cold_ref,
-        "encode fast != reference ({dtype:?} {layout:?})"
-    );
-    let mut out = vec![0u8; src.len()];
-    residual::decode(dtype, layout, &hot, &cold, &mut out).unwrap();
-    assert!(out == src, "decode not bit-exact ({dtype:?} {layout:?})");
-    let mut out_ref = vec![0xAAu8; src.len()];
-    residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref).unwrap();
+    for kind in [residual::Kind::V1, residual::Kind::V2] {
+        let cold = residual::encode(dtype, layout, src, &hot, 3, kind).unwrap();
+        let cold_ref = residual::encode_reference(dtype, layout, src, &hot, 3, kind).unwrap();
+        assert_eq!(
+            cold, cold_ref,
+            "encode fast != reference ({dtype:?} {layout:?} {kind:?})"
+        );
+        let mut out = vec![0u8; src.len()];
+        residual::decode(dtype, layout, &hot, &cold, &mut out, kind).unwrap();
+        assert!(
+            out == src,
+            "decode not bit-exact ({dtype:?} {layout:?} {kind:?})"
+        );
+        let mut out_ref = vec![0xAAu8; src.len()];
+        residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref, kind).unwrap();
+        assert!(
+            out_ref == src,
+            "reference decode not bit-exact ({dtype:?} {layout:?} {kind:?})"
+        );
+    }
     let mut base_fast = vec![0x55u8; src.len()];
     let mut base_ref = vec![0xAAu8; src.len()];
     residual::base_values(dtype, layout, &hot, &mut base_fast).unwrap();
@@ -122,10 +134,6 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
     assert!(
         base_fast == base_ref,
         "base_values fast != reference ({dtype:?} {layout:?})"
-    );
-    assert!(
-        out_ref == src,
-        "reference decode not bit-exact ({dtype:?} {layout:?})"
     );
 }
 
@@ -230,7 +238,7 @@ fn sample_chunk() -> (FloatDtype, BaseLayout, Vec<u8>, Vec<u8>, Vec<u8>) {
     let src = weights(dtype, 128 * 8, 5);
     let mut hot = vec![0u8; 8 * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);
-    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
     (dtype, layout, src, hot, cold)
 }
 
@@ -255,9 +263,9 @@ fn corrupt_chunks_are_errors_not_panics() {
         }),
     ];
     for (what, c) in cases {
-        let e = residual::decode(dtype, &layout, &hot, &c, &mut out);
+        let e = residual::decode(dtype, &layout, &hot, &c, &mut out, K);
         assert!(e.is_err(), "{what}: accepted");
-        let e = residual::decode_reference(dtype, &layout, &hot, &c, &mut out);
+        let e = residual::decode_reference(dtype, &layout, &hot, &c, &mut out, K);
         assert!(e.is_err(), "{what}: reference accepted");
     }
 }
@@ -286,7 +294,7 @@ fn random_bit_flips_never_panic() {
         c[bit / 8] ^= 1 << (bit % 8);
         // Either an error or some output; never a panic. (The xxh3 of the
         // chunk is what catches silent changes; that is the pipeline's job.)
-        let _ = residual::decode(dtype, &layout, &hot, &c, &mut out);
+        let _ = residual::decode(dtype, &layout, &hot, &c, &mut out, K);
     }
 }
 
@@ -318,11 +326,11 @@ fn a_base_with_a_nonzero_padding_nibble_is_rejected() {
     let src = weights(dtype, 3 * 4, 1);
     let mut hot = vec![0u8; 4 * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);
-    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
     hot[layout.row_bytes() - 1] |= 0x30;
     let mut out = vec![0u8; src.len()];
-    assert!(residual::decode(dtype, &layout, &hot, &cold, &mut out).is_err());
-    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out).is_err());
+    assert!(residual::decode(dtype, &layout, &hot, &cold, &mut out, K).is_err());
+    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out, K).is_err());
 }
 
 #[test]
@@ -336,12 +344,12 @@ fn a_q8_base_with_code_minus_128_is_rejected_not_a_panic() {
     let src = weights(dtype, 64 * 2, 3);
     let mut hot = vec![0u8; 2 * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);
-    let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+    let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
     hot[5] = 0x80;
     let mut out = vec![0u8; src.len()];
-    let e = residual::decode(dtype, &layout, &hot, &cold, &mut out).unwrap_err();
+    let e = residual::decode(dtype, &layout, &hot, &cold, &mut out, K).unwrap_err();
     assert!(e.to_string().contains("-128"), "{e}");
-    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out).is_err());
+    assert!(residual::decode_reference(dtype, &layout, &hot, &cold, &mut out, K).is_err());
 }
 
 #[test]
@@ -358,14 +366,14 @@ fn a_base_with_a_non_finite_scale_is_rejected() {
         let src = weights(dtype, 64, 4);
         let mut hot = vec![0u8; layout.row_bytes()];
         base::quantize(dtype, &layout, &src, &mut hot);
-        let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+        let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
         for scale in [0x7C00u16, 0xFC00, 0x7E01] {
             let mut h = hot.clone();
             h[0..2].copy_from_slice(&scale.to_le_bytes());
             let mut out = vec![0u8; src.len()];
-            let e = residual::decode(dtype, &layout, &h, &cold, &mut out).unwrap_err();
+            let e = residual::decode(dtype, &layout, &h, &cold, &mut out, K).unwrap_err();
             assert!(e.to_string().contains("scale"), "{e}");
-            assert!(residual::decode_reference(dtype, &layout, &h, &cold, &mut out).is_err());
+            assert!(residual::decode_reference(dtype, &layout, &h, &cold, &mut out, K).is_err());
         }
     }
 }
@@ -411,7 +419,7 @@ fn a_base_changed_after_the_residual_gives_the_references_answer() {
         let src = weights(dtype, cols * rows, case as u64);
         let mut hot = vec![0u8; rows * layout.row_bytes()];
         base::quantize(dtype, &layout, &src, &mut hot);
-        let cold = residual::encode(dtype, &layout, &src, &hot, 3).unwrap();
+        let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
         // Change one to four code bytes (never a scale: those have their own test).
         for _ in 0..1 + rng.next() % 4 {
             let r = (rng.next() % rows as u64) as usize;
@@ -448,8 +456,8 @@ fn a_base_changed_after_the_residual_gives_the_references_answer() {
         }
         let mut fast = vec![0u8; src.len()];
         let mut reference = vec![0u8; src.len()];
-        let a = residual::decode(dtype, &layout, &hot, &cold, &mut fast);
-        let b = residual::decode_reference(dtype, &layout, &hot, &cold, &mut reference);
+        let a = residual::decode(dtype, &layout, &hot, &cold, &mut fast, K);
+        let b = residual::decode_reference(dtype, &layout, &hot, &cold, &mut reference, K);
         assert_eq!(
             a.is_ok(),
             b.is_ok(),
@@ -598,4 +606,176 @@ fn residual_streams_use_the_writers_match_settings_at_the_tuned_levels() {
         residual::zstd_decompress_exact(&f, &mut out).unwrap();
         assert!(out == plane);
     }
+}
+
+/// The table entries of a chunk's split streams: (stream index, the
+/// stream's element count, where the stream starts in the chunk).
+fn split_entries(cold: &[u8], streams: usize) -> Vec<(usize, usize, usize)> {
+    let mut at = streams * 4;
+    let mut out = Vec::new();
+    for i in 0..streams {
+        let e = u32::from_le_bytes(cold[i * 4..i * 4 + 4].try_into().unwrap());
+        let len = (e & 0x7FFF_FFFF) as usize;
+        if e & 0x8000_0000 != 0 {
+            let n = u32::from_le_bytes(cold[at..at + 4].try_into().unwrap()) as usize;
+            out.push((i, n, at));
+        }
+        at += len;
+    }
+    out
+}
+
+/// A chunk of trained-like weights large enough for the writer to split
+/// the planes whose low nibbles are noise: it does, and both decoders
+/// rebuild it; every dtype, with every stream split too (odd lengths
+/// included), and the two kinds give the same bytes back.
+#[test]
+fn split_streams_round_trip_in_both_decoders() {
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 256,
+    };
+    let mut odd = 0;
+    for dtype in DTYPES {
+        for (rows, seed) in [(384, 1), (257, 2), (129, 3)] {
+            let src = weights(dtype, rows * 256, seed);
+            let mut hot = vec![0u8; rows * layout.row_bytes()];
+            base::quantize(dtype, &layout, &src, &mut hot);
+            let streams = residual::class_count(layout.codec) * dtype.width();
+            let chosen =
+                residual::encode(dtype, &layout, &src, &hot, 3, residual::Kind::V2).unwrap();
+            let every = residual::encode_every_stream_split(dtype, &layout, &src, &hot, 3).unwrap();
+            let v1 = residual::encode(dtype, &layout, &src, &hot, 3, residual::Kind::V1).unwrap();
+            assert!(split_entries(&v1, streams).is_empty());
+            let all = split_entries(&every, streams);
+            assert!(!all.is_empty());
+            odd += all.iter().filter(|e| e.1 % 2 == 1).count();
+            if rows == 384 && matches!(dtype, FloatDtype::BF16 | FloatDtype::F32) {
+                // Enough elements per class for the writer's choice to
+                // split (the plane with a BF16 value's low mantissa bits;
+                // F16 keeps 3 more, and its planes split less).
+                assert!(
+                    !split_entries(&chosen, streams).is_empty(),
+                    "{dtype:?}: the writer split nothing"
+                );
+            }
+            for (what, cold) in [("chosen", &chosen), ("every", &every)] {
+                let mut fast = vec![0u8; src.len()];
+                let mut reference = vec![0xAAu8; src.len()];
+                residual::decode(dtype, &layout, &hot, cold, &mut fast, residual::Kind::V2)
+                    .unwrap();
+                residual::decode_reference(
+                    dtype,
+                    &layout,
+                    &hot,
+                    cold,
+                    &mut reference,
+                    residual::Kind::V2,
+                )
+                .unwrap();
+                assert!(fast == src, "{dtype:?} {rows} rows {what}: fast decoder");
+                assert!(
+                    reference == src,
+                    "{dtype:?} {rows} rows {what}: reference decoder"
+                );
+            }
+        }
+    }
+    assert!(odd > 0, "no split stream of odd length was tested");
+}
+
+/// Damaged split streams are errors in both decoders, never panics or
+/// other bytes: a wrong element count, a nonzero padding nibble, the split
+/// bit set on a plain frame or cleared on a split stream, a split stream of
+/// 0 bytes, and any split stream in an `exact-v1` chunk.
+#[test]
+fn damaged_split_streams_are_refused_by_both_decoders() {
+    let dtype = FloatDtype::BF16;
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 256,
+    };
+    let rows = 257;
+    let src = weights(dtype, rows * 256, 9);
+    let mut hot = vec![0u8; rows * layout.row_bytes()];
+    base::quantize(dtype, &layout, &src, &mut hot);
+    let streams = residual::class_count(layout.codec) * dtype.width();
+    let cold = residual::encode_every_stream_split(dtype, &layout, &src, &hot, 3).unwrap();
+    let splits = split_entries(&cold, streams);
+    let &(i_odd, n_odd, at_odd) = splits.iter().find(|e| e.1 % 2 == 1).expect("an odd stream");
+    let entry = |c: &[u8], i: usize| u32::from_le_bytes(c[i * 4..i * 4 + 4].try_into().unwrap());
+    let set_entry =
+        |c: &mut Vec<u8>, i: usize, v: u32| c[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+    let mut cases: Vec<(String, Vec<u8>, residual::Kind)> = Vec::new();
+    for (i, n, at) in splits.iter().copied().take(4) {
+        for m in [n - 1, n + 1, 0] {
+            let mut c = cold.clone();
+            c[at..at + 4].copy_from_slice(&(m as u32).to_le_bytes());
+            cases.push((
+                format!("stream {i}: count {n} -> {m}"),
+                c,
+                residual::Kind::V2,
+            ));
+        }
+        let mut c = cold.clone();
+        let e = entry(&c, i);
+        set_entry(&mut c, i, e & 0x7FFF_FFFF);
+        cases.push((
+            format!("stream {i}: split bit cleared"),
+            c,
+            residual::Kind::V2,
+        ));
+    }
+    // The unused half of the last low-nibble byte of an odd stream.
+    let len = (entry(&cold, i_odd) & 0x7FFF_FFFF) as usize;
+    let mut c = cold.clone();
+    c[at_odd + len - 1] |= 0x10;
+    cases.push((
+        format!("stream {i_odd} (n = {n_odd}): padding nibble"),
+        c,
+        residual::Kind::V2,
+    ));
+    // The same chunk as exact-v1.
+    cases.push((
+        "split streams under exact-v1".into(),
+        cold.clone(),
+        residual::Kind::V1,
+    ));
+    // A plain chunk with the split bit set on a stream, and a split
+    // stream of length 0.
+    let plain = residual::encode(dtype, &layout, &src, &hot, 3, residual::Kind::V1).unwrap();
+    for i in 0..streams {
+        let e = entry(&plain, i);
+        if e != 0 {
+            let mut c = plain.clone();
+            set_entry(&mut c, i, e | 0x8000_0000);
+            cases.push((
+                format!("stream {i}: split bit on a plain frame"),
+                c,
+                residual::Kind::V2,
+            ));
+        } else {
+            let mut c = plain.clone();
+            set_entry(&mut c, i, 0x8000_0000);
+            cases.push((
+                format!("stream {i}: a split stream of 0 bytes"),
+                c,
+                residual::Kind::V2,
+            ));
+        }
+    }
+    let mut out = vec![0u8; src.len()];
+    for (what, c, kind) in &cases {
+        let a = residual::decode(dtype, &layout, &hot, c, &mut out, *kind);
+        let b = residual::decode_reference(dtype, &layout, &hot, c, &mut out, *kind);
+        assert!(
+            a.is_err() && b.is_err(),
+            "{what}: fast {a:?}, reference {b:?}"
+        );
+    }
+    // The undamaged chunk decodes.
+    residual::decode(dtype, &layout, &hot, &cold, &mut out, residual::Kind::V2).unwrap();
+    assert!(out == src);
 }

@@ -31,12 +31,13 @@ pub const MAGIC: [u8; 8] = *b"\x89TPDE\r\n\x1a";
 /// Last 8 bytes of every container.
 pub const FOOTER_MAGIC: [u8; 8] = *b"TPDEEND\n";
 /// The format version this crate writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this crate reads. Version 2 added GGUF
 /// source files and ggml tensor types, version 3 expert shards (one
-/// section per layer and expert of a mixture-of-experts model); a
-/// container of an older version is a valid container of a newer one that
-/// uses none of the additions.
+/// section per layer and expert of a mixture-of-experts model), version 4
+/// the `exact-v2` residual (split streams); a container of an older
+/// version is a valid container of a newer one that uses none of the
+/// additions.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 64;

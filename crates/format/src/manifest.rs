@@ -170,6 +170,9 @@ pub fn is_decomposable_dtype(name: &str) -> bool {
 
 /// The residual kind of format version 1.
 pub const RESIDUAL_EXACT_V1: &str = "exact-v1";
+/// The residual kind format version 4 adds: `exact-v1` whose streams may
+/// also be split into high and low nibbles.
+pub const RESIDUAL_EXACT_V2: &str = "exact-v2";
 
 /// The whole manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -654,7 +657,12 @@ impl Manifest {
                     if !is_decomposable_dtype(&t.dtype) {
                         return bad(format!("{who}: dtype {} cannot be decomposed", t.dtype));
                     }
-                    if residual != RESIDUAL_EXACT_V1 {
+                    if residual == RESIDUAL_EXACT_V2 && self.format_version < 4 {
+                        return bad(format!(
+                            "{who}: residual kind {residual:?} needs format version 4"
+                        ));
+                    }
+                    if residual != RESIDUAL_EXACT_V1 && residual != RESIDUAL_EXACT_V2 {
                         return bad(format!("{who}: unknown residual kind {residual:?}"));
                     }
                     if *group_size == 0 || *group_size > MAX_GROUP_SIZE {

@@ -1012,10 +1012,15 @@ impl Loader {
                 out.copy_from_slice(b);
                 timers.add(&timers.reconstruct, t0);
             }
-            Storage::Decomposed { chunks, .. } => {
+            Storage::Decomposed {
+                chunks,
+                residual: kind,
+                ..
+            } => {
                 let ch = &chunks[ci];
                 let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
                 let layout = t.base_layout().expect("decomposed");
+                let kind = residual::Kind::from_name(kind).expect("validated");
                 let base = get(&ch.base, " (hot base)")?;
                 let bad = |e| Error::integrity(&c.path, format!("{}: {e}", who()));
                 if self.blocks(t) {
@@ -1024,8 +1029,8 @@ impl Loader {
                     timers.add(&timers.reconstruct, t0);
                 } else if self.options.fidelity == Fidelity::Exact {
                     let cold = get(&ch.cold, " (cold residual)")?;
-                    let (z, g) =
-                        residual::decode_timed(dtype, &layout, base, cold, out).map_err(bad)?;
+                    let (z, g) = residual::decode_timed(dtype, &layout, base, cold, out, kind)
+                        .map_err(bad)?;
                     timers.decompress.fetch_add(z.as_nanos() as u64, Relaxed);
                     timers.reconstruct.fetch_add(g.as_nanos() as u64, Relaxed);
                 } else {

@@ -1,5 +1,5 @@
 //! Single-thread throughput of each codec stage on a real safetensors file:
-//! quantize, residual encode, residual decode (and its zstd part alone),
+//! quantize, residual encode, residual decode (and its streams part alone),
 //! base values (fast and reference),
 //! xxh3 and blake3, in MB/s of original bytes. A tool for tuning the
 //! codecs; the end-to-end figures come from `cargo bench --bench pack`.
@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo run --release -p tpde-pack --example codec_stages -- model.safetensors [reps]
 //! STAGES=decode cargo run --release -p tpde-pack --example codec_stages -- model.safetensors 50
+//! RESIDUAL=exact-v1 STAGES=decode,encode cargo run … # the residual kind (default: the writer's)
 //! ```
 
 use std::time::Instant;
@@ -19,6 +20,10 @@ fn main() {
         std::process::exit(2);
     };
     let reps: u32 = args.next().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let kind = match std::env::var("RESIDUAL") {
+        Ok(name) => residual::Kind::from_name(&name).expect("RESIDUAL=exact-v1 or exact-v2"),
+        Err(_) => residual::Kind::CURRENT,
+    };
     let data = std::fs::read(&path).expect("read the model file");
     let (header, _) = tpde_ingest::safetensors::read_header(&data[..], data.len() as u64)
         .expect("safetensors header");
@@ -86,14 +91,14 @@ fn main() {
         cold = chunks
             .iter()
             .zip(&hot)
-            .map(|((d, l, s), h)| residual::encode(*d, l, s, h, 3).expect("encode"))
+            .map(|((d, l, s), h)| residual::encode(*d, l, s, h, 3, kind).expect("encode"))
             .collect();
     });
     let cold_bytes: usize = cold.iter().map(|c| c.len()).sum();
     let mut out = vec![0u8; chunks.iter().map(|c| c.2.len()).max().unwrap_or(0)];
     time("decode", &mut || {
         for (((d, l, s), h), c) in chunks.iter().zip(&hot).zip(&cold) {
-            residual::decode(*d, l, h, c, &mut out[..s.len()]).expect("decode");
+            residual::decode(*d, l, h, c, &mut out[..s.len()], kind).expect("decode");
         }
     });
     time("base values", &mut || {
@@ -106,25 +111,27 @@ fn main() {
             residual::base_values_reference(*d, l, h, &mut out[..s.len()]).expect("base values");
         }
     });
-    time("  zstd part", &mut || {
-        for ((d, l, _), c) in chunks.iter().zip(&cold) {
-            let streams = residual::class_count(l.codec) * d.width();
-            let mut at = streams * 4;
-            for i in 0..streams {
-                let len =
-                    u32::from_le_bytes(c[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
-                if len > 0 {
-                    let frame = &c[at..at + len];
-                    let n = zstd_safe::get_frame_content_size(frame)
-                        .ok()
-                        .flatten()
-                        .expect("content size") as usize;
-                    residual::zstd_decompress_exact(frame, &mut out[..n]).expect("zstd");
-                }
-                at += len;
+    // The first stage of the decoder alone: the residual's streams into
+    // byte planes (zstd frames, split streams joined).
+    if only
+        .as_ref()
+        .is_none_or(|o| o.iter().any(|w| "  streams part".contains(w.as_str())))
+    {
+        let mut streams = std::time::Duration::ZERO;
+        for _ in 0..reps {
+            for (((d, l, s), h), c) in chunks.iter().zip(&hot).zip(&cold) {
+                let (z, _) =
+                    residual::decode_timed(*d, l, h, c, &mut out[..s.len()], kind).expect("decode");
+                streams += z;
             }
         }
-    });
+        let per = streams.as_secs_f64() / reps as f64;
+        println!(
+            "{:<14} {:>8.0} MB/s",
+            "  streams part",
+            total as f64 / per / 1e6
+        );
+    }
     time("xxh3", &mut || {
         std::hint::black_box(chunks.iter().fold(0, |a, c| a ^ xxh3(c.2)));
     });

@@ -245,8 +245,14 @@ impl Container {
         let who = || format!("tensor {:?} chunk {ci}", t.name);
         match &t.storage {
             Storage::Raw { chunks } => self.read_checked_into(&chunks[ci], out, who),
-            Storage::Decomposed { chunks, cols, .. } => {
+            Storage::Decomposed {
+                chunks,
+                cols,
+                residual: kind,
+                ..
+            } => {
                 let c = &chunks[ci];
+                let kind = residual::Kind::from_name(kind).expect("validated");
                 SCRATCH.with(|s| {
                     let (base, cold) = &mut *s.borrow_mut();
                     self.read_checked_into(&c.base, base, || format!("{} (hot base)", who()))?;
@@ -254,7 +260,7 @@ impl Container {
                     let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
                     let layout = t.base_layout().expect("decomposed");
                     set_len(out, (c.rows * cols) as usize * dtype.width());
-                    residual::decode(dtype, &layout, base, cold, out)
+                    residual::decode(dtype, &layout, base, cold, out, kind)
                         .map_err(|e| Error::integrity(&self.path, format!("{}: {e}", who())))?;
                     if requantize {
                         // `cold` is free again: reuse it for the fresh base.

@@ -541,7 +541,13 @@ impl<'c> ExpertReader<'c> {
                 }
                 to.copy_from_slice(&base[a..b]);
             }
-            Storage::Decomposed { chunks, cols, .. } => {
+            Storage::Decomposed {
+                chunks,
+                cols,
+                residual: kind,
+                ..
+            } => {
+                let kind = residual::Kind::from_name(kind).expect("validated");
                 let ch = &chunks[ci];
                 let dtype = FloatDtype::from_name(&t.dtype).expect("validated");
                 let layout = t.base_layout().expect("decomposed");
@@ -564,7 +570,7 @@ impl<'c> ExpertReader<'c> {
                     &mut scratch
                 };
                 match &cold {
-                    Some(cold) => residual::decode(dtype, &layout, &base, cold, buf),
+                    Some(cold) => residual::decode(dtype, &layout, &base, cold, buf, kind),
                     None => residual::base_values(dtype, &layout, &base, buf),
                 }
                 .map_err(|e| Error::integrity(&c.path, format!("{}: {e}", who())))?;

@@ -18,7 +18,7 @@ use tpde_codecs::{base, residual, xxh3, BaseCodec, BaseLayout, FloatDtype};
 use tpde_format::{
     align_up, Blob, BlobChunk, DecomposedChunk, ExpertShard, Extent, FileContent, Footer, Header,
     Manifest, PackParams, Section, SectionKind, Storage, Tensor, FIRST_SECTION_OFFSET, FOOTER_LEN,
-    FORMAT_VERSION, MAX_CHUNK_LEN, RESIDUAL_EXACT_V1,
+    FORMAT_VERSION, MAX_CHUNK_LEN,
 };
 
 /// Bytes per chunk of an exactly stored tensor or a blob.
@@ -777,7 +777,7 @@ fn plan_tensor(
                 group_size: opts.group_size,
                 rows,
                 cols,
-                residual: RESIDUAL_EXACT_V1.into(),
+                residual: residual::Kind::CURRENT.name().into(),
                 chunks,
             }
         }
@@ -896,7 +896,7 @@ fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
     };
     let mut hot = vec![0u8; base_len as usize];
     base::quantize(dtype, &layout, &src, &mut hot);
-    let cold = residual::encode(dtype, &layout, &src, &hot, level)
+    let cold = residual::encode(dtype, &layout, &src, &hot, level, residual::Kind::CURRENT)
         .map_err(|e| Error::input(&f.path, format!("cannot encode a chunk: {e}")))?;
     Ok(JobOut {
         src,

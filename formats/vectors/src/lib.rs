@@ -105,6 +105,7 @@ pub fn cases() -> Vec<Case> {
         raw_none(),
         gguf_q4(),
         moe_q4(),
+        bf16_split(),
     ]
 }
 
@@ -509,6 +510,35 @@ fn bf16_q4() -> Case {
             base: Some(BaseCodec::Q4),
             group_size: 64,
             chunk_elems: 160,
+            min_decompose_elems: 256,
+            zstd_level: 3,
+        },
+    }
+}
+
+/// (g) A BF16 `[64, 512]` matrix of bell-shaped weights, one chunk: its
+/// residual classes are large enough (thousands of elements) for the writer
+/// to split the planes whose low nibbles are noise (`exact-v2`, format
+/// version 4), so the vectors hold split streams beside plain frames.
+fn bf16_split() -> Case {
+    let mut rng = SplitMix64(0x7470_6465_0000_0007);
+    let w = bf16_weights(&mut rng, 64 * 512, 0.04);
+    let file = safetensors(
+        &[St::new(
+            "model.layers.0.mlp.up_proj.weight",
+            "BF16",
+            &[64, 512],
+            bf16_bytes(&w),
+        )],
+        &[("format", "pt")],
+    );
+    Case {
+        name: "bf16-split".into(),
+        files: vec![("model.safetensors".into(), file)],
+        options: PackOptions {
+            base: Some(BaseCodec::Q4),
+            group_size: 64,
+            chunk_elems: 1 << 15,
             min_decompose_elems: 256,
             zstd_level: 3,
         },

@@ -331,3 +331,41 @@ fn a_container_of_a_newer_version_is_rejected() {
         "unexpected error: {err}"
     );
 }
+
+/// The current version's vectors hold residual streams of both forms of
+/// `exact-v2`: plain zstd frames and split streams (table entry bit 31),
+/// so that a reader checked against them has decoded both.
+#[test]
+fn the_current_vectors_hold_split_and_plain_residual_streams() {
+    let (mut split, mut plain) = (0, 0);
+    for name in committed_cases() {
+        let path = committed_root().join(&name).join(format!("{name}.tpde"));
+        let c = tpde_pack::Container::open(&path).expect("open");
+        for t in &c.manifest.tensors {
+            let tpde_format::Storage::Decomposed {
+                chunks, residual, ..
+            } = &t.storage
+            else {
+                continue;
+            };
+            assert_eq!(residual, "exact-v2", "{name}: {}", t.name);
+            let width = tpde_format::dtype_bits(&t.dtype).expect("a float dtype") / 8;
+            let streams = 9 * width as usize;
+            for ch in chunks {
+                let bytes = c.read_checked(&ch.cold, || t.name.clone()).expect("read");
+                for i in 0..streams {
+                    let e = u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+                    match (e >> 31, e & 0x7FFF_FFFF) {
+                        (_, 0) => {}
+                        (1, _) => split += 1,
+                        _ => plain += 1,
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        split > 0 && plain > 0,
+        "{split} split and {plain} plain streams"
+    );
+}

@@ -4,7 +4,8 @@
 //! counts from the frames, checked while rebuilding, AVX-512 gather reading
 //! from clamped cursors) and the reference decoder (counts from the base
 //! first) must agree: the same error-or-not, the same bytes when both
-//! succeed; and neither may panic or read out of bounds.
+//! succeed; and neither may panic or read out of bounds. Chunks of both
+//! residual kinds, `exact-v2` ones also with every stream split.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -41,10 +42,23 @@ fuzz_target!(|data: &[u8]| {
     let src: Vec<u8> = (0..n).map(|i| payload[i % payload.len()] ^ (i as u8).wrapping_mul(29)).collect();
     let mut hot = vec![0u8; rows * layout.row_bytes()];
     base::quantize(dtype, &layout, &src, &mut hot);
-    let mut cold = residual::encode(dtype, &layout, &src, &hot, 1).expect("encode");
+    // The residual kind, and for exact-v2 the writer's choice of split
+    // streams or every stream split (the writer splits only planes of
+    // thousands of bytes, larger than these chunks).
+    let (kind, every) = match (data[1] / 4) % 3 {
+        0 => (residual::Kind::V1, false),
+        1 => (residual::Kind::V2, false),
+        _ => (residual::Kind::V2, true),
+    };
+    let mut cold = if every {
+        residual::encode_every_stream_split(dtype, &layout, &src, &hot, 1)
+    } else {
+        residual::encode(dtype, &layout, &src, &hot, 1, kind)
+    }
+    .expect("encode");
     // The undamaged chunk round trips.
     let mut out = vec![0u8; n];
-    residual::decode(dtype, &layout, &hot, &cold, &mut out).expect("valid chunk");
+    residual::decode(dtype, &layout, &hot, &cold, &mut out, kind).expect("valid chunk");
     assert!(out == src);
     // Damage: up to three edits, each in the base or in the residual.
     let edits = usize::from(data[5] % 4);
@@ -61,8 +75,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut fast = vec![0u8; n];
     let mut reference = vec![0u8; n];
-    let a = residual::decode(dtype, &layout, &hot, &cold, &mut fast);
-    let b = residual::decode_reference(dtype, &layout, &hot, &cold, &mut reference);
+    let a = residual::decode(dtype, &layout, &hot, &cold, &mut fast, kind);
+    let b = residual::decode_reference(dtype, &layout, &hot, &cold, &mut reference, kind);
     assert_eq!(a.is_ok(), b.is_ok(), "fast {a:?}, reference {b:?}");
     if b.is_ok() {
         assert!(fast == reference);
