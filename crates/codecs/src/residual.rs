@@ -1271,6 +1271,22 @@ fn gather<const W: usize>(
             let vals = &mut orow[col * W..(col + len) * W];
             match layout.codec {
                 BaseCodec::Q4 => {
+                    if W == 2 && wide && len == 64 && dtype == FloatDtype::BF16 && d.is_finite() {
+                        // SAFETY: as below; the keys are computed in
+                        // registers as `q4_key_table` computes them.
+                        unsafe {
+                            gather_avx512::group64_bf16(
+                                d.to_f32(),
+                                payload,
+                                &mut cur,
+                                &stride,
+                                &lim,
+                                planes,
+                                vals,
+                            )
+                        }
+                        return;
+                    }
                     let table = q4_key_table::<W>(dtype, d);
                     if wide && len == 64 {
                         // SAFETY: the features are present (`available`);
@@ -1556,13 +1572,74 @@ mod gather_avx512 {
         out: &mut [u8],
     ) {
         use std::arch::x86_64::*;
+        let mut key_tab = [0u16; 32];
+        key_tab[..16].copy_from_slice(keys);
+        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
+        group64_w2_tab(key_tab, payload, cur, stride, lim, planes, out)
+    }
+
+    /// [`group64_w2`] for BF16 values, the 16 predicted keys computed in
+    /// registers from the group's scale `df` (finite): the BF16 rounding
+    /// (to nearest, ties to even) of `q × df` and its order key, as
+    /// `q4_key_table` computes them.
+    ///
+    /// # Safety
+    ///
+    /// As [`group64_w2`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn group64_bf16(
+        df: f32,
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        let v = _mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        );
+        let b = _mm512_castps_si512(v);
+        // (b + 0x7FFF + ((b >> 16) & 1)) >> 16, in 32-bit lanes.
+        let r = _mm512_srli_epi32(
+            _mm512_add_epi32(
+                _mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+            ),
+            16,
+        );
+        // The order key of the 16-bit pattern: flip every bit of a
+        // negative one, the sign bit of a positive one.
+        let neg = _mm512_and_si512(_mm512_srli_epi32(r, 15), _mm512_set1_epi32(1));
+        let flip = _mm512_or_si512(
+            _mm512_mullo_epi32(neg, _mm512_set1_epi32(0xFFFF)),
+            _mm512_set1_epi32(0x8000),
+        );
+        let k = _mm512_xor_si512(r, flip);
+        let key_tab = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(k));
+        group64_w2_tab(key_tab, payload, cur, stride, lim, planes, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    unsafe fn group64_w2_tab(
+        key_tab: std::arch::x86_64::__m512i,
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
         assert!(
             payload.len() >= 32 && out.len() >= 128,
             "a group of 64 codes"
         );
-        let mut key_tab = [0u16; 32];
-        key_tab[..16].copy_from_slice(keys);
-        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
         let (codes, [z0, z1]) = codes_and_planes::<2>(payload, cur, stride, lim, planes);
         for half in 0..2 {
             let (lo, hi, idx) = if half == 0 {
