@@ -1271,21 +1271,41 @@ fn gather<const W: usize>(
             let vals = &mut orow[col * W..(col + len) * W];
             match layout.codec {
                 BaseCodec::Q4 => {
-                    if W == 2 && wide && len == 64 && dtype == FloatDtype::BF16 && d.is_finite() {
+                    if wide && len == 64 && d.is_finite() {
                         // SAFETY: as below; the keys are computed in
                         // registers as `q4_key_table` computes them.
-                        unsafe {
-                            gather_avx512::group64_bf16(
-                                d.to_f32(),
-                                payload,
-                                &mut cur,
-                                &stride,
-                                &lim,
-                                planes,
-                                vals,
-                            )
+                        let (c, s, l) = (&mut cur, &stride, &lim);
+                        match dtype {
+                            FloatDtype::BF16 => {
+                                unsafe {
+                                    gather_avx512::group64_bf16(
+                                        d.to_f32(),
+                                        payload,
+                                        c,
+                                        s,
+                                        l,
+                                        planes,
+                                        vals,
+                                    )
+                                }
+                                return;
+                            }
+                            FloatDtype::F32 => {
+                                unsafe {
+                                    gather_avx512::group64_f32(
+                                        d.to_f32(),
+                                        payload,
+                                        c,
+                                        s,
+                                        l,
+                                        planes,
+                                        vals,
+                                    )
+                                }
+                                return;
+                            }
+                            _ => {}
                         }
-                        return;
                     }
                     let table = q4_key_table::<W>(dtype, d);
                     if wide && len == 64 {
@@ -1909,11 +1929,56 @@ mod gather_avx512 {
         out: &mut [u8],
     ) {
         use std::arch::x86_64::*;
+        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
+        group64_w4_tab(key_tab, payload, cur, stride, lim, planes, out)
+    }
+
+    /// [`group64_w4`] for F32 values, the 16 predicted keys computed in
+    /// registers from the group's scale `df` (finite): the bits of
+    /// `q × df` and their order key, as `q4_key_table` computes them.
+    ///
+    /// # Safety
+    ///
+    /// As [`group64_w4`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn group64_f32(
+        df: f32,
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
+        let b = _mm512_castps_si512(_mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        ));
+        // Flip every bit of a negative pattern, the sign bit of a positive one.
+        let flip = _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(i32::MIN));
+        let key_tab = _mm512_xor_si512(b, flip);
+        group64_w4_tab(key_tab, payload, cur, stride, lim, planes, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    unsafe fn group64_w4_tab(
+        key_tab: std::arch::x86_64::__m512i,
+        payload: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
         assert!(
             payload.len() >= 32 && out.len() >= 256,
             "a group of 64 codes"
         );
-        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
         let (codes, z) = codes_and_planes::<4>(payload, cur, stride, lim, planes);
         // Sixteen elements at a time: the four planes' bytes into 32-bit
         // words, then as for two-byte values.
@@ -1955,6 +2020,32 @@ mod gather_avx512 {
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn group64_w4(
         _: &[u32; 16],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn group64_bf16(
+        _: f32,
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn group64_f32(
+        _: f32,
         _: &[u8],
         _: &mut [usize; 9],
         _: &[usize; 9],
