@@ -690,7 +690,26 @@ impl Loader {
                 // Messages of this step that arrived while the previous
                 // one was finishing.
                 let mut early = std::mem::take(&mut deferred).into_iter();
+                // Ready jobs go to a queue that every decode thread serves
+                // for the whole step (a broadcast task each): jobs spawned
+                // one by one from this thread were taken by one worker
+                // while the other slept, so steps of 20 chunks ran on one
+                // core.
+                let queue = JobQueue::default();
                 this.decoders.in_place_scope(|s| -> Result<()> {
+                    let _closed = queue.closer();
+                    let (queue, failed, timers) = (&queue, &failed, &timers);
+                    s.spawn_broadcast(move |_, _| {
+                        while let Some((job, slot)) = queue.next() {
+                            let order = job.order;
+                            if let Err(e) = this.run_job(step, job, slot, first_pass, timers) {
+                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                if f.as_ref().is_none_or(|(k, _)| order < *k) {
+                                    *f = Some((order, e));
+                                }
+                            }
+                        }
+                    });
                     // (Early messages of later steps are passed on in order.)
                     while !(done && jobs.is_empty() && by_hot.is_empty()) || early.len() > 0 {
                         let msg = match early.next() {
@@ -731,18 +750,7 @@ impl Loader {
                                 format!("step {}: chunks outside what was read", step.name),
                             ));
                         }
-                        for job in now {
-                            let (failed, timers) = (&failed, &timers);
-                            s.spawn(move |_| {
-                                let order = job.order;
-                                if let Err(e) = this.run_job(step, job, slot, first_pass, timers) {
-                                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                                    if f.as_ref().is_none_or(|(k, _)| order < *k) {
-                                        *f = Some((order, e));
-                                    }
-                                }
-                            });
-                        }
+                        queue.push(now.into_iter().map(|job| (job, slot)));
                     }
                     Ok(())
                 })?;
@@ -1160,6 +1168,59 @@ impl Msg {
             Msg::Streamed { step, .. } | Msg::StepRead { step, .. } => *step,
             _ => usize::MAX,
         }
+    }
+}
+
+/// The ready jobs of a step, served by every decode thread until the step
+/// has handed out its last job (or failed: the queue is closed when the
+/// step's dispatch ends, however it ends).
+#[derive(Default)]
+struct JobQueue<'a> {
+    state: Mutex<(std::collections::VecDeque<(Job<'a>, Option<usize>)>, bool)>,
+    ready: std::sync::Condvar,
+}
+
+impl<'a> JobQueue<'a> {
+    fn push(&self, jobs: impl Iterator<Item = (Job<'a>, Option<usize>)>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = st.0.len();
+        st.0.extend(jobs);
+        let added = st.0.len() - before;
+        drop(st);
+        match added {
+            0 => {}
+            1 => self.ready.notify_one(),
+            _ => self.ready.notify_all(),
+        }
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    fn next(&self) -> Option<(Job<'a>, Option<usize>)> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(j) = st.0.pop_front() {
+                return Some(j);
+            }
+            if st.1 {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Closes the queue when dropped: the decode threads finish what is in
+    /// it and return.
+    fn closer(&self) -> QueueCloser<'_, 'a> {
+        QueueCloser(self)
+    }
+}
+
+struct QueueCloser<'q, 'a>(&'q JobQueue<'a>);
+
+impl Drop for QueueCloser<'_, '_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.0.ready.notify_all();
     }
 }
 
