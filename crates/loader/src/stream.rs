@@ -1176,12 +1176,17 @@ impl Msg {
 /// step's dispatch ends, however it ends).
 #[derive(Default)]
 struct JobQueue<'a> {
-    state: Mutex<(std::collections::VecDeque<(Job<'a>, Option<usize>)>, bool)>,
+    /// The jobs (each with its step's pool buffer), and whether the step
+    /// has handed out its last one.
+    state: Mutex<(std::collections::VecDeque<QueuedJob<'a>>, bool)>,
     ready: std::sync::Condvar,
 }
 
+/// A ready job and the pool buffer of its step.
+type QueuedJob<'a> = (Job<'a>, Option<usize>);
+
 impl<'a> JobQueue<'a> {
-    fn push(&self, jobs: impl Iterator<Item = (Job<'a>, Option<usize>)>) {
+    fn push(&self, jobs: impl Iterator<Item = QueuedJob<'a>>) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let before = st.0.len();
         st.0.extend(jobs);
@@ -1195,7 +1200,7 @@ impl<'a> JobQueue<'a> {
     }
 
     /// The next job; `None` once the queue is closed and empty.
-    fn next(&self) -> Option<(Job<'a>, Option<usize>)> {
+    fn next(&self) -> Option<QueuedJob<'a>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(j) = st.0.pop_front() {
