@@ -469,6 +469,11 @@ impl ReadOrder {
         Some((t, slot))
     }
 
+    /// Stops the readers if the calling reader unwinds while this is alive.
+    fn stop_on_panic(&self) -> StopOnPanic<'_> {
+        StopOnPanic(self)
+    }
+
     /// Sends read `t`'s message once every earlier read's was sent; false
     /// when the readers are to stop.
     fn announce(&self, t: usize, msg: Msg, tx: &mpsc::Sender<Msg>) -> bool {
@@ -485,6 +490,19 @@ impl ReadOrder {
         }
         self.turn.notify_all();
         ok
+    }
+}
+
+struct StopOnPanic<'a>(&'a ReadOrder);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Under the lock the waiters check it with, so none misses it.
+            let _sent = self.0.sent.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.stop.store(true, Relaxed);
+            self.0.turn.notify_all();
+        }
     }
 }
 
@@ -623,6 +641,10 @@ impl Loader {
             for _ in 0..READERS {
                 let tx = tx.clone();
                 scope.spawn(move || {
+                    // A reader that panics stops the other (which may be
+                    // waiting for its turn to announce); its sender goes
+                    // with it, so the consumer's `recv` fails.
+                    let _stop = order.stop_on_panic();
                     while let Some((t, slot)) = order.take(reads, free_rx) {
                         let msg = match reads[t] {
                             Read::Hot { a, b } => {
@@ -665,6 +687,9 @@ impl Loader {
                     }
                 });
             }
+            // Only the readers hold senders: when they are all gone, the
+            // consumer's `recv` fails instead of waiting forever.
+            drop(tx);
             // The channels move in here, so that an early return closes
             // them and the readers stop instead of waiting forever.
             let (free_tx, rx) = (free_tx, rx);
@@ -696,6 +721,12 @@ impl Loader {
                 // while the other slept, so steps of 20 chunks ran on one
                 // core.
                 let queue = JobQueue::default();
+                // How far the hot tier is read once this step is (first pass).
+                let hot_goal = if first_pass {
+                    align_up(step.hot_end).min(this.hot_at + this.hot_len)
+                } else {
+                    0
+                };
                 this.decoders.in_place_scope(|s| -> Result<()> {
                     let _closed = queue.closer();
                     let (queue, failed, timers) = (&queue, &failed, &timers);
@@ -743,7 +774,9 @@ impl Loader {
                         while by_hot.peek().is_some_and(|j| j.0.hot_end <= hot_upto) {
                             now.push(by_hot.pop().expect("checked").0);
                         }
-                        let all_read = done && hot_upto >= this.hot_at + this.hot_len;
+                        // Reads are announced in order, so once the step's
+                        // end is in, so is its part of the hot tier.
+                        let all_read = done && hot_upto >= hot_goal;
                         if all_read && !(jobs.is_empty() && by_hot.is_empty()) {
                             return Err(Error::integrity(
                                 path,
@@ -1082,9 +1115,15 @@ fn plan(
     let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
     let out = steps.iter().map(|s| s.out_bytes).max().unwrap_or(0);
     let threads = rayon::current_num_threads();
+    // Exact fidelity: the residual's planes (as many bytes as the chunk),
+    // and the high nibbles of a split stream (at most a quarter of them: a
+    // plane holds one byte per element, and elements are 2 bytes or more).
     let per_thread = PER_THREAD_BYTES
         + match options.fidelity {
-            Fidelity::Exact => largest_decomposed_chunk(c),
+            Fidelity::Exact => {
+                let largest = largest_decomposed_chunk(c);
+                largest + largest.div_ceil(4)
+            }
             Fidelity::Base => 0,
         };
     let fixed = baseline_rss + hot_len + out + threads as u64 * per_thread;

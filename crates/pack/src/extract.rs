@@ -164,10 +164,6 @@ impl<'c> ExpertReader<'c> {
         fidelity: Fidelity,
         blocks: bool,
     ) -> Result<Vec<ExtractedTensor>> {
-        let ts = std::time::Instant::now();
-        let st = std::sync::Mutex::new(Vec::<(&str, usize, u128)>::new());
-        let stamp =
-            |n: &'static str, k: usize| st.lock().unwrap().push((n, k, ts.elapsed().as_micros()));
         let c = self.c;
         let m = &c.manifest;
         let Some(l) = self.plan.layers.iter().find(|l| l.layer == layer) else {
@@ -210,9 +206,7 @@ impl<'c> ExpertReader<'c> {
                 Some((s, end))
             });
         if let Some((s, end)) = entry {
-            stamp("pre", 0);
             c.will_need(s.offset, end - s.offset);
-            stamp("wn", 0);
         }
         // Which part of which chunk goes where, in output order.
         let mut out = Vec::new();
@@ -433,14 +427,12 @@ impl<'c> ExpertReader<'c> {
                                 bufs.push((a, part));
                             }
                             let _ = ready[j].set(bufs);
-                            stamp("g", j);
                         } else {
                             std::hint::spin_loop();
                         }
                     }
                 };
-                stamp("run", 0);
-                tpde_team::Team::global().run(&|member, _| loop {
+                tpde_team::Team::global().run(&|_, _| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(gi, k)) = order.get(i) else { return };
                     let Some(bufs) = group(gi) else { return };
@@ -459,13 +451,10 @@ impl<'c> ExpertReader<'c> {
                         .unwrap_or_else(|p| p.into_inner())
                         .take()
                         .expect("each piece once");
-                    stamp(if member == 0 { "s0" } else { "s1" }, k);
                     if let Err(e) = self.decode(&pieces[k], fidelity, &get, to) {
                         fail(k, e);
                     }
-                    stamp(if member == 0 { "d0" } else { "d1" }, k);
                 });
-                stamp("end", 0);
             }
             None => {
                 // No shard (a container of format version 1 or 2): each
@@ -484,10 +473,6 @@ impl<'c> ExpertReader<'c> {
                         }
                     });
             }
-        }
-        stamp("ret", 0);
-        if std::env::var_os("TRACE").is_some() {
-            eprintln!("{:?}", st.lock().unwrap());
         }
         if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
