@@ -1,7 +1,7 @@
 //! The container manifest's validation (`tpde_format::Manifest::parse`)
 //! must turn any manifest into a validated one or an error: no panic, no
 //! overflow. Structure-aware: the input is a list of edits to the numeric
-//! fields of a real version 3 manifest (the `moe-q4` test vector, with
+//! fields of a real version 4 manifest (the `moe-q4` test vector, with
 //! expert shards, stacked and per-expert tensors), so that the fuzzer
 //! explores offsets, lengths, section indices and hot lengths near valid
 //! ones instead of spending its time on JSON syntax.
@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use std::sync::OnceLock;
 
-const CONTAINER: &[u8] = include_bytes!("../../../../formats/vectors/v3/moe-q4/moe-q4.tpde");
+const CONTAINER: &[u8] = include_bytes!("../../../../formats/vectors/v4/moe-q4/moe-q4.tpde");
 
 /// The seed manifest, its offset and the container length.
 fn seed() -> &'static (Value, u64, u64) {
