@@ -385,7 +385,11 @@ fn frame_streams_with<S: AsRef<[u8]>>(
     splits: Splits,
 ) -> Result<Vec<u8>, CodecError> {
     let mut table = Vec::with_capacity(streams.len() * 4);
-    let mut body = Vec::new();
+    // Room for every stream as it is, plus zstd's frame overhead: the
+    // residual planes seldom shrink by much, and growing as it goes
+    // copied the body several times.
+    let raw: usize = streams.iter().map(|s| s.as_ref().len() + 64).sum();
+    let mut body = Vec::with_capacity(raw);
     for s in streams {
         let s = s.as_ref();
         if s.is_empty() {

@@ -1546,7 +1546,7 @@ impl<R: Read> Parser<R> {
                 max: MAX_KEY_LEN,
             });
         }
-        let start = self.string_bytes(len, StringKind::Key { index })?;
+        let start = self.string_bytes(len, || StringKind::Key { index })?;
         let bytes = &self.src.raw[start..];
         let lossy = || preview(&String::from_utf8_lossy(bytes));
         for (position, &byte) in bytes.iter().enumerate() {
@@ -1573,17 +1573,23 @@ impl<R: Read> Parser<R> {
 
     /// Checks a string length against the bytes left, then reads the bytes;
     /// returns where they start in the raw buffer.
-    fn string_bytes(&mut self, len: u64, kind: StringKind) -> Result<usize, GgufError> {
+    /// `kind` is called only for an error: a string array's elements would
+    /// otherwise each build their description.
+    fn string_bytes(
+        &mut self,
+        len: u64,
+        kind: impl Fn() -> StringKind,
+    ) -> Result<usize, GgufError> {
         let remaining = self.src.remaining();
         if len > remaining {
             return Err(GgufError::StringPastEof {
-                kind,
+                kind: kind(),
                 offset: self.src.pos(),
                 len,
                 remaining,
             });
         }
-        self.src.bytes(len, || kind.to_string())
+        self.src.bytes(len, || kind().to_string())
     }
 
     /// A string value or array element, decoded lossily.
@@ -1600,7 +1606,7 @@ impl<R: Read> Parser<R> {
                 max: self.limits.string_len,
             });
         }
-        let start = self.string_bytes(len, kind())?;
+        let start = self.string_bytes(len, kind)?;
         Ok(String::from_utf8_lossy(&self.src.raw[start..]).into_owned())
     }
 
@@ -1748,7 +1754,7 @@ impl<R: Read> Parser<R> {
                 max: MAX_NAME_LEN,
             });
         }
-        let start = self.string_bytes(len, StringKind::TensorName { index })?;
+        let start = self.string_bytes(len, || StringKind::TensorName { index })?;
         let bytes = &self.src.raw[start..];
         let name = match std::str::from_utf8(bytes) {
             Ok(name) => name.to_owned(),

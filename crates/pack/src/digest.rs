@@ -33,6 +33,17 @@ pub struct Piece {
 }
 
 impl Piece {
+    /// Where the piece starts in its stream.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Where the piece ends in its stream.
+    pub fn end(&self) -> u64 {
+        let whole: u64 = self.subtrees.iter().map(|&(_, n)| n * CHUNK).sum();
+        self.offset + self.head.len() as u64 + whole + self.tail.len() as u64
+    }
+
     /// Hashes the whole subtrees of `bytes`, which sit at `offset` in a
     /// stream of `total` bytes.
     pub fn of(bytes: &[u8], offset: u64, total: u64) -> Piece {
