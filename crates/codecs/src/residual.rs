@@ -268,15 +268,26 @@ pub fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
 /// [`zstd_compress`] for a residual stream: with [`RESIDUAL_MATCHES`] at
 /// levels 1 to [`TUNED_UP_TO_LEVEL`].
 pub fn zstd_compress_residual(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
-    let how = if (1..=TUNED_UP_TO_LEVEL).contains(&level) {
+    compress_frame(data, residual_frames(level))
+}
+
+fn residual_frames(level: i32) -> Frames {
+    if (1..=TUNED_UP_TO_LEVEL).contains(&level) {
         Frames::Residual(level)
     } else {
         Frames::Level(level)
-    };
-    compress_frame(data, how)
+    }
 }
 
 fn compress_frame(data: &[u8], how: Frames) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::new();
+    compress_frame_into(&mut out, data, how)?;
+    Ok(out)
+}
+
+/// Appends one zstd frame of `data` to `out`, compressed in place (into
+/// `out`'s spare room, not a buffer of its own then copied).
+fn compress_frame_into(out: &mut Vec<u8>, data: &[u8], how: Frames) -> Result<(), CodecError> {
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.as_ref().is_none_or(|(h, _)| *h != how) {
@@ -292,7 +303,13 @@ fn compress_frame(data: &[u8], how: Frames) -> Result<Vec<u8>, CodecError> {
             *c = Some((how, comp));
         }
         let (_, comp) = c.as_mut().expect("set above");
-        comp.compress(data).map_err(CodecError::Zstd)
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        let at = out.len();
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        cursor.set_position(at as u64);
+        comp.compress_to_buffer(data, &mut cursor)
+            .map_err(CodecError::Zstd)?;
+        Ok(())
     })
 }
 
@@ -364,7 +381,7 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
 /// Which streams of an `exact-v2` chunk the writer splits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Splits {
-    /// Those [`split_pays`] picks.
+    /// Those [`plane_plan`] picks.
     Chosen,
     /// Every non-empty one (valid too; for tests and fuzzing).
     Every,
@@ -384,20 +401,25 @@ fn frame_streams_with<S: AsRef<[u8]>>(
     kind: Kind,
     splits: Splits,
 ) -> Result<Vec<u8>, CodecError> {
-    let mut table = Vec::with_capacity(streams.len() * 4);
-    // Room for every stream as it is, plus zstd's frame overhead: the
-    // residual planes seldom shrink by much, and growing as it goes
-    // copied the body several times.
+    // The table first (filled in as the streams are written after it), and
+    // room for every stream as it is plus zstd's frame overhead: residual
+    // planes seldom shrink by much, and frames are compressed in place.
+    let table_len = streams.len() * 4;
     let raw: usize = streams.iter().map(|s| s.as_ref().len() + 64).sum();
-    let mut body = Vec::with_capacity(raw);
-    for s in streams {
+    let mut body = Vec::with_capacity(table_len + raw);
+    body.resize(table_len, 0);
+    for (i, s) in streams.iter().enumerate() {
         let s = s.as_ref();
         if s.is_empty() {
-            table.extend_from_slice(&0u32.to_le_bytes());
             continue;
         }
         let at = body.len();
-        let split = kind == Kind::V2 && (splits == Splits::Every || split_pays(s));
+        let plan = if s.len() < SPLIT_MIN_BYTES {
+            Plane::Zstd
+        } else {
+            plane_plan(s)
+        };
+        let split = kind == Kind::V2 && (splits == Splits::Every || plan == Plane::Split);
         if split {
             let n = u32::try_from(s.len())
                 .map_err(|_| CodecError::Shape("stream over 4 GiB".into()))?;
@@ -405,33 +427,50 @@ fn frame_streams_with<S: AsRef<[u8]>>(
             NIBBLES.with(|b| -> Result<(), CodecError> {
                 let (hi, lo) = &mut *b.borrow_mut();
                 split_nibbles(s, hi, lo);
-                body.extend_from_slice(&zstd_compress_residual(hi, level)?);
+                compress_frame_into(&mut body, hi, residual_frames(level))?;
                 body.extend_from_slice(lo);
                 Ok(())
             })?;
+        } else if plan == Plane::Stored {
+            push_stored_frame(&mut body, s);
         } else {
-            body.extend_from_slice(&zstd_compress_residual(s, level)?);
+            compress_frame_into(&mut body, s, residual_frames(level))?;
         }
         let len = u32::try_from(body.len() - at)
             .ok()
             .filter(|&l| l < SPLIT)
             .ok_or_else(|| CodecError::Shape("stream over 2 GiB".into()))?;
         let entry = if split { len | SPLIT } else { len };
-        table.extend_from_slice(&entry.to_le_bytes());
+        body[i * 4..i * 4 + 4].copy_from_slice(&entry.to_le_bytes());
     }
-    table.extend_from_slice(&body);
-    Ok(table)
+    Ok(body)
 }
 
-/// Whether a plane is worth splitting: its low nibbles are noise given its
-/// high ones (≥ 3.9 bits of conditional entropy in 4), while the whole
-/// byte is compressible (≤ 7.5 bits; above that zstd stores it as it is).
-/// Measured on 16 evenly spaced runs of 256 bytes, with the Miller–Madow
-/// correction of a sampled entropy's bias.
-fn split_pays(plane: &[u8]) -> bool {
-    if plane.len() < SPLIT_MIN_BYTES {
-        return false;
-    }
+/// How the writer stores a plane of [`SPLIT_MIN_BYTES`] or more.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Plane {
+    /// One zstd frame, compressed.
+    Zstd,
+    /// Split into nibbles (`exact-v2`): the low ones are noise given the
+    /// high ones (≥ 3.9 bits of conditional entropy in 4), while the whole
+    /// byte is compressible (≤ 7.5 bits).
+    Split,
+    /// One zstd frame of raw blocks: the bytes are noise (over
+    /// [`NOISE_BITS`] bits each), which zstd would store as they are
+    /// after looking for matches and sizing a Huffman table in vain.
+    Stored,
+}
+
+/// Sampled entropy, in bits per byte, above which a plane is stored. Under
+/// 1.3 % of gain remains, less than zstd asks of a Huffman table before it
+/// uses one (1/64 of the block plus 2 bytes), so zstd would store it too.
+const NOISE_BITS: f64 = 7.9;
+
+/// Chooses a plane's form from its byte entropy, measured on 16 evenly
+/// spaced runs of 256 bytes with the Miller–Madow correction of a sampled
+/// entropy's bias.
+fn plane_plan(plane: &[u8]) -> Plane {
+    debug_assert!(plane.len() >= SPLIT_MIN_BYTES);
     const RUNS: usize = 16;
     const RUN: usize = 256;
     const N: usize = RUNS * RUN;
@@ -477,7 +516,49 @@ fn split_pays(plane: &[u8]) -> bool {
             + (seen as f64 - 1.0) / (2.0 * N as f64 * std::f64::consts::LN_2)
     };
     let h8 = entropy(&hist);
-    h8 <= 7.5 && h8 - entropy(&high) >= 3.9
+    if h8 > NOISE_BITS {
+        Plane::Stored
+    } else if h8 <= 7.5 && h8 - entropy(&high) >= 3.9 {
+        Plane::Split
+    } else {
+        Plane::Zstd
+    }
+}
+
+/// Appends `data` (not empty) to `out` as one zstd frame of raw blocks
+/// (RFC 8878 §3.1.1): a single-segment header declaring the content size,
+/// then blocks of at most 128 KiB, each a 3-byte header and the bytes.
+fn push_stored_frame(out: &mut Vec<u8>, data: &[u8]) {
+    debug_assert!(!data.is_empty());
+    const BLOCK: usize = 128 << 10;
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    let n = data.len() as u64;
+    // Frame header descriptor: Single_Segment (bit 5) and the size of the
+    // Frame_Content_Size field (bits 7-6); no checksum, no dictionary.
+    match n {
+        0..=255 => out.extend_from_slice(&[0x20, n as u8]),
+        256..=65_791 => {
+            out.push(0x60);
+            out.extend_from_slice(&((n - 256) as u16).to_le_bytes());
+        }
+        _ if n <= u64::from(u32::MAX) => {
+            out.push(0xA0);
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        _ => {
+            out.push(0xE0);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    out.reserve(data.len() + data.len().div_ceil(BLOCK) * 3);
+    let mut blocks = data.chunks(BLOCK).peekable();
+    while let Some(b) = blocks.next() {
+        // Last_Block (bit 0), Block_Type 0 = raw (bits 2-1), Block_Size.
+        let last = u32::from(blocks.peek().is_none());
+        let header = last | ((b.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(b);
+    }
 }
 
 /// A plane's high nibbles and its low nibbles, two to a byte (element
@@ -2206,6 +2287,71 @@ mod tests {
     use super::q4_simd;
     use crate::{base, FloatDtype};
     use tpde_format::{BaseCodec, BaseLayout};
+
+    #[test]
+    fn stored_frames_are_zstd_frames_of_their_bytes() {
+        use super::{push_stored_frame, zstd_decompress_exact};
+        let mut x = 7u64;
+        for n in [
+            1,
+            255,
+            256,
+            4096,
+            65_791,
+            65_792,
+            128 << 10,
+            (128 << 10) + 1,
+            300_000,
+        ] {
+            let data: Vec<u8> = (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 56) as u8
+                })
+                .collect();
+            let mut f = vec![0xEE];
+            push_stored_frame(&mut f, &data);
+            let f = &f[1..];
+            assert_eq!(
+                zstd_safe::get_frame_content_size(f).ok(),
+                Some(Some(n as u64)),
+                "{n} bytes"
+            );
+            assert_eq!(zstd_safe::find_frame_compressed_size(f), Ok(f.len()), "{n}");
+            let mut out = vec![0u8; n];
+            zstd_decompress_exact(f, &mut out).expect("decodes");
+            assert!(out == data, "{n} bytes");
+            // And the library's own decoder agrees.
+            assert!(zstd::bulk::decompress(f, n).expect("zstd") == data);
+        }
+    }
+
+    #[test]
+    fn noise_planes_are_stored_and_others_compressed() {
+        use super::{plane_plan, Plane};
+        let mut x = 3u64;
+        let noise: Vec<u8> = (0..20_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 56) as u8
+            })
+            .collect();
+        assert_eq!(plane_plan(&noise), Plane::Stored);
+        // Four bits of noise, two in each nibble: compressible, and its low
+        // nibble is not noise given the high one.
+        let four: Vec<u8> = noise.iter().map(|b| b & 0x33).collect();
+        assert_eq!(plane_plan(&four), Plane::Zstd);
+        // Seven bits: the low nibble is noise, the byte compressible.
+        let seven: Vec<u8> = noise.iter().map(|b| b & 0x7F).collect();
+        assert_eq!(plane_plan(&seven), Plane::Split);
+        // A skewed high nibble over a noise low nibble: split.
+        let split: Vec<u8> = noise
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (if i % 5 == 0 { 0x30 } else { 0x20 }) | (b & 0x0F))
+            .collect();
+        assert_eq!(plane_plan(&split), Plane::Split);
+    }
 
     #[test]
     fn the_class_tables_agree() {
