@@ -875,6 +875,39 @@ fn scatter<const W: usize>(
             };
             match layout.codec {
                 BaseCodec::Q4 => {
+                    if wide && len == 64 && d.is_finite() {
+                        // SAFETY: as below; the keys are computed in
+                        // registers as `q4_key_table` computes them.
+                        match dtype {
+                            FloatDtype::BF16 => {
+                                unsafe {
+                                    gather_avx512::scatter64_bf16(
+                                        d.to_f32(),
+                                        payload,
+                                        vals,
+                                        &mut cur,
+                                        &stride,
+                                        planes,
+                                    )
+                                }
+                                return;
+                            }
+                            FloatDtype::F32 => {
+                                unsafe {
+                                    gather_avx512::scatter64_f32(
+                                        d.to_f32(),
+                                        payload,
+                                        vals,
+                                        &mut cur,
+                                        &stride,
+                                        planes,
+                                    )
+                                }
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
                     let table = q4_key_table::<W>(dtype, d);
                     if wide && len == 64 {
                         // SAFETY: the features are present; `payload` is 32
@@ -1702,6 +1735,16 @@ mod gather_avx512 {
         planes: &[u8],
         out: &mut [u8],
     ) {
+        group64_w2_tab(bf16_keys(df), payload, cur, stride, lim, planes, out)
+    }
+
+    /// The order keys of the 16 BF16 predictions `q × df` (`df` finite,
+    /// rounded to nearest, ties to even), as `q4_key_table` computes them,
+    /// in the low 16 words (the rest 0).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    pub(super) unsafe fn bf16_keys(df: f32) -> std::arch::x86_64::__m512i {
         use std::arch::x86_64::*;
         let v = _mm512_mul_ps(
             _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
@@ -1724,8 +1767,23 @@ mod gather_avx512 {
             _mm512_set1_epi32(0x8000),
         );
         let k = _mm512_xor_si512(r, flip);
-        let key_tab = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(k));
-        group64_w2_tab(key_tab, payload, cur, stride, lim, planes, out)
+        _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(k))
+    }
+
+    /// The order keys of the 16 F32 predictions `q × df` (`df` finite), as
+    /// `q4_key_table` computes them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    pub(super) unsafe fn f32_keys(df: f32) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let b = _mm512_castps_si512(_mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        ));
+        // Flip every bit of a negative pattern, the sign bit of a positive one.
+        let flip = _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(i32::MIN));
+        _mm512_xor_si512(b, flip)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1855,13 +1913,48 @@ mod gather_avx512 {
         planes: &mut [u8],
     ) {
         use std::arch::x86_64::*;
+        let mut key_tab = [0u16; 32];
+        key_tab[..16].copy_from_slice(keys);
+        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
+        scatter64_w2_tab(key_tab, payload, vals, cur, stride, planes)
+    }
+
+    /// [`scatter64_w2`] for BF16 values, the keys computed in registers
+    /// from the group's finite scale `df` (as the decoder's
+    /// [`group64_bf16`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`scatter64_w2`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn scatter64_bf16(
+        df: f32,
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        scatter64_w2_tab(bf16_keys(df), payload, vals, cur, stride, planes)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    unsafe fn scatter64_w2_tab(
+        key_tab: std::arch::x86_64::__m512i,
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
         assert!(
             payload.len() >= 32 && vals.len() >= 128,
             "a group of 64 codes"
         );
-        let mut key_tab = [0u16; 32];
-        key_tab[..16].copy_from_slice(keys);
-        let key_tab = _mm512_loadu_si512(key_tab.as_ptr() as *const _);
         let (codes, classes) = codes_and_classes(payload);
         let mut lo = [_mm256_setzero_si256(); 2];
         let mut hi = [_mm256_setzero_si256(); 2];
@@ -1904,11 +1997,46 @@ mod gather_avx512 {
         planes: &mut [u8],
     ) {
         use std::arch::x86_64::*;
+        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
+        scatter64_w4_tab(key_tab, payload, vals, cur, stride, planes)
+    }
+
+    /// [`scatter64_w4`] for F32 values, the keys computed in registers
+    /// from the group's finite scale `df` (as the decoder's
+    /// [`group64_f32`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`scatter64_w4`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    pub unsafe fn scatter64_f32(
+        df: f32,
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        scatter64_w4_tab(f32_keys(df), payload, vals, cur, stride, planes)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[inline]
+    unsafe fn scatter64_w4_tab(
+        key_tab: std::arch::x86_64::__m512i,
+        payload: &[u8],
+        vals: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        use std::arch::x86_64::*;
         assert!(
             payload.len() >= 32 && vals.len() >= 256,
             "a group of 64 codes"
         );
-        let key_tab = _mm512_loadu_si512(keys.as_ptr() as *const _);
         let (codes, classes) = codes_and_classes(payload);
         let mut bytes = [[_mm_setzero_si128(); 4]; 4]; // [plane][quarter]
         #[allow(clippy::needless_range_loop)] // `q` picks the quarter of every plane
@@ -2036,15 +2164,7 @@ mod gather_avx512 {
         planes: &[u8],
         out: &mut [u8],
     ) {
-        use std::arch::x86_64::*;
-        let b = _mm512_castps_si512(_mm512_mul_ps(
-            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
-            _mm512_set1_ps(df),
-        ));
-        // Flip every bit of a negative pattern, the sign bit of a positive one.
-        let flip = _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(i32::MIN));
-        let key_tab = _mm512_xor_si512(b, flip);
-        group64_w4_tab(key_tab, payload, cur, stride, lim, planes, out)
+        group64_w4_tab(f32_keys(df), payload, cur, stride, lim, planes, out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -2136,6 +2256,30 @@ mod gather_avx512 {
         _: &[usize; 9],
         _: &[usize; 9],
         _: &[u8],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter64_bf16(
+        _: f32,
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter64_f32(
+        _: f32,
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
         _: &mut [u8],
     ) {
         unreachable!("never available off x86-64")
@@ -2351,6 +2495,51 @@ mod tests {
             .map(|(i, b)| (if i % 5 == 0 { 0x30 } else { 0x20 }) | (b & 0x0F))
             .collect();
         assert_eq!(plane_plan(&split), Plane::Split);
+    }
+
+    /// The keys the AVX-512 encoder and decoder compute in registers equal
+    /// the scalar table's, for every finite f16 scale and every code.
+    #[test]
+    fn register_keys_match_the_scalar_table_for_every_finite_scale() {
+        if !super::gather_avx512::available() {
+            eprintln!("not run: this processor lacks the AVX-512 subsets of the fast path");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        for bits in 0..=u16::MAX {
+            let d = half::f16::from_bits(bits);
+            if !d.is_finite() {
+                continue;
+            }
+            let (mut k16, mut k32) = ([0u16; 32], [0u32; 16]);
+            // SAFETY: the features are present (checked above).
+            unsafe {
+                use std::arch::x86_64::_mm512_storeu_si512;
+                _mm512_storeu_si512(
+                    k16.as_mut_ptr().cast(),
+                    super::gather_avx512::bf16_keys(d.to_f32()),
+                );
+                _mm512_storeu_si512(
+                    k32.as_mut_ptr().cast(),
+                    super::gather_avx512::f32_keys(d.to_f32()),
+                );
+            }
+            let t16 = super::q4_key_table::<2>(FloatDtype::BF16, d);
+            let t32 = super::q4_key_table::<4>(FloatDtype::F32, d);
+            for n in 0..16 {
+                assert_eq!(
+                    u64::from(k16[n]),
+                    t16[n],
+                    "BF16, scale {bits:#06x}, code {n}"
+                );
+                assert_eq!(
+                    u64::from(k32[n]),
+                    t32[n],
+                    "F32, scale {bits:#06x}, code {n}"
+                );
+            }
+            assert!(k16[16..].iter().all(|&k| k == 0));
+        }
     }
 
     #[test]
