@@ -568,6 +568,24 @@ fn split_nibbles(plane: &[u8], hi: &mut Vec<u8>, lo: &mut Vec<u8>) {
     let half = plane.len().div_ceil(2);
     hi.resize(half, 0);
     lo.resize(half, 0);
+    // Whole 64-byte blocks in AVX-512 registers, the rest as the reference.
+    let wide = if gather_avx512::available() {
+        plane.len() / 64 * 64
+    } else {
+        0
+    };
+    if wide > 0 {
+        // SAFETY: the features are present; `wide` bytes of `plane` and
+        // `wide / 2` of each output.
+        unsafe { gather_avx512::split_nibbles64(&plane[..wide], hi, lo) };
+    }
+    split_nibbles_scalar(&plane[wide..], &mut hi[wide / 2..], &mut lo[wide / 2..]);
+}
+
+/// [`split_nibbles`] one pair at a time, into outputs of `⌈plane.len()/2⌉`
+/// bytes each: the reference of the AVX-512 path.
+fn split_nibbles_scalar(plane: &[u8], hi: &mut [u8], lo: &mut [u8]) {
+    let half = plane.len().div_ceil(2);
     for ((p, h), l) in plane.chunks_exact(2).zip(hi.iter_mut()).zip(lo.iter_mut()) {
         *h = (p[0] >> 4) | (p[1] & 0xF0);
         *l = (p[0] & 0x0F) | (p[1] << 4);
@@ -2261,6 +2279,51 @@ mod gather_avx512 {
         unreachable!("never available off x86-64")
     }
 
+    /// [`super::split_nibbles`] of a plane of whole 64-byte blocks, 32
+    /// bytes of each output per block, in 16-bit lanes: byte pair
+    /// `(p0, p1)` is lane `p0 | p1 << 8`, whose high nibbles are bits 4-7 and
+    /// 12-15 and low nibbles bits 0-3 and 8-11.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `plane.len()` is a multiple of 64 and `hi`
+    /// and `lo` hold at least half as many bytes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn split_nibbles64(plane: &[u8], hi: &mut [u8], lo: &mut [u8]) {
+        use std::arch::x86_64::*;
+        assert!(
+            plane.len().is_multiple_of(64)
+                && hi.len() * 2 >= plane.len()
+                && lo.len() * 2 >= plane.len()
+        );
+        let (n0f, nf0) = (_mm512_set1_epi16(0x0F), _mm512_set1_epi16(0xF0));
+        for (i, b) in plane.chunks_exact(64).enumerate() {
+            let w = _mm512_loadu_si512(b.as_ptr() as *const _);
+            let h = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(w, 4), n0f),
+                _mm512_and_si512(_mm512_srli_epi16(w, 8), nf0),
+            );
+            let l = _mm512_or_si512(
+                _mm512_and_si512(w, n0f),
+                _mm512_and_si512(_mm512_srli_epi16(w, 4), nf0),
+            );
+            _mm256_storeu_si256(
+                hi.as_mut_ptr().add(32 * i) as *mut _,
+                _mm512_cvtepi16_epi8(h),
+            );
+            _mm256_storeu_si256(
+                lo.as_mut_ptr().add(32 * i) as *mut _,
+                _mm512_cvtepi16_epi8(l),
+            );
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn split_nibbles64(_: &[u8], _: &mut [u8], _: &mut [u8]) {
+        unreachable!("never available off x86-64")
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn scatter64_bf16(
         _: f32,
@@ -2539,6 +2602,31 @@ mod tests {
                 );
             }
             assert!(k16[16..].iter().all(|&k| k == 0));
+        }
+    }
+
+    #[test]
+    fn split_nibbles_matches_its_scalar_reference() {
+        use super::{split_nibbles, split_nibbles_scalar};
+        let mut x = 5u64;
+        for n in [
+            0usize, 1, 2, 63, 64, 65, 127, 128, 129, 1000, 4096, 4097, 70_001,
+        ] {
+            let plane: Vec<u8> = (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 56) as u8
+                })
+                .collect();
+            let (mut hi, mut lo) = (vec![0xEE; 3], Vec::new());
+            split_nibbles(&plane, &mut hi, &mut lo);
+            let half = n.div_ceil(2);
+            let (mut hi_ref, mut lo_ref) = (vec![0u8; half], vec![0u8; half]);
+            split_nibbles_scalar(&plane, &mut hi_ref, &mut lo_ref);
+            assert!(hi == hi_ref && lo == lo_ref, "{n} bytes");
+            let mut back = vec![0u8; n];
+            super::join_nibbles(&hi, &lo, &mut back);
+            assert!(back == plane, "{n} bytes round trip");
         }
     }
 

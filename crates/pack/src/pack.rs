@@ -271,7 +271,7 @@ pub fn pack(
     let wpath = out.tmp_path().to_path_buf();
     // Writeback starts every few MiB, so the disk writes while the workers
     // compute instead of all at the final fsync.
-    const WRITEBACK_EVERY: u64 = 8 << 20;
+    const WRITEBACK_EVERY: u64 = 2 << 20;
     let unflushed = std::cell::Cell::new(0u64);
     let write_at = |bytes: &[u8], at: u64| {
         out.file
@@ -309,81 +309,103 @@ pub fn pack(
         }
     }
 
-    crate::pipeline::ordered(
-        &jobs,
-        |job| run_job(&source, job, opts.zstd_level),
-        |job, mut r| {
-            let p = &mut planned[job.tensor];
-            if let Some(piece) = r.file_piece.take() {
-                file_pieces[job.file].push(piece);
-            }
-            if let Some(h) = hashers[job.tensor].as_mut() {
-                // Chunks of a tensor are committed in their order within it.
-                let in_order = h.add(&r.digest);
-                assert!(in_order, "a tensor's chunks are planned in order");
-            }
-            // Job order keeps each step's dense chunks together, and each
-            // expert's chunks together after them: a section opens once and
-            // closes when the next begins.
-            let decomposed = matches!(p.tensor.storage, Storage::Decomposed { .. });
-            match job.shard {
-                Some(key) if !matches!(open, Some(Open::Shard { key: k, .. }) if k == key) => {
-                    close(&mut sections, &mut experts, &mut open, &mut cursor);
-                    open = Some(Open::Shard {
-                        key,
-                        start: cursor,
-                        hot_at: cursor,
-                        cold_at: cursor + shard_hot[&key],
-                    });
+    // The headers of safetensors and GGUF files (a GGUF header holds the
+    // tokenizer: a MiB or more), compressed on a thread beside the
+    // pipeline; written with the files section after it.
+    let compress_headers = || -> Result<Vec<Option<Vec<Frame>>>> {
+        source
+            .files
+            .iter()
+            .map(|f| match &f.kind {
+                SourceKind::Safetensors { raw_header, .. }
+                | SourceKind::Gguf { raw_header, .. } => {
+                    compress_blob(raw_header, opts.zstd_level, &wpath).map(Some)
                 }
-                None if decomposed
-                    && !matches!(&open, Some(Open::Cold { name, .. }) if *name == p.step) =>
-                {
-                    close(&mut sections, &mut experts, &mut open, &mut cursor);
-                    open = Some(Open::Cold {
-                        name: p.step.clone(),
-                        start: cursor,
-                    });
+                SourceKind::Blob => Ok(None),
+            })
+            .collect()
+    };
+    let mut headers = std::thread::scope(|scope| -> Result<_> {
+        let headers = scope.spawn(compress_headers);
+        let pipeline = crate::pipeline::ordered(
+            &jobs,
+            |job| run_job(&source, job, opts.zstd_level),
+            |job, mut r| {
+                let p = &mut planned[job.tensor];
+                if let Some(piece) = r.file_piece.take() {
+                    file_pieces[job.file].push(piece);
                 }
-                _ => {}
-            }
-            // Where this chunk's hot bytes go (dense ones were placed by the
-            // plan) and where its residual goes.
-            let (hot_place, cold_place) = match &mut open {
-                Some(Open::Shard {
-                    hot_at, cold_at, ..
-                }) if job.shard.is_some() => (Some(hot_at), cold_at),
-                _ => (None, &mut cursor),
-            };
-            let (hot_bytes, hot_extent) = match &mut p.tensor.storage {
-                Storage::Raw { chunks } => (&r.src, &mut chunks[job.chunk]),
-                Storage::Decomposed { chunks, .. } => {
-                    let c = &mut chunks[job.chunk];
-                    c.cold = Extent {
-                        offset: *cold_place,
-                        len: r.cold.len() as u64,
-                        xxh3: xxh3(&r.cold),
-                    };
-                    write_at(&r.cold, *cold_place)?;
-                    *cold_place += r.cold.len() as u64;
-                    (&r.hot, &mut c.base)
+                if let Some(h) = hashers[job.tensor].as_mut() {
+                    // Chunks of a tensor are committed in their order within it.
+                    let in_order = h.add(&r.digest);
+                    assert!(in_order, "a tensor's chunks are planned in order");
                 }
-            };
-            if let Some(at) = hot_place {
-                hot_extent.offset = *at;
-                *at += hot_bytes.len() as u64;
-            }
-            hot_extent.xxh3 = xxh3(hot_bytes);
-            write_at(hot_bytes, hot_extent.offset)?;
-            left[job.tensor] -= 1;
-            if left[job.tensor] == 0 {
-                let h = hashers[job.tensor].take().expect("hasher");
-                p.tensor.blake3 = h.finalize().to_hex().to_string();
-            }
-            progress.advance(job.src_len);
-            Ok(())
-        },
-    )?;
+                // Job order keeps each step's dense chunks together, and each
+                // expert's chunks together after them: a section opens once and
+                // closes when the next begins.
+                let decomposed = matches!(p.tensor.storage, Storage::Decomposed { .. });
+                match job.shard {
+                    Some(key) if !matches!(open, Some(Open::Shard { key: k, .. }) if k == key) => {
+                        close(&mut sections, &mut experts, &mut open, &mut cursor);
+                        open = Some(Open::Shard {
+                            key,
+                            start: cursor,
+                            hot_at: cursor,
+                            cold_at: cursor + shard_hot[&key],
+                        });
+                    }
+                    None if decomposed
+                        && !matches!(&open, Some(Open::Cold { name, .. }) if *name == p.step) =>
+                    {
+                        close(&mut sections, &mut experts, &mut open, &mut cursor);
+                        open = Some(Open::Cold {
+                            name: p.step.clone(),
+                            start: cursor,
+                        });
+                    }
+                    _ => {}
+                }
+                // Where this chunk's hot bytes go (dense ones were placed by the
+                // plan) and where its residual goes.
+                let (hot_place, cold_place) = match &mut open {
+                    Some(Open::Shard {
+                        hot_at, cold_at, ..
+                    }) if job.shard.is_some() => (Some(hot_at), cold_at),
+                    _ => (None, &mut cursor),
+                };
+                let (hot_bytes, hot_extent) = match &mut p.tensor.storage {
+                    Storage::Raw { chunks } => (&r.src, &mut chunks[job.chunk]),
+                    Storage::Decomposed { chunks, .. } => {
+                        let c = &mut chunks[job.chunk];
+                        c.cold = Extent {
+                            offset: *cold_place,
+                            len: r.cold.len() as u64,
+                            xxh3: xxh3(&r.cold),
+                        };
+                        write_at(&r.cold, *cold_place)?;
+                        *cold_place += r.cold.len() as u64;
+                        (&r.hot, &mut c.base)
+                    }
+                };
+                if let Some(at) = hot_place {
+                    hot_extent.offset = *at;
+                    *at += hot_bytes.len() as u64;
+                }
+                hot_extent.xxh3 = xxh3(hot_bytes);
+                write_at(hot_bytes, hot_extent.offset)?;
+                left[job.tensor] -= 1;
+                if left[job.tensor] == 0 {
+                    let h = hashers[job.tensor].take().expect("hasher");
+                    p.tensor.blake3 = h.finalize().to_hex().to_string();
+                }
+                progress.advance(job.src_len);
+                Ok(())
+            },
+        );
+        let headers = headers.join().expect("the header thread does not panic");
+        pipeline?;
+        headers
+    })?;
     let file_digests: Vec<Option<String>> = source
         .files
         .iter()
@@ -402,18 +424,18 @@ pub fn pack(
     let mut files = Vec::with_capacity(source.files.len());
     for (fi, f) in source.files.iter().enumerate() {
         let (content, digest) = match &f.kind {
-            SourceKind::Safetensors { raw_header, .. } => {
-                let header =
-                    store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
+            SourceKind::Safetensors { .. } => {
+                let frames = headers[fi].take().expect("compressed");
+                let header = write_blob(frames, &mut cursor, &write_at)?;
                 let tensors = tensor_order(&planned, fi);
                 (
                     FileContent::Safetensors { header, tensors },
                     file_digests[fi].clone().expect("hashed"),
                 )
             }
-            SourceKind::Gguf { raw_header, .. } => {
-                let header =
-                    store_blob(raw_header, opts.zstd_level, &mut cursor, &write_at, &wpath)?;
+            SourceKind::Gguf { .. } => {
+                let frames = headers[fi].take().expect("compressed");
+                let header = write_blob(frames, &mut cursor, &write_at)?;
                 let tensors = tensor_order(&planned, fi);
                 // Alignment padding after each tensor (the last one's runs to
                 // the end of the file), kept byte for byte.
@@ -989,8 +1011,12 @@ fn file_digest(
             return hash_file(file, path, len);
         }
         while at < next {
+            // Hashed as a piece (whole subtrees at once, in SIMD lanes),
+            // not chunk by chunk.
             let n = (next - at).min(1 << 20);
-            s.bytes(&read_at(file, path, at, n)?);
+            let gap = Piece::of(&read_at(file, path, at, n)?, at, len);
+            let in_order = s.add(&gap);
+            assert!(in_order, "gaps are joined in order");
             at += n;
         }
         if let Some(p) = p {
@@ -1032,15 +1058,40 @@ fn store_blob(
     write_at: &dyn Fn(&[u8], u64) -> Result<()>,
     wpath: &Path,
 ) -> Result<Blob> {
-    let mut chunks = Vec::new();
-    for piece in data.chunks(RAW_CHUNK_BYTES as usize) {
-        let frame = residual::zstd_compress(piece, level)
-            .map_err(|e| Error::input(wpath, format!("compression failed: {e}")))?;
+    write_blob(compress_blob(data, level, wpath)?, cursor, write_at)
+}
+
+/// A blob chunk's zstd frame and the length of what it holds.
+struct Frame {
+    frame: Vec<u8>,
+    raw_len: u64,
+}
+
+fn compress_blob(data: &[u8], level: i32, wpath: &Path) -> Result<Vec<Frame>> {
+    data.chunks(RAW_CHUNK_BYTES as usize)
+        .map(|piece| {
+            let frame = residual::zstd_compress(piece, level)
+                .map_err(|e| Error::input(wpath, format!("compression failed: {e}")))?;
+            Ok(Frame {
+                frame,
+                raw_len: piece.len() as u64,
+            })
+        })
+        .collect()
+}
+
+fn write_blob(
+    frames: Vec<Frame>,
+    cursor: &mut u64,
+    write_at: &dyn Fn(&[u8], u64) -> Result<()>,
+) -> Result<Blob> {
+    let mut chunks = Vec::with_capacity(frames.len());
+    for Frame { frame, raw_len } in frames {
         write_at(&frame, *cursor)?;
         chunks.push(BlobChunk {
             offset: *cursor,
             len: frame.len() as u64,
-            raw_len: piece.len() as u64,
+            raw_len,
             xxh3: xxh3(&frame),
         });
         *cursor += frame.len() as u64;
