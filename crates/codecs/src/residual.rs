@@ -987,8 +987,7 @@ fn count_classes_fast(
     let whole_groups = layout.codec == BaseCodec::Q4
         && layout.group == 64
         && layout.cols.is_multiple_of(64)
-        && gather_avx512::available()
-        && gather_avx512::popcnt_available();
+        && gather_avx512::available();
     if !whole_groups {
         return count_classes(layout, base, rows);
     }
@@ -1732,6 +1731,10 @@ mod gather_avx512 {
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vbmi")
                 && std::is_x86_feature_detected!("avx512vbmi2")
+                // Every processor with these has it; without it in the
+                // functions' features a cursor's count is a dozen
+                // instructions instead of one.
+                && std::is_x86_feature_detected!("popcnt")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -1754,7 +1757,7 @@ mod gather_avx512 {
     /// `lim[class] + stride[class]`, or plane 3 for four-byte ones) ends at
     /// least 64 bytes before the end of `planes`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn group64_w2(
         keys: &[u16; 16],
         payload: &[u8],
@@ -1780,7 +1783,7 @@ mod gather_avx512 {
     ///
     /// As [`group64_w2`].
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn group64_bf16(
         df: f32,
         payload: &[u8],
@@ -1797,7 +1800,7 @@ mod gather_avx512 {
     /// rounded to nearest, ties to even), as `q4_key_table` computes them,
     /// in the low 16 words (the rest 0).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     pub(super) unsafe fn bf16_keys(df: f32) -> std::arch::x86_64::__m512i {
         use std::arch::x86_64::*;
@@ -1828,7 +1831,7 @@ mod gather_avx512 {
     /// The order keys of the 16 F32 predictions `q × df` (`df` finite), as
     /// `q4_key_table` computes them.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     pub(super) unsafe fn f32_keys(df: f32) -> std::arch::x86_64::__m512i {
         use std::arch::x86_64::*;
@@ -1842,7 +1845,7 @@ mod gather_avx512 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     unsafe fn group64_w2_tab(
         key_tab: std::arch::x86_64::__m512i,
@@ -1908,7 +1911,7 @@ mod gather_avx512 {
     ///
     /// As for [`group64_w2`], with `P` plane positions per class.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn codes_and_planes<const P: usize>(
         payload: &[u8],
         cur: &mut [usize; 9],
@@ -1958,7 +1961,7 @@ mod gather_avx512 {
     /// class's two planes have room for its remaining elements plus 64 bytes
     /// at their cursors, and nothing there needs keeping.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn scatter64_w2(
         keys: &[u16; 16],
         payload: &[u8],
@@ -1982,7 +1985,7 @@ mod gather_avx512 {
     ///
     /// As [`scatter64_w2`].
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn scatter64_bf16(
         df: f32,
         payload: &[u8],
@@ -1995,7 +1998,7 @@ mod gather_avx512 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     unsafe fn scatter64_w2_tab(
         key_tab: std::arch::x86_64::__m512i,
@@ -2042,7 +2045,7 @@ mod gather_avx512 {
     ///
     /// As for [`scatter64_w2`], with four planes per class.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn scatter64_w4(
         keys: &[u32; 16],
         payload: &[u8],
@@ -2064,7 +2067,7 @@ mod gather_avx512 {
     ///
     /// As [`scatter64_w4`].
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn scatter64_f32(
         df: f32,
         payload: &[u8],
@@ -2077,7 +2080,7 @@ mod gather_avx512 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     unsafe fn scatter64_w4_tab(
         key_tab: std::arch::x86_64::__m512i,
@@ -2133,7 +2136,7 @@ mod gather_avx512 {
     /// 2i, low nibble, and 2i + 1, high nibble)
     /// and their classes.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn codes_and_classes(
         payload: &[u8],
     ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
@@ -2152,7 +2155,7 @@ mod gather_avx512 {
     /// Appends each plane vector's bytes of class `c` to that class's plane
     /// at its cursor (compressed, then stored whole), for the 9 classes.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn scatter_planes<const P: usize>(
         classes: std::arch::x86_64::__m512i,
         v: &[std::arch::x86_64::__m512i; P],
@@ -2186,7 +2189,7 @@ mod gather_avx512 {
     /// As for [`group64_w2`], with four plane positions per class
     /// (`cur[class] + p * stride[class]`, `p` in 0..4).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn group64_w4(
         keys: &[u32; 16],
         payload: &[u8],
@@ -2209,7 +2212,7 @@ mod gather_avx512 {
     ///
     /// As [`group64_w4`].
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn group64_f32(
         df: f32,
         payload: &[u8],
@@ -2223,7 +2226,7 @@ mod gather_avx512 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     #[inline]
     unsafe fn group64_w4_tab(
         key_tab: std::arch::x86_64::__m512i,
@@ -2361,8 +2364,7 @@ mod gather_avx512 {
     ///
     /// # Safety
     ///
-    /// [`available`] and [`popcnt_available`] are true; `base.len()` is a
-    /// multiple of 34.
+    /// [`available`] is true; `base.len()` is a multiple of 34.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
     pub unsafe fn count_q4_64(base: &[u8], counts: &mut [usize; 9]) -> bool {
@@ -2378,19 +2380,6 @@ mod gather_avx512 {
             }
         }
         bad
-    }
-
-    /// Whether the processor counts bits in one instruction (every one with
-    /// AVX-512 does; checked all the same).
-    pub fn popcnt_available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("popcnt")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
