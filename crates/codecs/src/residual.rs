@@ -608,8 +608,26 @@ fn split_nibbles_scalar(plane: &[u8], hi: &mut [u8], lo: &mut [u8]) {
 }
 
 /// Inverse of [`split_nibbles`] into `out` (`⌈out.len()/2⌉` bytes of each
-/// part). Written so that the compiler vectorizes it.
+/// part): whole 64-byte blocks of `out` in AVX-512 registers, the rest as
+/// the reference.
 fn join_nibbles(hi: &[u8], lo: &[u8], out: &mut [u8]) {
+    let wide = if gather_avx512::available() {
+        out.len() / 64 * 64
+    } else {
+        0
+    };
+    if wide > 0 {
+        // SAFETY: the features are present; `wide` bytes of `out` and
+        // `wide / 2` of each part (which hold `⌈out.len()/2⌉`).
+        unsafe {
+            gather_avx512::join_nibbles64(&hi[..wide / 2], &lo[..wide / 2], &mut out[..wide])
+        };
+    }
+    join_nibbles_scalar(&hi[wide / 2..], &lo[wide / 2..], &mut out[wide..]);
+}
+
+/// [`join_nibbles`] one pair at a time: the reference of the AVX-512 path.
+fn join_nibbles_scalar(hi: &[u8], lo: &[u8], out: &mut [u8]) {
     let pairs = out.len() / 2;
     for ((o, &h), &l) in out.chunks_exact_mut(2).zip(&hi[..pairs]).zip(&lo[..pairs]) {
         o[0] = (h << 4) | (l & 0x0F);
@@ -1426,9 +1444,31 @@ fn gather<const W: usize>(
     // Groups of 64 q4 codes of a 2-byte type go 64 elements at a time
     // through AVX-512 (byte expand-loads from each class's planes).
     let wide = (W == 2 || W == 4) && layout.codec == BaseCodec::Q4 && gather_avx512::available();
+    // Rows of whole q4 groups of 64 BF16 or F32 values (every weight
+    // matrix of the usual shapes): one AVX-512 loop over all their blocks,
+    // which rebuilds what the group-by-group path below would (a block
+    // with a non-finite scale is skipped and flagged: the chunk is refused
+    // either way).
+    let blocks = wide
+        && layout.group == 64
+        && layout.cols.is_multiple_of(64)
+        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F32);
+    if blocks {
+        let (base, out) = (&base[..rows * rb], &mut out[..rows * layout.cols * W]);
+        // SAFETY: the features are present; `base` is whole 34-byte blocks
+        // and `out` 64 values per block; the planes have their slack
+        // (asserted above).
+        bad_scale = unsafe {
+            if dtype == FloatDtype::BF16 {
+                gather_avx512::blocks64_bf16(base, &mut cur, &stride, &lim, planes, out)
+            } else {
+                gather_avx512::blocks64_f32(base, &mut cur, &stride, &lim, planes, out)
+            }
+        };
+    }
     for (row, orow) in base
         .chunks_exact(rb)
-        .take(rows)
+        .take(if blocks { 0 } else { rows })
         .zip(out.chunks_exact_mut(layout.cols * W))
     {
         layout.for_each_group(|col, len, off| {
@@ -2387,6 +2427,143 @@ mod gather_avx512 {
         unreachable!("never available off x86-64")
     }
 
+    /// [`super::join_nibbles`] of whole 64-byte blocks of `out`, from 32
+    /// bytes of each part per block: in 16-bit lanes, pair `(o0, o1)` is
+    /// lane `o0 | o1 << 8`, made of the nibbles of `h` and `l` (bytes
+    /// widened to lanes) as `l & 0x000F | h << 4 & 0x00F0 | l << 4 & 0x0F00 |
+    /// h << 8 & 0xF000`.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `out.len()` is a multiple of 64 and `hi` and
+    /// `lo` hold at least half as many bytes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn join_nibbles64(hi: &[u8], lo: &[u8], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        assert!(
+            out.len().is_multiple_of(64) && hi.len() * 2 >= out.len() && lo.len() * 2 >= out.len()
+        );
+        let (m0, m1) = (
+            _mm512_set1_epi16(0x0F0F),
+            _mm512_set1_epi16(0xF0F0u16 as i16),
+        );
+        for (i, o) in out.chunks_exact_mut(64).enumerate() {
+            let h = _mm512_cvtepu8_epi16(_mm256_loadu_si256(hi.as_ptr().add(32 * i) as *const _));
+            let l = _mm512_cvtepu8_epi16(_mm256_loadu_si256(lo.as_ptr().add(32 * i) as *const _));
+            // l | l << 4 keeps l's low nibble at bits 0-3 and its high one
+            // at bits 8-11 under 0x0F0F; h << 4 | h << 8 puts h's low
+            // nibble at bits 4-7 and its high one at 12-15 under 0xF0F0.
+            let lv = _mm512_and_si512(_mm512_or_si512(l, _mm512_slli_epi16(l, 4)), m0);
+            let hv = _mm512_and_si512(
+                _mm512_or_si512(_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 8)),
+                m1,
+            );
+            _mm512_storeu_si512(o.as_mut_ptr() as *mut _, _mm512_or_si512(lv, hv));
+        }
+    }
+
+    /// The f32 value of an f16 scale's bits (exact, as `f16::to_f32`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn f16_bits_to_f32(bits: u16) -> f32 {
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm512_castps512_ps128(_mm512_cvtph_ps(_mm256_set1_epi16(
+            bits as i16,
+        ))))
+    }
+
+    /// [`group64_bf16`] over whole q4 blocks of 64 (`base`: 34 bytes each,
+    /// `out`: 128 bytes each), in one loop; a block whose scale is not
+    /// finite is skipped (its cursors do not move, its output is left as
+    /// it is) and makes the answer `true`.
+    ///
+    /// # Safety
+    ///
+    /// As [`group64_w2`] for every block; `base.len()` is a multiple of 34
+    /// and `out` holds 128 bytes per block.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn blocks64_bf16(
+        base: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) -> bool {
+        assert!(base.len().is_multiple_of(34) && out.len() >= base.len() / 34 * 128);
+        let mut bad = false;
+        for (block, vals) in base.chunks_exact(34).zip(out.chunks_exact_mut(128)) {
+            if block[1] & 0x7C == 0x7C {
+                bad = true;
+                continue;
+            }
+            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
+            group64_w2_tab(bf16_keys(df), &block[2..], cur, stride, lim, planes, vals);
+        }
+        bad
+    }
+
+    /// [`blocks64_bf16`] for F32 values (`out`: 256 bytes per block).
+    ///
+    /// # Safety
+    ///
+    /// As [`group64_w4`] for every block; `base.len()` is a multiple of 34
+    /// and `out` holds 256 bytes per block.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn blocks64_f32(
+        base: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        lim: &[usize; 9],
+        planes: &[u8],
+        out: &mut [u8],
+    ) -> bool {
+        assert!(base.len().is_multiple_of(34) && out.len() >= base.len() / 34 * 256);
+        let mut bad = false;
+        for (block, vals) in base.chunks_exact(34).zip(out.chunks_exact_mut(256)) {
+            if block[1] & 0x7C == 0x7C {
+                bad = true;
+                continue;
+            }
+            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
+            group64_w4_tab(f32_keys(df), &block[2..], cur, stride, lim, planes, vals);
+        }
+        bad
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn blocks64_bf16(
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) -> bool {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn blocks64_f32(
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &[usize; 9],
+        _: &[u8],
+        _: &mut [u8],
+    ) -> bool {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn join_nibbles64(_: &[u8], _: &[u8], _: &mut [u8]) {
+        unreachable!("never available off x86-64")
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn split_nibbles64(_: &[u8], _: &mut [u8], _: &mut [u8]) {
         unreachable!("never available off x86-64")
@@ -2674,7 +2851,7 @@ mod tests {
     }
 
     #[test]
-    fn split_nibbles_matches_its_scalar_reference() {
+    fn nibble_split_and_join_match_their_scalar_references() {
         use super::{split_nibbles, split_nibbles_scalar};
         let mut x = 5u64;
         for n in [
@@ -2695,6 +2872,9 @@ mod tests {
             let mut back = vec![0u8; n];
             super::join_nibbles(&hi, &lo, &mut back);
             assert!(back == plane, "{n} bytes round trip");
+            let mut back_ref = vec![0u8; n];
+            super::join_nibbles_scalar(&hi, &lo, &mut back_ref);
+            assert!(back_ref == plane, "{n} bytes round trip, scalar");
         }
     }
 
