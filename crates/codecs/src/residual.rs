@@ -901,9 +901,29 @@ fn scatter<const W: usize>(
         "every plane has its slack"
     );
     let wide = (W == 2 || W == 4) && layout.codec == BaseCodec::Q4 && gather_avx512::available();
+    // Rows of whole q4 groups of 64 BF16 or F32 values: one AVX-512 loop
+    // over their blocks, as the decoder's. Every scale is finite: `encode`
+    // counted the classes first, which refuses a base with a non-finite one.
+    let blocks = wide
+        && layout.group == 64
+        && layout.cols.is_multiple_of(64)
+        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F32);
+    if blocks {
+        let (base, src) = (&base[..rows * rb], &src[..rows * layout.cols * W]);
+        // SAFETY: the features are present; `base` is whole 34-byte blocks
+        // and `src` 64 values per block; every plane has its slack
+        // (asserted above).
+        unsafe {
+            if dtype == FloatDtype::BF16 {
+                gather_avx512::scatter_blocks64_bf16(base, src, &mut cur, &stride, planes)
+            } else {
+                gather_avx512::scatter_blocks64_f32(base, src, &mut cur, &stride, planes)
+            }
+        }
+    }
     for (row, srow) in base
         .chunks_exact(rb)
-        .take(rows)
+        .take(if blocks { 0 } else { rows })
         .zip(src.chunks_exact(layout.cols * W))
     {
         layout.for_each_group(|col, len, off| {
@@ -2533,6 +2553,74 @@ mod gather_avx512 {
             group64_w4_tab(f32_keys(df), &block[2..], cur, stride, lim, planes, vals);
         }
         bad
+    }
+
+    /// [`scatter64_bf16`] over whole q4 blocks of 64 (`base`: 34 bytes
+    /// each, every scale finite, else its keys are meaningless; `src`: 128
+    /// bytes each), in one loop.
+    ///
+    /// # Safety
+    ///
+    /// As [`scatter64_w2`] for every block; `base.len()` is a multiple of
+    /// 34 and `src` holds 128 bytes per block.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn scatter_blocks64_bf16(
+        base: &[u8],
+        src: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        assert!(base.len().is_multiple_of(34) && src.len() >= base.len() / 34 * 128);
+        for (block, vals) in base.chunks_exact(34).zip(src.chunks_exact(128)) {
+            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
+            scatter64_w2_tab(bf16_keys(df), &block[2..], vals, cur, stride, planes);
+        }
+    }
+
+    /// [`scatter_blocks64_bf16`] for F32 values (`src`: 256 bytes a block).
+    ///
+    /// # Safety
+    ///
+    /// As [`scatter64_w4`] for every block; `base.len()` is a multiple of
+    /// 34 and `src` holds 256 bytes per block.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn scatter_blocks64_f32(
+        base: &[u8],
+        src: &[u8],
+        cur: &mut [usize; 9],
+        stride: &[usize; 9],
+        planes: &mut [u8],
+    ) {
+        assert!(base.len().is_multiple_of(34) && src.len() >= base.len() / 34 * 256);
+        for (block, vals) in base.chunks_exact(34).zip(src.chunks_exact(256)) {
+            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
+            scatter64_w4_tab(f32_keys(df), &block[2..], vals, cur, stride, planes);
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter_blocks64_bf16(
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn scatter_blocks64_f32(
+        _: &[u8],
+        _: &[u8],
+        _: &mut [usize; 9],
+        _: &[usize; 9],
+        _: &mut [u8],
+    ) {
+        unreachable!("never available off x86-64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
