@@ -325,6 +325,32 @@ fn compress_frame_into(out: &mut Vec<u8>, data: &[u8], how: Frames) -> Result<()
 /// Decompresses `frame`, which must be exactly one zstd frame declaring
 /// exactly `out.len()` bytes of content, into `out`.
 pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let n = out.len();
+    zstd_decompress_into(frame, out, n)
+}
+
+/// Bytes to leave after a frame's `n` bytes of output so that zstd's
+/// decoder puts a block's literals there, after the block, and copies
+/// them with its fast routines: it needs room for a whole block (at most
+/// 128 KiB, and not more than the content), the literals (at most as much)
+/// and twice its 32-byte over-copy margin. With an output of exactly `n`
+/// bytes it decodes the literals into the end of the output and copies
+/// sequences with its careful byte-exact routine instead (7 % of the exact
+/// decoder's time).
+pub fn zstd_room(n: usize) -> usize {
+    2 * n.min(128 << 10) + 128
+}
+
+/// [`zstd_decompress_exact`] of a frame declaring exactly `n` bytes into
+/// `out[..n]`; the rest of `out` (give it [`zstd_room`]`(n)` bytes) may be
+/// overwritten with scratch.
+pub fn zstd_decompress_into(frame: &[u8], out: &mut [u8], n: usize) -> Result<(), CodecError> {
+    if n > out.len() {
+        return Err(CodecError::Shape(format!(
+            "{n} bytes do not fit an output of {}",
+            out.len()
+        )));
+    }
     // Frame header: magic (4), descriptor (1), then a window descriptor
     // unless the frame is single-segment. The bulk decoder never allocates a
     // window (it decodes into `out`), but a frame asking for more than the
@@ -338,11 +364,10 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
         }
     }
     match zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(n)) if n == out.len() as u64 => {}
-        Ok(Some(n)) => {
+        Ok(Some(declared)) if declared == n as u64 => {}
+        Ok(Some(declared)) => {
             return Err(CodecError::Corrupt(format!(
-                "zstd frame declares {n} bytes, expected {}",
-                out.len()
+                "zstd frame declares {declared} bytes, expected {n}"
             )))
         }
         _ => {
@@ -352,10 +377,10 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
         }
     }
     match zstd_safe::find_frame_compressed_size(frame) {
-        Ok(n) if n == frame.len() => {}
-        Ok(n) => {
+        Ok(len) if len == frame.len() => {}
+        Ok(len) => {
             return Err(CodecError::Corrupt(format!(
-                "zstd frame is {n} bytes but its stream is {} (trailing bytes)",
+                "zstd frame is {len} bytes but its stream is {} (trailing bytes)",
                 frame.len()
             )))
         }
@@ -374,13 +399,12 @@ pub fn zstd_decompress_exact(frame: &[u8], out: &mut [u8]) -> Result<(), CodecEr
             *d = Some(dec);
         }
         let dec = d.as_mut().expect("set above");
-        let n = dec
+        let got = dec
             .decompress_to_buffer(frame, out)
             .map_err(|e| CodecError::Corrupt(format!("zstd: {e}")))?;
-        if n != out.len() {
+        if got != n {
             return Err(CodecError::Corrupt(format!(
-                "zstd frame gave {n} bytes, expected {}",
-                out.len()
+                "zstd frame gave {got} bytes, expected {n}"
             )));
         }
         Ok(())
@@ -677,23 +701,37 @@ thread_local! {
 /// Decodes stream `i` of the chunk (a zstd frame, or a split stream when
 /// `split`) into `out`, which is the plane's exact length.
 fn decode_stream(stream: &[u8], split: bool, i: usize, out: &mut [u8]) -> Result<(), CodecError> {
+    let n = out.len();
+    decode_stream_into(stream, split, i, out, n)
+}
+
+/// [`decode_stream`] into `out[..n]`, the bytes of `out` after them free
+/// for zstd to use (see [`zstd_decompress_into`]).
+fn decode_stream_into(
+    stream: &[u8],
+    split: bool,
+    i: usize,
+    out: &mut [u8],
+    want: usize,
+) -> Result<(), CodecError> {
     if !split {
-        return zstd_decompress_exact(stream, out);
+        return zstd_decompress_into(stream, out, want);
     }
     let (n, frame, lo) = split_parts(stream, i)?;
-    if n != out.len() {
+    if n != want {
         return Err(CodecError::Corrupt(format!(
-            "split stream {i} holds {n} elements, its class {}",
-            out.len()
+            "split stream {i} holds {n} elements, its class {want}"
         )));
     }
+    let out = &mut out[..n];
     NIBBLES.with(|b| {
         let (hi, _) = &mut *b.borrow_mut();
         let half = n.div_ceil(2);
-        if hi.len() < half {
-            hi.resize(half, 0);
+        let room = half + zstd_room(half);
+        if hi.len() < room {
+            hi.resize(room, 0);
         }
-        zstd_decompress_exact(frame, &mut hi[..half])?;
+        zstd_decompress_into(frame, hi, half)?;
         if n % 2 == 1 && hi[half - 1] >> 4 != 0 {
             return Err(CodecError::Corrupt(format!(
                 "split stream {i}: the padding nibble is not 0"
@@ -1282,15 +1320,19 @@ fn decompress_planes_by_frames(
         )));
     }
     let (offsets, total) = plane_offsets(&counts, w);
-    if planes.len() < total + PLANE_SLACK {
-        planes.resize(total + PLANE_SLACK, 0);
+    // Each plane is decoded with the buffer after it as zstd's room (the
+    // planes after it are decoded later); the last one has room of its own.
+    let largest = counts.iter().copied().max().unwrap_or(0);
+    let len = total + PLANE_SLACK.max(zstd_room(largest));
+    if planes.len() < len {
+        planes.resize(len, 0);
     }
     let mut at = table_len;
     for (i, &off) in offsets.iter().enumerate() {
         let (len, split) = table_entry(chunk, i, kind)?;
         let n = counts[i / w];
         if n > 0 {
-            decode_stream(&chunk[at..at + len], split, i, &mut planes[off..off + n])?;
+            decode_stream_into(&chunk[at..at + len], split, i, &mut planes[off..], n)?;
         }
         at += len;
     }
