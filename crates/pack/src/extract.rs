@@ -396,6 +396,7 @@ impl<'c> ExpertReader<'c> {
                 // after it, while another member reads it); `None` once a
                 // read has failed.
                 let group = |gi: usize| -> Option<&Spans> {
+                    let mut spins = 0u32;
                     loop {
                         if let Some(b) = ready[gi].get() {
                             return Some(b);
@@ -428,7 +429,7 @@ impl<'c> ExpertReader<'c> {
                             }
                             let _ = ready[j].set(bufs);
                         } else {
-                            std::hint::spin_loop();
+                            tpde_team::backoff(&mut spins);
                         }
                     }
                 };
