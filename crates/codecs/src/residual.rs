@@ -1729,6 +1729,10 @@ fn base_values_w<const W: usize>(
     let ob = layout.cols * W;
     let mut lut = [[0u8; W]; 16];
     let simd = W == 2 && q4_simd::available();
+    let wide_f32 = W == 4
+        && dtype == FloatDtype::F32
+        && layout.codec == BaseCodec::Q4
+        && gather_avx512::available();
     // The checks of `count_classes`, made on the way (the output is
     // garbage when they fail, and the caller gets the error).
     let (mut bad_pad, mut bad_scale, mut bad_q8) = (false, false, false);
@@ -1746,6 +1750,12 @@ fn base_values_w<const W: usize>(
             }
             // The scale widened once per group (what `predict_bits` does per call).
             let df = scale.to_f32();
+            if wide_f32 && len == 64 {
+                // SAFETY: the features are present; `payload` holds the
+                // group's 32 code bytes and `o` its 64 values.
+                unsafe { gather_avx512::base64_f32(df, payload, o) };
+                return;
+            }
             let bits = |q: i32| -> [u8; W] {
                 let v = match dtype {
                     FloatDtype::BF16 => crate::float::bf16_bits_rne(q as f32 * df) as u64,
@@ -2686,6 +2696,46 @@ mod gather_avx512 {
         _: &[u8],
         _: &mut [u8],
     ) -> bool {
+        unreachable!("never available off x86-64")
+    }
+
+    /// The base values of one q4 group of 64 F32 elements: each code's
+    /// `q × df` (the same IEEE product as the scalar path), 64 at a time
+    /// through a 16-entry table in a register.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `payload` holds 32 bytes and `out` 256.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn base64_f32(df: f32, payload: &[u8], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        assert!(
+            payload.len() >= 32 && out.len() >= 256,
+            "a group of 64 codes"
+        );
+        let tab = _mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        );
+        let (codes, _) = codes_and_classes(payload);
+        macro_rules! quarter {
+            ($q:literal) => {{
+                let idx = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, $q));
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(64 * $q) as *mut f32,
+                    _mm512_permutexvar_ps(idx, tab),
+                );
+            }};
+        }
+        quarter!(0);
+        quarter!(1);
+        quarter!(2);
+        quarter!(3);
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn base64_f32(_: f32, _: &[u8], _: &mut [u8]) {
         unreachable!("never available off x86-64")
     }
 
