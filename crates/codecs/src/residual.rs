@@ -1729,8 +1729,9 @@ fn base_values_w<const W: usize>(
     let ob = layout.cols * W;
     let mut lut = [[0u8; W]; 16];
     let simd = W == 2 && q4_simd::available();
-    let wide_f32 = W == 4
-        && dtype == FloatDtype::F32
+    // Whole q4 groups of 64 BF16 or F32 values through a table in an
+    // AVX-512 register.
+    let wide = matches!((W, dtype), (2, FloatDtype::BF16) | (4, FloatDtype::F32))
         && layout.codec == BaseCodec::Q4
         && gather_avx512::available();
     // The checks of `count_classes`, made on the way (the output is
@@ -1750,10 +1751,16 @@ fn base_values_w<const W: usize>(
             }
             // The scale widened once per group (what `predict_bits` does per call).
             let df = scale.to_f32();
-            if wide_f32 && len == 64 {
+            if wide && len == 64 {
                 // SAFETY: the features are present; `payload` holds the
                 // group's 32 code bytes and `o` its 64 values.
-                unsafe { gather_avx512::base64_f32(df, payload, o) };
+                unsafe {
+                    if W == 2 {
+                        gather_avx512::base64_bf16(df, payload, o)
+                    } else {
+                        gather_avx512::base64_f32(df, payload, o)
+                    }
+                };
                 return;
             }
             let bits = |q: i32| -> [u8; W] {
@@ -1916,19 +1923,7 @@ mod gather_avx512 {
     #[inline]
     pub(super) unsafe fn bf16_keys(df: f32) -> std::arch::x86_64::__m512i {
         use std::arch::x86_64::*;
-        let v = _mm512_mul_ps(
-            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
-            _mm512_set1_ps(df),
-        );
-        let b = _mm512_castps_si512(v);
-        // (b + 0x7FFF + ((b >> 16) & 1)) >> 16, in 32-bit lanes.
-        let r = _mm512_srli_epi32(
-            _mm512_add_epi32(
-                _mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
-                _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-            ),
-            16,
-        );
+        let r = bf16_values32(df);
         // The order key of the 16-bit pattern: flip every bit of a
         // negative one, the sign bit of a positive one.
         let neg = _mm512_and_si512(_mm512_srli_epi32(r, 15), _mm512_set1_epi32(1));
@@ -1938,6 +1933,29 @@ mod gather_avx512 {
         );
         let k = _mm512_xor_si512(r, flip);
         _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(k))
+    }
+
+    /// The 16 BF16 predictions `q × df` (`df` finite, rounded to nearest,
+    /// ties to even: `bf16_bits_rne` without its NaN case), one per 32-bit
+    /// lane.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn bf16_values32(df: f32) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let v = _mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        );
+        let b = _mm512_castps_si512(v);
+        // (b + 0x7FFF + ((b >> 16) & 1)) >> 16, in 32-bit lanes.
+        _mm512_srli_epi32(
+            _mm512_add_epi32(
+                _mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+            ),
+            16,
+        )
     }
 
     /// The order keys of the 16 F32 predictions `q × df` (`df` finite), as
@@ -2732,6 +2750,40 @@ mod gather_avx512 {
         quarter!(1);
         quarter!(2);
         quarter!(3);
+    }
+
+    /// [`base64_f32`] for BF16 values (`out`: 128 bytes): each code's
+    /// `q × df` rounded as the scalar path rounds it.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `payload` holds 32 bytes and `out` 128.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    pub unsafe fn base64_bf16(df: f32, payload: &[u8], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        assert!(
+            payload.len() >= 32 && out.len() >= 128,
+            "a group of 64 codes"
+        );
+        let tab = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(bf16_values32(df)));
+        let (codes, _) = codes_and_classes(payload);
+        for half in 0..2 {
+            let idx = if half == 0 {
+                _mm512_castsi512_si256(codes)
+            } else {
+                _mm512_extracti64x4_epi64(codes, 1)
+            };
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(64 * half) as *mut _,
+                _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), tab),
+            );
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn base64_bf16(_: f32, _: &[u8], _: &mut [u8]) {
+        unreachable!("never available off x86-64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
