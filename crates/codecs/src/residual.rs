@@ -945,17 +945,18 @@ fn scatter<const W: usize>(
     let blocks = wide
         && layout.group == 64
         && layout.cols.is_multiple_of(64)
-        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F32);
+        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F16 | FloatDtype::F32);
     if blocks {
         let (base, src) = (&base[..rows * rb], &src[..rows * layout.cols * W]);
         // SAFETY: the features are present; `base` is whole 34-byte blocks
         // and `src` 64 values per block; every plane has its slack
         // (asserted above).
         unsafe {
-            if dtype == FloatDtype::BF16 {
-                gather_avx512::scatter_blocks64_bf16(base, src, &mut cur, &stride, planes)
-            } else {
-                gather_avx512::scatter_blocks64_f32(base, src, &mut cur, &stride, planes)
+            match gather_avx512::Half::of(dtype) {
+                Some(half) => {
+                    gather_avx512::scatter_blocks64_w2(half, base, src, &mut cur, &stride, planes)
+                }
+                None => gather_avx512::scatter_blocks64_f32(base, src, &mut cur, &stride, planes),
             }
         }
     }
@@ -1514,17 +1515,18 @@ fn gather<const W: usize>(
     let blocks = wide
         && layout.group == 64
         && layout.cols.is_multiple_of(64)
-        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F32);
+        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F16 | FloatDtype::F32);
     if blocks {
         let (base, out) = (&base[..rows * rb], &mut out[..rows * layout.cols * W]);
         // SAFETY: the features are present; `base` is whole 34-byte blocks
         // and `out` 64 values per block; the planes have their slack
         // (asserted above).
         bad_scale = unsafe {
-            if dtype == FloatDtype::BF16 {
-                gather_avx512::blocks64_bf16(base, &mut cur, &stride, &lim, planes, out)
-            } else {
-                gather_avx512::blocks64_f32(base, &mut cur, &stride, &lim, planes, out)
+            match gather_avx512::Half::of(dtype) {
+                Some(half) => {
+                    gather_avx512::blocks64_w2(half, base, &mut cur, &stride, &lim, planes, out)
+                }
+                None => gather_avx512::blocks64_f32(base, &mut cur, &stride, &lim, planes, out),
             }
         };
     }
@@ -1731,8 +1733,10 @@ fn base_values_w<const W: usize>(
     let simd = W == 2 && q4_simd::available();
     // Whole q4 groups of 64 BF16 or F32 values through a table in an
     // AVX-512 register.
-    let wide = matches!((W, dtype), (2, FloatDtype::BF16) | (4, FloatDtype::F32))
-        && layout.codec == BaseCodec::Q4
+    let wide = matches!(
+        (W, dtype),
+        (2, FloatDtype::BF16) | (2, FloatDtype::F16) | (4, FloatDtype::F32)
+    ) && layout.codec == BaseCodec::Q4
         && gather_avx512::available();
     // The checks of `count_classes`, made on the way (the output is
     // garbage when they fail, and the caller gets the error).
@@ -1755,10 +1759,9 @@ fn base_values_w<const W: usize>(
                 // SAFETY: the features are present; `payload` holds the
                 // group's 32 code bytes and `o` its 64 values.
                 unsafe {
-                    if W == 2 {
-                        gather_avx512::base64_bf16(df, payload, o)
-                    } else {
-                        gather_avx512::base64_f32(df, payload, o)
+                    match gather_avx512::Half::of(dtype) {
+                        Some(half) => gather_avx512::base64_w2(half, df, payload, o),
+                        None => gather_avx512::base64_f32(df, payload, o),
                     }
                 };
                 return;
@@ -2553,6 +2556,61 @@ mod gather_avx512 {
         }
     }
 
+    /// Which 16-bit float a fast path's values are.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Half {
+        Bf16,
+        F16,
+    }
+
+    impl Half {
+        pub fn of(dtype: crate::FloatDtype) -> Option<Half> {
+            match dtype {
+                crate::FloatDtype::BF16 => Some(Half::Bf16),
+                crate::FloatDtype::F16 => Some(Half::F16),
+                _ => None,
+            }
+        }
+    }
+
+    /// The 16 F16 predictions `q × df` (`df` finite), rounded to nearest
+    /// (ties to even; past the largest finite value, infinity) as
+    /// `f16::from_f32` rounds them: the low 16 words.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn f16_values(df: f32) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            _mm512_loadu_ps(super::Q4_VALUES.as_ptr()),
+            _mm512_set1_ps(df),
+        ))
+    }
+
+    /// The order keys of the 16 F16 predictions (as [`f16_values`]), as
+    /// `q4_key_table` computes them, in the low 16 words (the rest 0).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    #[inline]
+    pub(super) unsafe fn f16_keys(df: f32) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let h = f16_values(df);
+        // Flip every bit of a negative pattern, the sign bit of a positive one.
+        let flip = _mm256_or_si256(_mm256_srai_epi16(h, 15), _mm256_set1_epi16(i16::MIN));
+        _mm512_zextsi256_si512(_mm256_xor_si256(h, flip))
+    }
+
+    /// The keys of a block of 16-bit values with scale `df`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn half_keys(half: Half, df: f32) -> std::arch::x86_64::__m512i {
+        match half {
+            Half::Bf16 => bf16_keys(df),
+            Half::F16 => f16_keys(df),
+        }
+    }
+
     /// The f32 value of an f16 scale's bits (exact, as `f16::to_f32`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
@@ -2564,10 +2622,10 @@ mod gather_avx512 {
         ))))
     }
 
-    /// [`group64_bf16`] over whole q4 blocks of 64 (`base`: 34 bytes each,
-    /// `out`: 128 bytes each), in one loop; a block whose scale is not
-    /// finite is skipped (its cursors do not move, its output is left as
-    /// it is) and makes the answer `true`.
+    /// [`group64_bf16`] (or its F16 twin) over whole q4 blocks of 64
+    /// (`base`: 34 bytes each, `out`: 128 bytes each), in one loop; a block
+    /// whose scale is not finite is skipped (its cursors do not move, its
+    /// output is left as it is) and makes the answer `true`.
     ///
     /// # Safety
     ///
@@ -2575,7 +2633,8 @@ mod gather_avx512 {
     /// and `out` holds 128 bytes per block.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
-    pub unsafe fn blocks64_bf16(
+    pub unsafe fn blocks64_w2(
+        half: Half,
         base: &[u8],
         cur: &mut [usize; 9],
         stride: &[usize; 9],
@@ -2591,12 +2650,20 @@ mod gather_avx512 {
                 continue;
             }
             let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
-            group64_w2_tab(bf16_keys(df), &block[2..], cur, stride, lim, planes, vals);
+            group64_w2_tab(
+                half_keys(half, df),
+                &block[2..],
+                cur,
+                stride,
+                lim,
+                planes,
+                vals,
+            );
         }
         bad
     }
 
-    /// [`blocks64_bf16`] for F32 values (`out`: 256 bytes per block).
+    /// [`blocks64_w2`] for F32 values (`out`: 256 bytes per block).
     ///
     /// # Safety
     ///
@@ -2625,9 +2692,9 @@ mod gather_avx512 {
         bad
     }
 
-    /// [`scatter64_bf16`] over whole q4 blocks of 64 (`base`: 34 bytes
-    /// each, every scale finite, else its keys are meaningless; `src`: 128
-    /// bytes each), in one loop.
+    /// [`scatter64_bf16`] (or its F16 twin) over whole q4 blocks of 64
+    /// (`base`: 34 bytes each, every scale finite, else its keys are
+    /// meaningless; `src`: 128 bytes each), in one loop.
     ///
     /// # Safety
     ///
@@ -2635,7 +2702,8 @@ mod gather_avx512 {
     /// 34 and `src` holds 128 bytes per block.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
-    pub unsafe fn scatter_blocks64_bf16(
+    pub unsafe fn scatter_blocks64_w2(
+        half: Half,
         base: &[u8],
         src: &[u8],
         cur: &mut [usize; 9],
@@ -2645,11 +2713,11 @@ mod gather_avx512 {
         assert!(base.len().is_multiple_of(34) && src.len() >= base.len() / 34 * 128);
         for (block, vals) in base.chunks_exact(34).zip(src.chunks_exact(128)) {
             let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
-            scatter64_w2_tab(bf16_keys(df), &block[2..], vals, cur, stride, planes);
+            scatter64_w2_tab(half_keys(half, df), &block[2..], vals, cur, stride, planes);
         }
     }
 
-    /// [`scatter_blocks64_bf16`] for F32 values (`src`: 256 bytes a block).
+    /// [`scatter_blocks64_w2`] for F32 values (`src`: 256 bytes a block).
     ///
     /// # Safety
     ///
@@ -2672,7 +2740,8 @@ mod gather_avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn scatter_blocks64_bf16(
+    pub unsafe fn scatter_blocks64_w2(
+        _: Half,
         _: &[u8],
         _: &[u8],
         _: &mut [usize; 9],
@@ -2694,7 +2763,8 @@ mod gather_avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn blocks64_bf16(
+    pub unsafe fn blocks64_w2(
+        _: Half,
         _: &[u8],
         _: &mut [usize; 9],
         _: &[usize; 9],
@@ -2752,21 +2822,24 @@ mod gather_avx512 {
         quarter!(3);
     }
 
-    /// [`base64_f32`] for BF16 values (`out`: 128 bytes): each code's
-    /// `q × df` rounded as the scalar path rounds it.
+    /// [`base64_f32`] for BF16 or F16 values (`out`: 128 bytes): each
+    /// code's `q × df` rounded as the scalar path rounds it.
     ///
     /// # Safety
     ///
     /// [`available`] is true; `payload` holds 32 bytes and `out` 128.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
-    pub unsafe fn base64_bf16(df: f32, payload: &[u8], out: &mut [u8]) {
+    pub unsafe fn base64_w2(half: Half, df: f32, payload: &[u8], out: &mut [u8]) {
         use std::arch::x86_64::*;
         assert!(
             payload.len() >= 32 && out.len() >= 128,
             "a group of 64 codes"
         );
-        let tab = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(bf16_values32(df)));
+        let tab = _mm512_zextsi256_si512(match half {
+            Half::Bf16 => _mm512_cvtepi32_epi16(bf16_values32(df)),
+            Half::F16 => f16_values(df),
+        });
         let (codes, _) = codes_and_classes(payload);
         for half in 0..2 {
             let idx = if half == 0 {
@@ -2782,7 +2855,7 @@ mod gather_avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn base64_bf16(_: f32, _: &[u8], _: &mut [u8]) {
+    pub unsafe fn base64_w2(_: Half, _: f32, _: &[u8], _: &mut [u8]) {
         unreachable!("never available off x86-64")
     }
 
@@ -3064,6 +3137,19 @@ mod tests {
                     super::gather_avx512::f32_keys(d.to_f32()),
                 );
             }
+            let mut kh = [0u16; 32];
+            // SAFETY: as above.
+            unsafe {
+                std::arch::x86_64::_mm512_storeu_si512(
+                    kh.as_mut_ptr().cast(),
+                    super::gather_avx512::f16_keys(d.to_f32()),
+                );
+            }
+            let th = super::q4_key_table::<2>(FloatDtype::F16, d);
+            for n in 0..16 {
+                assert_eq!(u64::from(kh[n]), th[n], "F16, scale {bits:#06x}, code {n}");
+            }
+            assert!(kh[16..].iter().all(|&k| k == 0));
             let t16 = super::q4_key_table::<2>(FloatDtype::BF16, d);
             let t32 = super::q4_key_table::<4>(FloatDtype::F32, d);
             for n in 0..16 {
