@@ -947,7 +947,9 @@ fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
 pub(crate) fn read_at(file: &std::fs::File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let len = usize::try_from(len).map_err(|_| Error::input(path, "read past memory"))?;
     let mut buf = Vec::with_capacity(len);
-    pread_exact(file, buf.spare_capacity_mut(), offset).map_err(Error::io(path, "cannot read"))?;
+    // Exactly `len` bytes: the capacity may be larger than asked.
+    pread_exact(file, &mut buf.spare_capacity_mut()[..len], offset)
+        .map_err(Error::io(path, "cannot read"))?;
     // SAFETY: `pread_exact` succeeded, so the kernel wrote all `len` bytes.
     unsafe { buf.set_len(len) };
     Ok(buf)
@@ -1002,7 +1004,9 @@ fn file_digest(
     len: u64,
     mut pieces: Vec<Piece>,
 ) -> Result<String> {
-    pieces.sort_by_key(Piece::offset);
+    // By start, then end: an empty piece at a non-empty one's start comes
+    // first, not after it (which would look like an overlap).
+    pieces.sort_by_key(|p| (p.offset(), p.end()));
     let mut s = Stream::new();
     let mut at = 0;
     for p in pieces.iter().map(Some).chain([None]) {
@@ -1142,6 +1146,10 @@ mod file_digest_tests {
         assert_eq!(got, want);
         // No piece at all: the whole file is read as gaps.
         let got = file_digest(&f, t.path(), b.len() as u64, Vec::new()).expect("digest");
+        assert_eq!(got, want);
+        // An empty piece at the start of a non-empty one, after it.
+        let spans = [(1_000, 5_000), (1_000, 1_000)];
+        let got = file_digest(&f, t.path(), b.len() as u64, pieces(&b, &spans)).expect("digest");
         assert_eq!(got, want);
         // Pieces that cover the whole file.
         let spans = [(1024, 300_001), (0, 1024)];
