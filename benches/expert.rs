@@ -2,8 +2,8 @@
 //! `tpde_pack::extract_expert` on a packed container (one read of the
 //! expert's shard, checksums, decode) against reading the same expert's
 //! original bytes out of the source file, in the same run, with the page
-//! cache dropped (`posix_fadvise(DONTNEED)`) before every fetch and again
-//! with it warm. Every fetched expert is compared byte for byte with the
+//! cache dropped (`posix_fadvise(DONTNEED)`) before every fetch, again with
+//! both sides reading with `O_DIRECT`, and with the page cache warm. Every fetched expert is compared byte for byte with the
 //! source. Prints a Markdown table for `benches/RESULTS.md`.
 //!
 //!     cargo bench --bench expert                       # fixtures + synthetic model
@@ -39,8 +39,10 @@ options:
 Each pass fetches every (layer, expert) once each way, back to back, alternating which way goes
 first; the speed-up is the median of those pairs' ratios. Cold:
 the source files and the container are dropped from the page cache before each fetch (the
-container stays open, as a runtime keeps it: its header and manifest are read once). Times
-are medians over all fetches; a ratio > 1 means tpde is faster.";
+container stays open, as a runtime keeps it: its header and manifest are read once). O_DIRECT:
+both sides read around the page cache, tpde with ExpertReader::with_direct_reads, the source in
+whole blocks (tensors less than a block apart in one request); the scratch folder must allow
+O_DIRECT. Times are medians over all fetches; a ratio > 1 means tpde is faster.";
 
 struct Args {
     threads: usize,
@@ -248,16 +250,89 @@ struct Figures {
     experts: usize,
     expert_bytes: f64,
     shard_bytes: f64,
-    /// Largest (bytes read by one exact fetch) / (that expert's shard bytes).
+    /// Largest (bytes read by one exact fetch) / (that expert's shard
+    /// bytes): through the page cache, and with `O_DIRECT` (whole blocks).
     read_over_shard: f64,
+    read_over_shard_direct: f64,
     cold_src_ms: f64,
     cold_exact_ms: f64,
     /// Median over fetches of (source time ÷ tpde exact time), each pair
     /// measured back to back: robust to the machine's drift.
     speedup: f64,
+    /// The same with both sides reading with `O_DIRECT`.
+    cold_src_direct_ms: f64,
+    cold_exact_direct_ms: f64,
+    speedup_direct: f64,
     cold_base_ms: f64,
     warm_src_ms: f64,
     warm_exact_ms: f64,
+}
+
+/// Reads the expert's tensors from the source files with `O_DIRECT`, as a
+/// plain reader that goes around the page cache would: ranges of one file
+/// less than a block apart are read together, each run in one request of
+/// whole blocks, then the tensors are copied out.
+fn read_source_direct(
+    files: &[std::fs::File],
+    ranges: &Ranges,
+    buf: &mut tpde_pack::container::AlignedBuf,
+) -> Result<Vec<Vec<u8>>> {
+    const BLOCK: u64 = 4096;
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| (ranges[i].0, ranges[i].1));
+    let mut out = vec![Vec::new(); ranges.len()];
+    let mut k = 0;
+    while k < order.len() {
+        let (fi, a, _) = ranges[order[k]];
+        let mut end = a + ranges[order[k]].2;
+        let mut j = k + 1;
+        while j < order.len() && ranges[order[j]].0 == fi && ranges[order[j]].1 <= end + BLOCK {
+            end = end.max(ranges[order[j]].1 + ranges[order[j]].2);
+            j += 1;
+        }
+        let a0 = a - a % BLOCK;
+        let len = (end - a0).div_ceil(BLOCK) * BLOCK;
+        if (buf.capacity() as u64) < len {
+            *buf = tpde_pack::container::AlignedBuf::new(len);
+        }
+        let b = buf.get_mut(len as usize);
+        let mut got = 0usize;
+        while (got as u64) < end - a0 {
+            let n = files[fi].read_at(&mut b[got..], a0 + got as u64)?;
+            if n == 0 {
+                bail!("source file {fi} ends inside an expert");
+            }
+            got += n;
+        }
+        for &i in &order[k..j] {
+            let (_, at, n) = ranges[i];
+            out[i] = b[(at - a0) as usize..(at - a0 + n) as usize].to_vec();
+        }
+        k = j;
+    }
+    Ok(out)
+}
+
+/// Waits (up to 50 ms) until `device` has no request in flight
+/// (/proc/diskstats field 12), so that no fetch pays for the readahead a
+/// buffered read before it left running.
+fn settle(device: Option<&str>) {
+    let Some(device) = device else { return };
+    let t = Instant::now();
+    while t.elapsed().as_millis() < 50 {
+        let busy = std::fs::read_to_string("/proc/diskstats")
+            .ok()
+            .and_then(|text| {
+                let line = text
+                    .lines()
+                    .find(|l| l.split_whitespace().nth(2) == Some(device))?;
+                line.split_whitespace().nth(11)?.parse::<u64>().ok()
+            });
+        if busy.is_none_or(|n| n == 0) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
 }
 
 fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figures> {
@@ -271,6 +346,27 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
     let experts = expert_ranges(&src)?;
     let c = Container::open(&container)?;
     let reader = ExpertReader::new(&c)?;
+    let direct = ExpertReader::new(&c)?
+        .with_direct_reads()
+        .with_context(|| {
+            format!(
+                "{}: the O_DIRECT figures need a file system that allows it (--tmp elsewhere)",
+                container.display()
+            )
+        })?;
+    let src_direct: Vec<std::fs::File> = src
+        .files
+        .iter()
+        .map(|f| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&f.path)
+                .with_context(|| format!("{}: cannot open with O_DIRECT", f.path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let mut aligned = tpde_pack::container::AlignedBuf::new(0);
     let shard = |l: u32, e: u32| -> Result<u64> {
         let x = c
             .manifest
@@ -290,62 +386,109 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
             })
             .collect()
     };
+    let devices: Vec<Option<String>> = [container.as_path()]
+        .into_iter()
+        .chain(src.files.iter().map(|f| f.path.as_path()))
+        .map(tpde_loader::telemetry::disk_of)
+        .collect();
+    // Readahead still in flight when the pages are dropped would leave
+    // them cached: the disk settles first.
     let drop_all = || {
+        for d in &devices {
+            settle(d.as_deref());
+        }
         for f in &src.files {
             tpde_loader::telemetry::drop_page_cache(&f.file);
         }
         tpde_loader::telemetry::drop_page_cache(&c.file);
     };
     let (mut cs, mut ce, mut cb, mut ws, mut we) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut worst = 0f64;
-    let mut pairs_done = 0usize;
-    let mut ratios = Vec::new();
+    let (mut csd, mut ced) = (vec![], vec![]);
+    let (mut worst, mut worst_direct) = (0f64, 0f64);
+    let (mut ratios, mut ratios_direct) = (Vec::new(), Vec::new());
     let (mut orig_sum, mut shard_sum) = (0u64, 0u64);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for rep in 0..args.reps {
         for (k, ((l, e), ranges)) in experts.iter().enumerate() {
-            let src_first = (rep + k) % 2 == 0;
-            let mut got_src = Vec::new();
-            let mut got = Vec::new();
-            for turn in 0..2 {
+            let sb = shard(*l, *e)?;
+            // The four cold fetches, in an order that rotates with the
+            // expert and the pass; each pair's ratio is of back-to-back runs.
+            let first = (rep + k) % 4;
+            let (mut t_src, mut t_tpde, mut t_src_d, mut t_tpde_d) = (0.0, 0.0, 0.0, 0.0);
+            for turn in 0..4 {
                 drop_all();
-                if (turn == 0) == src_first {
-                    let t = Instant::now();
-                    got_src = read_source(ranges)?;
-                    cs.push(t.elapsed().as_secs_f64() * 1e3);
-                } else {
-                    let before = c.bytes_read();
-                    let t = Instant::now();
-                    got = reader.fetch(*l, *e, Fidelity::Exact)?;
-                    ce.push(t.elapsed().as_secs_f64() * 1e3);
-                    pairs_done += 1;
-                    let sb = shard(*l, *e)?;
-                    worst = worst.max((c.bytes_read() - before) as f64 / sb as f64);
-                    if rep == 0 {
-                        shard_sum += sb;
+                let before = c.bytes_read();
+                match (first + turn) % 4 {
+                    0 => {
+                        let t = Instant::now();
+                        let got = read_source(ranges)?;
+                        t_src = ms(t);
+                        if rep == 0 {
+                            orig_sum += got.iter().map(|b| b.len() as u64).sum::<u64>();
+                        }
+                    }
+                    1 => {
+                        let t = Instant::now();
+                        let got = reader.fetch(*l, *e, Fidelity::Exact)?;
+                        t_tpde = ms(t);
+                        worst = worst.max((c.bytes_read() - before) as f64 / sb as f64);
+                        // Exact means the source's bytes, tensor by tensor.
+                        let want = read_source(ranges)?;
+                        if got.len() != want.len()
+                            || got.iter().zip(&want).any(|(a, b)| a.data != *b)
+                        {
+                            bail!("{name}: layer {l} expert {e} differs from the source");
+                        }
+                    }
+                    2 => {
+                        let t = Instant::now();
+                        let got = read_source_direct(&src_direct, ranges, &mut aligned)?;
+                        t_src_d = ms(t);
+                        if got != read_source(ranges)? {
+                            bail!(
+                                "{name}: the O_DIRECT source read of layer {l} expert {e} differs"
+                            );
+                        }
+                    }
+                    _ => {
+                        let t = Instant::now();
+                        let got = direct.fetch(*l, *e, Fidelity::Exact)?;
+                        t_tpde_d = ms(t);
+                        worst_direct =
+                            worst_direct.max((c.bytes_read() - before) as f64 / sb as f64);
+                        let want = read_source(ranges)?;
+                        if got.len() != want.len()
+                            || got.iter().zip(&want).any(|(a, b)| a.data != *b)
+                        {
+                            bail!(
+                                "{name}: layer {l} expert {e} (O_DIRECT) differs from the source"
+                            );
+                        }
                     }
                 }
             }
-            ratios.push(cs[cs.len() - 1] / ce[pairs_done - 1]);
-            // Exact means the source's bytes, tensor by tensor.
-            if got.len() != got_src.len() || got.iter().zip(&got_src).any(|(a, b)| a.data != *b) {
-                bail!("{name}: layer {l} expert {e} differs from the source");
-            }
             if rep == 0 {
-                orig_sum += got_src.iter().map(|b| b.len() as u64).sum::<u64>();
+                shard_sum += sb;
             }
+            cs.push(t_src);
+            ce.push(t_tpde);
+            csd.push(t_src_d);
+            ced.push(t_tpde_d);
+            ratios.push(t_src / t_tpde);
+            ratios_direct.push(t_src_d / t_tpde_d);
             drop_all();
             let t = Instant::now();
             reader.fetch(*l, *e, Fidelity::Base)?;
-            cb.push(t.elapsed().as_secs_f64() * 1e3);
+            cb.push(ms(t));
             // Warm: both already in the page cache from the fetches above.
             read_source(ranges)?;
             reader.fetch(*l, *e, Fidelity::Exact)?;
             let t = Instant::now();
             read_source(ranges)?;
-            ws.push(t.elapsed().as_secs_f64() * 1e3);
+            ws.push(ms(t));
             let t = Instant::now();
             reader.fetch(*l, *e, Fidelity::Exact)?;
-            we.push(t.elapsed().as_secs_f64() * 1e3);
+            we.push(ms(t));
         }
     }
     let n = experts.len();
@@ -355,9 +498,13 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
         expert_bytes: orig_sum as f64 / n as f64,
         shard_bytes: shard_sum as f64 / n as f64,
         read_over_shard: worst,
+        read_over_shard_direct: worst_direct,
         cold_src_ms: median(&mut cs),
         cold_exact_ms: median(&mut ce),
         speedup: median(&mut ratios),
+        cold_src_direct_ms: median(&mut csd),
+        cold_exact_direct_ms: median(&mut ced),
+        speedup_direct: median(&mut ratios_direct),
         cold_base_ms: median(&mut cb),
         warm_src_ms: median(&mut ws),
         warm_exact_ms: median(&mut we),
@@ -424,21 +571,28 @@ fn run(args: &Args) -> Result<()> {
 
     let mut t = String::new();
     use std::fmt::Write as _;
-    writeln!(t, "| model | experts | expert KiB | shard KiB (×) | read ÷ shard | cold: source ms | cold: tpde exact ms | speed-up | cold: tpde base ms | warm: source ms | warm: tpde exact ms |")?;
-    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(t, "| model | experts | expert KiB | shard KiB (×) | read ÷ shard (O_DIRECT) | cold: source ms | cold: tpde exact ms | speed-up | O_DIRECT: source ms | O_DIRECT: tpde exact ms | speed-up | cold: tpde base ms | warm: source ms | warm: tpde exact ms |")?;
+    writeln!(
+        t,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for f in &figs {
         writeln!(
             t,
-            "| {} | {} | {:.0} | {:.0} ({:.3}) | {:.3} | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.0} | {:.0} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.3} |",
             f.name,
             f.experts,
             f.expert_bytes / 1024.0,
             f.shard_bytes / 1024.0,
             f.shard_bytes / f.expert_bytes,
             f.read_over_shard,
+            f.read_over_shard_direct,
             f.cold_src_ms,
             f.cold_exact_ms,
             f.speedup,
+            f.cold_src_direct_ms,
+            f.cold_exact_direct_ms,
+            f.speedup_direct,
             f.cold_base_ms,
             f.warm_src_ms,
             f.warm_exact_ms,
@@ -460,7 +614,7 @@ fn run(args: &Args) -> Result<()> {
         })
         .unwrap_or_default();
     let head = format!(
-        "expert fetch, git {git}, {cpu}, {} threads, {} passes; median ms per expert; speed-up = median over experts of (cold source ÷ cold tpde exact), each pair back to back",
+        "expert fetch, git {git}, {cpu}, {} threads, {} passes; median ms per expert; speed-up = median over experts of (cold source ÷ cold tpde exact), each pair back to back; O_DIRECT: both sides read around the page cache (the source in whole blocks, adjacent tensors in one request)",
         args.threads, args.reps
     );
     if args.json {
@@ -472,7 +626,11 @@ fn run(args: &Args) -> Result<()> {
                     "model": f.name, "experts": f.experts,
                     "expert_bytes": f.expert_bytes, "shard_bytes": f.shard_bytes,
                     "read_over_shard": f.read_over_shard,
+                    "read_over_shard_direct": f.read_over_shard_direct,
                     "cold_source_ms": f.cold_src_ms, "cold_exact_ms": f.cold_exact_ms,
+                    "direct_source_ms": f.cold_src_direct_ms,
+                    "direct_exact_ms": f.cold_exact_direct_ms,
+                    "speedup_direct_median_of_pairs": f.speedup_direct,
                     "cold_base_ms": f.cold_base_ms, "warm_source_ms": f.warm_src_ms,
                     "warm_exact_ms": f.warm_exact_ms,
                     "speedup_median_of_pairs": f.speedup,

@@ -414,3 +414,67 @@ fn a_large_expert_is_fetched_in_one_pass_and_damage_is_caught() {
     // Base fidelity does not read residuals, so it is unaffected.
     assert!(reader.fetch(0, 1, Fidelity::Base).is_ok());
 }
+
+#[test]
+fn direct_reads_fetch_the_same_expert_in_one_request() {
+    let src = large_expert_model();
+    let (d, _s, out) = packed(&src, &[]);
+    let c = Container::open(&out).unwrap();
+    let buffered = tpde_pack::ExpertReader::new(&c).unwrap();
+    let direct = match tpde_pack::ExpertReader::new(&c)
+        .unwrap()
+        .with_direct_reads()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // tmpfs and some overlay file systems refuse O_DIRECT.
+            eprintln!(
+                "note: O_DIRECT is not supported where the tests write ({e}); direct expert reads are not tested"
+            );
+            return;
+        }
+    };
+    for e in 0..2 {
+        let (offset, len, hot_len) = shard_of(&c, 0, e);
+        for (fidelity, part) in [(Fidelity::Exact, len), (Fidelity::Base, hot_len)] {
+            let want = buffered.fetch(0, e, fidelity).unwrap();
+            let (bytes, calls) = (c.bytes_read(), c.reads());
+            let got = direct.fetch(0, e, fidelity).unwrap();
+            assert_eq!(c.reads() - calls, 1, "e{e} {fidelity:?}: one request");
+            // Whole blocks from the shard's (aligned) start: at most one
+            // block more than the part asked for.
+            let read = c.bytes_read() - bytes;
+            assert_eq!(offset % 4096, 0);
+            assert_eq!(read, part.div_ceil(4096) * 4096, "e{e} {fidelity:?}");
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert_eq!(a.name, b.name);
+                assert!(a.data == b.data, "e{e} {fidelity:?}: {} differs", a.name);
+            }
+        }
+    }
+    // Damage in a residual is caught the same way.
+    let t = c
+        .manifest
+        .tensors
+        .iter()
+        .find(|t| t.name.ends_with("experts.1.w2.weight"))
+        .unwrap();
+    let tpde_format::Storage::Decomposed { chunks, .. } = &t.storage else {
+        panic!("decomposed")
+    };
+    let mut bytes = std::fs::read(&out).unwrap();
+    bytes[chunks[0].cold.offset as usize + 5] ^= 0x01;
+    let bad = write(d.path(), "bad.tpde", &bytes);
+    let c = Container::open(&bad).unwrap();
+    let direct = tpde_pack::ExpertReader::new(&c)
+        .unwrap()
+        .with_direct_reads()
+        .unwrap();
+    assert!(direct.fetch(0, 0, Fidelity::Exact).is_ok());
+    let err = direct.fetch(0, 1, Fidelity::Exact).unwrap_err().to_string();
+    assert!(
+        err.contains("experts.1.w2.weight\" chunk 0") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}

@@ -2,13 +2,14 @@
 //! consumer would, against the raw sequential read of the same file in the
 //! same run, with disk counters, memory and the audit trail.
 
-use crate::stream::{AlignedBuf, LoadOptions, Loader, MemoryPlan, StageSeconds, StreamReport};
+use crate::stream::{LoadOptions, Loader, MemoryPlan, StageSeconds, StreamReport};
 use crate::telemetry;
 use serde::Serialize;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Instant, SystemTime};
+use tpde_pack::container::AlignedBuf;
 use tpde_pack::{Error, Fidelity, Result};
 
 /// How to run the benchmark.

@@ -21,13 +21,14 @@
 use crate::telemetry;
 use rayon::prelude::*;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 use tpde_codecs::{residual, xxh3, FloatDtype};
 use tpde_format::{Extent, Section, SectionKind, Storage, SECTION_ALIGN};
+use tpde_pack::container::AlignedBuf;
 use tpde_pack::{Container, Error, Fidelity, Result};
 
 /// How to stream.
@@ -210,27 +211,6 @@ pub struct StreamReport {
     pub decode_threads: usize,
 }
 
-/// A buffer whose usable part starts at a 4096-aligned address, as
-/// `O_DIRECT` requires.
-pub(crate) struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    cap: usize,
-}
-
-impl AlignedBuf {
-    pub(crate) fn new(cap: u64) -> AlignedBuf {
-        let cap = cap as usize;
-        let raw = vec![0u8; cap + SECTION_ALIGN as usize];
-        let start = raw.as_ptr().align_offset(SECTION_ALIGN as usize);
-        AlignedBuf { raw, start, cap }
-    }
-
-    pub(crate) fn get_mut(&mut self, len: usize) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + len.min(self.cap)]
-    }
-}
-
 /// What a decode thread keeps besides its residual planes: a zstd
 /// decompression context (about 160 KiB) and the touched part of its stack.
 const PER_THREAD_BYTES: u64 = 512 << 10;
@@ -255,19 +235,6 @@ fn delivered_chunk_lens(c: &Container, t: &tpde_format::Tensor, blocks: bool) ->
             chunks.iter().map(|ch| ch.base.len).collect()
         }
         _ => c.chunk_lens(t),
-    }
-}
-
-/// `f`, if it is the file `c` was opened from (not one put at its path since).
-fn same_file(c: &Container, f: File) -> Result<File> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
-    match (meta(&c.file), meta(&f)) {
-        (Ok(a), Ok(b)) if a == b => Ok(f),
-        _ => Err(Error::input(
-            &c.path,
-            "the file changed while it was being opened",
-        )),
     }
 }
 
@@ -537,19 +504,7 @@ impl Loader {
         let baseline_rss = telemetry::rss_bytes().unwrap_or(0);
         let direct = options.direct;
         let file = if direct {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-                .map_err(|e| {
-                    Error::input(
-                        path,
-                        format!(
-                            "cannot open with O_DIRECT (does the file system support it?): {e}"
-                        ),
-                    )
-                })
-                .and_then(|f| same_file(&container, f))?
+            container.reopen_direct()?
         } else {
             container
                 .file

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tpde_codecs::{residual, xxh3, FloatDtype};
 use tpde_format::{
     check_header_footer, BlobChunk, Extent, Footer, FormatError, Header, Manifest, Storage, Tensor,
-    FOOTER_LEN, HEADER_LEN, MIN_CONTAINER_LEN,
+    FOOTER_LEN, HEADER_LEN, MIN_CONTAINER_LEN, SECTION_ALIGN,
 };
 
 thread_local! {
@@ -25,6 +25,40 @@ pub(crate) fn set_len(buf: &mut Vec<u8>, n: usize) {
         buf.resize(n, 0);
     }
     buf.truncate(n);
+}
+
+/// A buffer whose usable part starts at a [`SECTION_ALIGN`]-aligned
+/// address, as `O_DIRECT` requires (with offsets and lengths in whole
+/// blocks, which section starts are).
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl AlignedBuf {
+    /// A zero-filled buffer of `cap` usable bytes.
+    pub fn new(cap: u64) -> AlignedBuf {
+        let cap = cap as usize;
+        let raw = vec![0u8; cap + SECTION_ALIGN as usize];
+        let start = raw.as_ptr().align_offset(SECTION_ALIGN as usize);
+        AlignedBuf { raw, start, cap }
+    }
+
+    /// Usable bytes.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The first `len` usable bytes (all of them if fewer).
+    pub fn get_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len.min(self.cap)]
+    }
+}
+
+/// `x` rounded down to a multiple of [`SECTION_ALIGN`].
+pub fn align_down(x: u64) -> u64 {
+    x - x % SECTION_ALIGN
 }
 
 /// An open, structurally validated container.
@@ -163,6 +197,79 @@ impl Container {
             Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
         })?;
         Ok(buf)
+    }
+
+    /// The container's file opened again with `O_DIRECT`: reads that go
+    /// to the disk without the page cache, into aligned buffers
+    /// ([`AlignedBuf`]) at whole blocks. An error if the file system refuses
+    /// `O_DIRECT`, or if another file was put at the path since this one
+    /// was opened.
+    pub fn reopen_direct(&self) -> Result<File> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .map_err(|e| {
+                Error::input(
+                    &self.path,
+                    format!("cannot open with O_DIRECT (does the file system support it?): {e}"),
+                )
+            })?;
+        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
+        match (id(&self.file), id(&f)) {
+            (Ok(a), Ok(b)) if a == b => Ok(f),
+            _ => Err(Error::input(
+                &self.path,
+                "the file changed while it was being opened",
+            )),
+        }
+    }
+
+    /// Reads whole blocks at `offset` (a multiple of [`SECTION_ALIGN`]) from
+    /// `direct` ([`Container::reopen_direct`]) into `buf` (a multiple of
+    /// [`SECTION_ALIGN`] long, aligned), in one request; the first `need`
+    /// bytes must come (the rest may lie past the end of the file). Counted
+    /// in [`Container::bytes_read`] as the bytes asked for.
+    pub fn read_direct(
+        &self,
+        direct: &File,
+        offset: u64,
+        buf: &mut [u8],
+        need: usize,
+        who: impl Fn() -> String,
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset.checked_add(need as u64).is_none_or(|e| e > self.len) {
+            return Err(Error::integrity(
+                &self.path,
+                format!(
+                    "{}: {need} bytes at {offset} run past the end of the file",
+                    who()
+                ),
+            ));
+        }
+        self.count_read(len);
+        let mut got = 0;
+        while got < need {
+            match direct.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => {
+                    return Err(Error::integrity(
+                        &self.path,
+                        format!("{}: the file ends {got} bytes into a read of {need}", who()),
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::integrity(
+                        &self.path,
+                        format!("{}: cannot read: {e}", who()),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Asks the kernel to start reading `len` bytes at `offset` into the

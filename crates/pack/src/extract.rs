@@ -14,14 +14,14 @@
 //! the expert's slice (its shape without that dimension); `pack` cuts such
 //! tensors so that no chunk spans two experts, so nothing else is read.
 
-use crate::container::Container;
+use crate::container::{align_down, AlignedBuf, Container};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use tpde_codecs::{residual, FloatDtype};
-use tpde_format::{Extent, Storage};
+use tpde_format::{Extent, Storage, SECTION_ALIGN};
 use tpde_ingest::moe;
 
 /// What to rebuild.
@@ -79,6 +79,10 @@ pub struct ExpertReader<'c> {
     /// into memory that is already mapped (a fresh buffer costs a page
     /// fault per 4 KiB, a third of the time of reading a small expert).
     scratch: std::sync::Mutex<Vec<u8>>,
+    /// The container opened with `O_DIRECT`, when shards are read that way
+    /// ([`ExpertReader::with_direct_reads`]), and its kept buffer.
+    direct: Option<std::fs::File>,
+    aligned: std::sync::Mutex<AlignedBuf>,
 }
 
 /// One chunk (or the part of it that belongs to the expert) of an output tensor.
@@ -120,7 +124,24 @@ impl<'c> ExpertReader<'c> {
             plan,
             index,
             scratch: Default::default(),
+            direct: None,
+            aligned: std::sync::Mutex::new(AlignedBuf::new(0)),
         })
+    }
+
+    /// Reads each shard with `O_DIRECT` from now on: one request per fetch
+    /// for the whole part of the shard asked for, in whole blocks (up to
+    /// one block past the shard's end), straight from the disk into an
+    /// aligned buffer, without the page cache. On this project's machines a
+    /// cold 624 KiB read took 0.37 ms this way against 0.58 ms through the
+    /// page cache (its pages are allocated, inserted and copied out), so a
+    /// runtime that keeps its own cache of experts fetches faster; but every
+    /// fetch goes to the disk, even of an expert the page cache holds.
+    /// Decoding starts once the whole read is in. An error where the file
+    /// system refuses `O_DIRECT`.
+    pub fn with_direct_reads(mut self) -> Result<ExpertReader<'c>> {
+        self.direct = Some(self.c.reopen_direct()?);
+        Ok(self)
     }
 
     /// The (layer, number of experts) of every layer with experts.
@@ -205,7 +226,7 @@ impl<'c> ExpertReader<'c> {
                 };
                 Some((s, end))
             });
-        if let Some((s, end)) = entry {
+        if let Some((s, end)) = entry.filter(|_| self.direct.is_none()) {
             c.will_need(s.offset, end - s.offset);
         }
         // Which part of which chunk goes where, in output order.
@@ -329,15 +350,8 @@ impl<'c> ExpertReader<'c> {
                         ]
                     })
                     .collect();
-                // One buffer for the part of the shard read (the kept one
-                // when no other fetch holds it), cut into the spans.
-                let mut own = Vec::new();
-                let mut kept = self.scratch.try_lock().ok();
-                let buf = kept.as_deref_mut().unwrap_or(&mut own);
-                let len = (end - s.offset) as usize;
-                if buf.len() < len {
-                    *buf = vec![0u8; len];
-                }
+                // The spans in file order; a valid shard's never overlap
+                // (refuse rather than read a byte twice).
                 let mut by_offset: Vec<(u64, u64, usize, usize)> = Vec::new();
                 for (gi, two) in spans.iter().enumerate() {
                     for (j, sp) in two.iter().enumerate() {
@@ -347,24 +361,70 @@ impl<'c> ExpertReader<'c> {
                     }
                 }
                 by_offset.sort_unstable();
-                let mut parts: Vec<[Option<Part>; 2]> =
-                    (0..groups.len()).map(|_| [None, None]).collect();
-                let mut rest = &mut buf[..len];
                 let mut at = s.offset;
-                for (a, b, gi, j) in by_offset {
+                for &(a, b, _, _) in &by_offset {
                     if a < at || b > end {
-                        // The spans of a valid shard never overlap; refuse
-                        // rather than read a byte twice.
                         return Err(Error::integrity(
                             &c.path,
                             format!("{}: chunks of the expert overlap", s.name),
                         ));
                     }
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut((a - at) as usize);
-                    let (mine, tail) = tail.split_at_mut((b - a) as usize);
-                    rest = tail;
                     at = b;
-                    parts[gi][j] = Some((a, mine));
+                }
+                let n_groups = groups.len();
+                // The buffers read into: the kept ones when no other fetch
+                // holds them.
+                let (mut own, mut own_aligned) = (Vec::new(), None);
+                let mut kept = self.scratch.try_lock().ok();
+                let mut kept_aligned = self.aligned.try_lock().ok();
+                // Each group's spans, as read (offset, bytes), once they are in.
+                type Spans<'b> = Vec<(u64, &'b [u8])>;
+                let ready: Vec<OnceLock<Spans>> = (0..n_groups).map(|_| OnceLock::new()).collect();
+                let mut parts: Vec<[Option<Part>; 2]> =
+                    (0..n_groups).map(|_| [None, None]).collect();
+                match &self.direct {
+                    Some(direct) => {
+                        // One request for the whole part of the shard, in
+                        // whole blocks; every group is in once it returns.
+                        let a0 = align_down(s.offset);
+                        let need = (end - a0) as usize;
+                        let len = need.next_multiple_of(SECTION_ALIGN as usize);
+                        let buf = match kept_aligned.as_deref_mut() {
+                            Some(b) if b.capacity() >= len => b,
+                            Some(b) => {
+                                *b = AlignedBuf::new(len as u64);
+                                b
+                            }
+                            None => own_aligned.insert(AlignedBuf::new(len as u64)),
+                        };
+                        let buf = buf.get_mut(len);
+                        c.read_direct(direct, a0, buf, need, || s.name.clone())?;
+                        let buf = &*buf;
+                        let mut per: Vec<Spans> = vec![Vec::new(); n_groups];
+                        for &(a, b, gi, _) in &by_offset {
+                            per[gi].push((a, &buf[(a - a0) as usize..(b - a0) as usize]));
+                        }
+                        for (cell, spans) in ready.iter().zip(per) {
+                            let _ = cell.set(spans);
+                        }
+                    }
+                    None => {
+                        let buf = kept.as_deref_mut().unwrap_or(&mut own);
+                        let len = (end - s.offset) as usize;
+                        if buf.len() < len {
+                            *buf = vec![0u8; len];
+                        }
+                        let mut rest = &mut buf[..len];
+                        let mut at = s.offset;
+                        for &(a, b, gi, j) in &by_offset {
+                            let (_, tail) =
+                                std::mem::take(&mut rest).split_at_mut((a - at) as usize);
+                            let (mine, tail) = tail.split_at_mut((b - a) as usize);
+                            rest = tail;
+                            at = b;
+                            parts[gi][j] = Some((a, mine));
+                        }
+                    }
                 }
                 // One job on the thread team (`tpde_team`). Every member
                 // takes pieces in order; one whose group is not in yet reads
@@ -376,7 +436,6 @@ impl<'c> ExpertReader<'c> {
                 // team's helper spins between jobs, so it is awake when the
                 // first group lands (a rayon worker woke 0.1-0.25 ms after
                 // its piece was spawned).
-                let n_groups = groups.len();
                 let order: Vec<(usize, usize)> = groups
                     .iter()
                     .enumerate()
@@ -386,10 +445,8 @@ impl<'c> ExpertReader<'c> {
                     dest.iter_mut().map(|d| Mutex::new(d.take())).collect();
                 let to_read: Vec<Mutex<Option<[Option<Part>; 2]>>> =
                     parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-                // Each group's spans, as read (offset, bytes), once they are in.
-                type Spans<'b> = Vec<(u64, &'b [u8])>;
-                let ready: Vec<OnceLock<Spans>> = (0..n_groups).map(|_| OnceLock::new()).collect();
-                let read_next = AtomicUsize::new(0);
+                // With direct reads every group is in already.
+                let read_next = AtomicUsize::new(if self.direct.is_some() { n_groups } else { 0 });
                 let abort = AtomicBool::new(false);
                 let next = AtomicUsize::new(0);
                 // Group `gi`'s spans, reading groups up to it (or the one

@@ -770,16 +770,26 @@ fn plan_tensor(
             };
             let rows = numel / cols;
             let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
-            // An expert is fetched alone, on all cores: a small expert's
-            // tensors are cut into at least three chunks each (down to a
-            // quarter of the usual size) so that they decode in parallel.
-            let target = if role.is_some() {
-                (numel / slices / 3).clamp((opts.chunk_elems / 4).max(1), opts.chunk_elems)
-            } else {
-                opts.chunk_elems
-            };
-            let per_chunk = (target / cols).clamp(1, max_rows);
             let per_slice = (rows / slices).max(1);
+            // An expert is fetched alone, on all cores: each of its tensors
+            // is cut into an even number of equal chunks, at least two
+            // where each is still a quarter of the usual size or more, so
+            // that an expert's chunks decode in parallel and share out
+            // evenly over two cores (three chunks of one tensor, or uneven
+            // ones, leave one core idle for a chunk).
+            let per_chunk = if role.is_some() {
+                let elems = per_slice * cols;
+                let least = (opts.chunk_elems / 4).max(1);
+                let mut k = elems.div_ceil(opts.chunk_elems.max(1)).max(2);
+                k += k % 2;
+                if elems / k < least {
+                    k = 1;
+                }
+                per_slice.div_ceil(k)
+            } else {
+                opts.chunk_elems / cols
+            }
+            .clamp(1, max_rows);
             let mut chunks = Vec::new();
             let mut r = 0;
             while r < rows {
