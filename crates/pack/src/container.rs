@@ -276,9 +276,13 @@ impl Container {
     /// page cache now, asynchronously (`posix_fadvise(WILLNEED)`): the reads
     /// that follow then find the disk already busy on the whole range
     /// instead of waiting out one request at a time. Advice only; failures
-    /// are ignored.
+    /// are ignored, and so is an empty range (which `posix_fadvise` would
+    /// take to mean the rest of the file).
     pub fn will_need(&self, offset: u64, len: u64) {
         use std::os::unix::io::AsRawFd;
+        if len == 0 {
+            return;
+        }
         if let (Ok(o), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) {
             // SAFETY: a plain system call on a descriptor this value owns; it
             // only advises the kernel and touches no memory of ours.
