@@ -8,6 +8,7 @@
 //! cargo run --release -p tpde-pack --example codec_stages -- model.safetensors [reps]
 //! STAGES=decode cargo run --release -p tpde-pack --example codec_stages -- model.safetensors 50
 //! RESIDUAL=exact-v1 STAGES=decode,encode cargo run … # the residual kind (default: the writer's)
+//! NAMES=experts CHUNK_ELEMS=73728 cargo run …          # only some tensors, other chunk sizes
 //! ```
 
 use std::time::Instant;
@@ -34,12 +35,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(262_144);
+    // `NAMES=experts` keeps only the tensors whose names hold that text.
+    let only_names = std::env::var("NAMES").unwrap_or_default();
     let mut chunks = Vec::new();
     for t in &header.tensors {
         let Some(dtype) = FloatDtype::from_name(t.dtype.name()) else {
             continue;
         };
-        if t.shape.len() < 2 || t.numel() < 4096 {
+        if t.shape.len() < 2 || t.numel() < 4096 || !t.name.contains(&only_names) {
             continue;
         }
         let cols = *t.shape.last().expect("2-D") as usize;
