@@ -415,11 +415,11 @@ fn a_large_expert_is_fetched_in_one_pass_and_damage_is_caught() {
     assert!(reader.fetch(0, 1, Fidelity::Base).is_ok());
 }
 
-#[test]
-fn direct_reads_fetch_the_same_expert_in_one_request() {
-    let src = large_expert_model();
-    let (d, _s, out) = packed(&src, &[]);
-    let c = Container::open(&out).unwrap();
+/// Fetches every expert of `out` at both fidelities with direct reads and
+/// compares with the buffered fetch; `None` where O_DIRECT is refused.
+/// Returns per (layer, expert, fidelity): (requests, bytes read, part).
+fn direct_fetches(out: &Path) -> Option<Vec<(u64, u64, u64)>> {
+    let c = Container::open(out).unwrap();
     let buffered = tpde_pack::ExpertReader::new(&c).unwrap();
     let direct = match tpde_pack::ExpertReader::new(&c)
         .unwrap()
@@ -431,29 +431,63 @@ fn direct_reads_fetch_the_same_expert_in_one_request() {
             eprintln!(
                 "note: O_DIRECT is not supported where the tests write ({e}); direct expert reads are not tested"
             );
-            return;
+            return None;
         }
     };
-    for e in 0..2 {
-        let (offset, len, hot_len) = shard_of(&c, 0, e);
-        for (fidelity, part) in [(Fidelity::Exact, len), (Fidelity::Base, hot_len)] {
-            let want = buffered.fetch(0, e, fidelity).unwrap();
-            let (bytes, calls) = (c.bytes_read(), c.reads());
-            let got = direct.fetch(0, e, fidelity).unwrap();
-            assert_eq!(c.reads() - calls, 1, "e{e} {fidelity:?}: one request");
-            // Whole blocks from the shard's (aligned) start: at most one
-            // block more than the part asked for.
-            let read = c.bytes_read() - bytes;
+    let mut seen = Vec::new();
+    for (l, experts) in buffered.layers() {
+        for e in 0..experts {
+            let (offset, len, hot_len) = shard_of(&c, l, e);
             assert_eq!(offset % 4096, 0);
-            assert_eq!(read, part.div_ceil(4096) * 4096, "e{e} {fidelity:?}");
-            assert_eq!(got.len(), want.len());
-            for (a, b) in got.iter().zip(&want) {
-                assert_eq!(a.name, b.name);
-                assert!(a.data == b.data, "e{e} {fidelity:?}: {} differs", a.name);
+            for (fidelity, part) in [(Fidelity::Exact, len), (Fidelity::Base, hot_len)] {
+                let want = buffered.fetch(l, e, fidelity).unwrap();
+                let (bytes, calls) = (c.bytes_read(), c.reads());
+                let got = direct.fetch(l, e, fidelity).unwrap();
+                seen.push((c.reads() - calls, c.bytes_read() - bytes, part));
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(&want) {
+                    assert_eq!(a.name, b.name);
+                    assert!(
+                        a.data == b.data,
+                        "l{l} e{e} {fidelity:?}: {} differs",
+                        a.name
+                    );
+                }
             }
         }
     }
+    Some(seen)
+}
+
+#[test]
+fn direct_reads_fetch_the_same_experts_in_whole_blocks() {
+    // Small shards: one request each, the part in whole blocks.
+    let (_d, _s, out) = packed(&moe_model(5), &[]);
+    let Some(small) = direct_fetches(&out) else {
+        return;
+    };
+    // Large ones (6 MiB): over 2 MiB (exact fidelity here), each span of
+    // the shard in its own request (two per group of chunks), a block
+    // shared by two spans read by both.
+    let src = large_expert_model();
+    let (d, _s, out) = packed(&src, &[]);
+    let large = direct_fetches(&out).expect("O_DIRECT worked above");
+    assert!(small.iter().all(|x| x.2 <= 2 << 20));
+    assert_eq!(large.iter().filter(|x| x.2 > 2 << 20).count(), 2);
+    for &(requests, read, part) in small.iter().chain(&large) {
+        if part <= 2 << 20 {
+            assert_eq!(requests, 1);
+            assert_eq!(read, part.div_ceil(4096) * 4096);
+        } else {
+            assert!((4..=40).contains(&requests), "{requests} requests");
+            assert!(
+                read >= part && read <= part + requests * 8192 && read as f64 <= 1.05 * part as f64,
+                "{read} bytes read for a part of {part}"
+            );
+        }
+    }
     // Damage in a residual is caught the same way.
+    let c = Container::open(&out).unwrap();
     let t = c
         .manifest
         .tensors
@@ -477,4 +511,21 @@ fn direct_reads_fetch_the_same_expert_in_one_request() {
         err.contains("experts.1.w2.weight\" chunk 0") && err.contains("checksum mismatch"),
         "{err}"
     );
+    // A container cut short inside a shard after it was opened: a clear
+    // error naming the shard, no panic or hang.
+    let cut = write(d.path(), "cut.tpde", &std::fs::read(&out).unwrap());
+    let c = Container::open(&cut).unwrap();
+    let direct = tpde_pack::ExpertReader::new(&c)
+        .unwrap()
+        .with_direct_reads()
+        .unwrap();
+    let (offset, len, _) = shard_of(&c, 0, 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(offset + len / 2)
+        .unwrap();
+    let err = direct.fetch(0, 1, Fidelity::Exact).unwrap_err().to_string();
+    assert!(err.contains("expert.0.1") && err.contains("ends"), "{err}");
 }
