@@ -41,7 +41,8 @@ impl AlignedBuf {
     pub fn new(cap: u64) -> AlignedBuf {
         let cap = cap as usize;
         let raw = vec![0u8; cap + SECTION_ALIGN as usize];
-        let start = raw.as_ptr().align_offset(SECTION_ALIGN as usize);
+        let addr = raw.as_ptr() as usize;
+        let start = addr.next_multiple_of(SECTION_ALIGN as usize) - addr;
         AlignedBuf { raw, start, cap }
     }
 
@@ -240,6 +241,23 @@ impl Container {
         who: impl Fn() -> String,
     ) -> Result<()> {
         let len = buf.len() as u64;
+        let block = SECTION_ALIGN as usize;
+        if need > buf.len()
+            || !offset.is_multiple_of(SECTION_ALIGN)
+            || !buf.len().is_multiple_of(block)
+            || !(buf.as_ptr() as usize).is_multiple_of(block)
+        {
+            return Err(Error::input(
+                &self.path,
+                format!(
+                    "{}: an O_DIRECT read of {need} bytes at {offset} into {} bytes at {:p} \
+                     is not in whole aligned blocks",
+                    who(),
+                    buf.len(),
+                    buf.as_ptr()
+                ),
+            ));
+        }
         if offset.checked_add(need as u64).is_none_or(|e| e > self.len) {
             return Err(Error::integrity(
                 &self.path,
@@ -257,6 +275,18 @@ impl Container {
                     return Err(Error::integrity(
                         &self.path,
                         format!("{}: the file ends {got} bytes into a read of {need}", who()),
+                    ))
+                }
+                // Short of `need` only at the end of the file; a next
+                // request must start on a block.
+                Ok(n) if (got + n) % block != 0 && got + n < need => {
+                    return Err(Error::integrity(
+                        &self.path,
+                        format!(
+                            "{}: the file ends {} bytes into a read of {need}",
+                            who(),
+                            got + n
+                        ),
                     ))
                 }
                 Ok(n) => got += n,

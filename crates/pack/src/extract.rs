@@ -397,8 +397,9 @@ impl<'c> ExpertReader<'c> {
                 // The buffers read into: the kept ones when no other fetch
                 // holds them.
                 let (mut own, mut own_aligned) = (Vec::new(), None);
-                let mut kept = self.scratch.try_lock().ok();
-                let mut kept_aligned = self.aligned.try_lock().ok();
+                let direct = self.direct.is_some();
+                let mut kept = self.scratch.try_lock().ok().filter(|_| !direct);
+                let mut kept_aligned = self.aligned.try_lock().ok().filter(|_| direct);
                 // Each group's spans, as read (offset, bytes), once they are in.
                 type Spans<'b> = Vec<(u64, &'b [u8])>;
                 let ready: Vec<OnceLock<Spans>> = (0..n_groups).map(|_| OnceLock::new()).collect();

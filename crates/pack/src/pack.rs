@@ -771,13 +771,14 @@ fn plan_tensor(
             let rows = numel / cols;
             let max_rows = MAX_CHUNK_LEN / (cols * dt.width() as u64);
             let per_slice = (rows / slices).max(1);
-            // An expert is fetched alone, on all cores: each of its tensors
-            // is cut into an even number of equal chunks, at least two
-            // where each is still a quarter of the usual size or more, so
-            // that an expert's chunks decode in parallel and share out
-            // evenly over two cores (three chunks of one tensor, or uneven
-            // ones, leave one core idle for a chunk).
-            let per_chunk = if role.is_some() {
+            // An expert is fetched alone, on all cores: each of its slices
+            // is cut into `k` chunks of equal rows (the first `r mod k` one
+            // row more), `k` even and at least two where each chunk still
+            // holds a quarter of the usual elements or more, so that an
+            // expert's chunks decode in parallel and share out evenly over
+            // two cores (three chunks of one tensor, or uneven ones, leave
+            // one core idle for a chunk).
+            let expert_k = role.is_some().then(|| {
                 let elems = per_slice * cols;
                 let least = (opts.chunk_elems / 4).max(1);
                 let mut k = elems.div_ceil(opts.chunk_elems.max(1)).max(2);
@@ -785,16 +786,29 @@ fn plan_tensor(
                 if elems / k < least {
                     k = 1;
                 }
-                per_slice.div_ceil(k)
-            } else {
-                opts.chunk_elems / cols
-            }
-            .clamp(1, max_rows);
+                k.max(per_slice.div_ceil(max_rows)).min(per_slice)
+            });
+            let per_chunk = (opts.chunk_elems / cols).clamp(1, max_rows);
             let mut chunks = Vec::new();
             let mut r = 0;
             while r < rows {
-                let slice_end = (r / per_slice + 1) * per_slice;
-                let n = per_chunk.min(slice_end.min(rows) - r);
+                let slice_start = r / per_slice * per_slice;
+                let slice_end = (slice_start + per_slice).min(rows);
+                let n = match expert_k {
+                    Some(k) => {
+                        // The chunk that starts at `r`: of `q + 1` rows
+                        // while fewer than `m` chunks precede it.
+                        let (len, at) = (slice_end - slice_start, r - slice_start);
+                        let k = k.min(len);
+                        let (q, m) = (len / k, len % k);
+                        if at < m * (q + 1) {
+                            q + 1
+                        } else {
+                            q
+                        }
+                    }
+                    None => per_chunk.min(slice_end - r),
+                };
                 shards.push(shard_of(r, per_slice));
                 chunks.push(DecomposedChunk {
                     rows: n,

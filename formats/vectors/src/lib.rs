@@ -911,11 +911,11 @@ fn gguf_q4() -> Case {
 /// raw). Layer 1: a norm, a router and fused tensors stacking both experts
 /// along dimension 0 (`….mlp.experts.gate_up_proj` `[2, 8, 64]`,
 /// `….down_proj` `[2, 64, 4]`, `….gate_up_proj_bias` `[2, 8]` stored raw).
-/// The writer cuts an expert's tensors into chunks of about a third of the
-/// expert's part (at least a quarter of the 192 elements asked for): 1 row
-/// of 64, 2 rows of 64 in a stacked slice, 21 rows of 4; the stacked
-/// `down_proj` then has chunks of 21, 21, 21 and 1 rows per expert, cut at
-/// the expert boundary. Each expert's data goes to its own section
+/// The writer cuts each expert's part of a tensor into an even number of
+/// equal chunks (at least a quarter of the 192 elements asked for each):
+/// two of 2 rows of 64, four of 2 rows of 64 in a stacked slice, two of 32
+/// rows of 4; the stacked `down_proj` then has chunks of 32 and 32 rows per
+/// expert, cut at the expert boundary. Each expert's data goes to its own section
 /// `expert.<l>.<e>`, after its layer's `cold.layer.<l>` (when it has one)
 /// and before `cold.post` (the output head).
 fn moe_q4() -> Case {
