@@ -324,6 +324,19 @@ fn streamed_experts_match_resident_ones_and_the_cache_counts_its_hits() {
             };
             streamed_experts_case(key, &c, &opts);
         }
+        // Layers and expert shards read with O_DIRECT.
+        let direct = LoadOptions {
+            direct: true,
+            ..LoadOptions::default()
+        };
+        if Model::load(&c, direct.clone(), 64).is_err() {
+            eprintln!(
+                "note: O_DIRECT is not supported where the tests write ({}); the O_DIRECT case is not run",
+                c.display()
+            );
+            continue;
+        }
+        streamed_experts_case(key, &c, &direct);
     }
 }
 

@@ -319,6 +319,8 @@ struct Streamer {
     /// A second handle on the container for expert fetches, when its
     /// experts are in shards (otherwise they stream with their layer).
     shards: Option<Container>,
+    /// Expert shards read with `O_DIRECT` too (the layers' `direct`).
+    direct: bool,
     fidelity: Fidelity,
     cache: Mutex<Lru<(usize, usize), Arc<Expert>>>,
     stats: Mutex<StreamStats>,
@@ -654,8 +656,12 @@ impl Model {
         let shards = if has_shards {
             let shards = Container::open(&path)?;
             // Its experts are planned now, so that a layout the reader
-            // cannot use is an error here rather than at the first token.
-            ExpertReader::new(&shards)?;
+            // cannot use is an error here rather than at the first token;
+            // with `direct`, they are read with O_DIRECT like the layers.
+            let reader = ExpertReader::new(&shards)?;
+            if options.direct {
+                reader.with_direct_reads()?;
+            }
             Some(shards)
         } else {
             None
@@ -756,6 +762,7 @@ impl Model {
             weights: Weights::Streamed(Box::new(Streamer {
                 loader: Mutex::new(loader),
                 shards,
+                direct: options.direct,
                 fidelity: options.fidelity,
                 cache: Mutex::new(Lru::new(cache_bytes)),
                 stats: Mutex::default(),
@@ -1210,7 +1217,16 @@ impl<'m> Session<'m> {
             expert_hits: vec![vec![0; c.n_experts]; c.n_layers],
             experts: match &model.weights {
                 // Planned at load already: the plan cannot fail here.
-                Weights::Streamed(st) => st.shards.as_ref().and_then(|c| ExpertReader::new(c).ok()),
+                Weights::Streamed(st) => st.shards.as_ref().and_then(|c| {
+                    let r = ExpertReader::new(c).ok()?;
+                    // O_DIRECT was tried at load; through the page cache
+                    // should the file no longer allow it.
+                    Some(if st.direct {
+                        ExpertReader::new(c).ok()?.with_direct_reads().unwrap_or(r)
+                    } else {
+                        r
+                    })
+                }),
                 Weights::Resident(_) => None,
             },
         }
