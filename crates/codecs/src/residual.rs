@@ -2503,15 +2503,48 @@ mod gather_avx512 {
     pub unsafe fn count_q4_64(base: &[u8], counts: &mut [usize; 9]) -> bool {
         use std::arch::x86_64::*;
         assert!(base.len().is_multiple_of(34));
+        // The order of the codes does not matter here: a block's 32 low
+        // nibbles and 32 high nibbles make one vector, each nibble's class
+        // comes from a 16-entry table in every 128-bit lane (`vpshufb`),
+        // and classes 1 to 8 are counted in byte counters (one per lane,
+        // at most one a block), summed every 255 blocks; class 0 is what
+        // is left.
+        let mut tab = [0u8; 64];
+        for lane in tab.chunks_exact_mut(16) {
+            lane.copy_from_slice(&super::Q4_CLASS_U8);
+        }
+        let tab = _mm512_loadu_si512(tab.as_ptr() as *const _);
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm512_set1_epi8(1);
+        let mut acc = [_mm512_setzero_si512(); 8];
+        let flush = |acc: &mut [__m512i; 8], counts: &mut [usize; 9]| {
+            for (a, n) in acc.iter_mut().zip(&mut counts[1..]) {
+                let sums = _mm512_sad_epu8(*a, _mm512_setzero_si512());
+                *n += _mm512_reduce_add_epi64(sums) as usize;
+                *a = _mm512_setzero_si512();
+            }
+        };
         let mut bad = false;
-        for block in base.chunks_exact(34) {
+        let blocks = base.len() / 34;
+        let before: usize = counts[1..].iter().sum();
+        for (i, block) in base.chunks_exact(34).enumerate() {
             bad |= block[1] & 0x7C == 0x7C;
-            let (_, classes) = codes_and_classes(&block[2..]);
-            for (c, n) in counts.iter_mut().enumerate() {
-                let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8));
-                *n += m.count_ones() as usize;
+            let p = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+            let lo = _mm256_and_si256(p, nib);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), nib);
+            let codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            let classes = _mm512_shuffle_epi8(tab, codes);
+            for (c, a) in acc.iter_mut().enumerate() {
+                let m = _mm512_cmpeq_epi8_mask(classes, _mm512_set1_epi8(c as i8 + 1));
+                *a = _mm512_mask_add_epi8(*a, m, *a, ones);
+            }
+            if i % 255 == 254 {
+                flush(&mut acc, counts);
             }
         }
+        flush(&mut acc, counts);
+        let others = counts[1..].iter().sum::<usize>() - before;
+        counts[0] += blocks * 64 - others;
         bad
     }
 
@@ -3204,15 +3237,18 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
             (x >> 56) as u8
         };
-        for (codec, group, cols) in [
-            (BaseCodec::Q4, 64, 256),
-            (BaseCodec::Q4, 64, 64),
-            (BaseCodec::Q4, 64, 100),
-            (BaseCodec::Q4, 32, 128),
-            (BaseCodec::Q8, 64, 128),
+        for (codec, group, cols, rows) in [
+            (BaseCodec::Q4, 64, 256, 7),
+            (BaseCodec::Q4, 64, 64, 7),
+            // Over 255 blocks: the fast count's byte counters are summed
+            // on the way.
+            (BaseCodec::Q4, 64, 256, 300),
+            (BaseCodec::Q4, 64, 64, 255),
+            (BaseCodec::Q4, 64, 100, 7),
+            (BaseCodec::Q4, 32, 128, 7),
+            (BaseCodec::Q8, 64, 128, 7),
         ] {
             let layout = BaseLayout { codec, group, cols };
-            let rows = 7;
             let mut base: Vec<u8> = (0..rows * layout.row_bytes()).map(|_| next()).collect();
             // Finite scales (and, for q8, no code -128; for odd groups a
             // zero padding nibble), so the reference counts.
