@@ -172,9 +172,11 @@ impl<'c> ExpertReader<'c> {
     /// thread team (`tpde_team`), each group by whichever member needs it
     /// first, and each group's chunks are checked and decoded as soon as
     /// the group is in, straight into the output. With
-    /// [`ExpertReader::with_direct_reads`] the shard is read in one
-    /// request instead, then decoded. The team runs one job at a time: do
-    /// not call this from inside a team job.
+    /// [`ExpertReader::with_direct_reads`] the shard is read with
+    /// `O_DIRECT` instead: up to 2 MiB in one request, then decoded; a
+    /// larger one span by span by two reader threads, each group decoded
+    /// once its spans are in. The team runs one job at a time: do not call
+    /// this from inside a team job.
     pub fn fetch(
         &self,
         layer: u32,
@@ -506,7 +508,8 @@ impl<'c> ExpertReader<'c> {
                     dest.iter_mut().map(|d| Mutex::new(d.take())).collect();
                 let to_read: Vec<Mutex<Option<[Option<Part>; 2]>>> =
                     parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-                // With direct reads every group is in already.
+                // With direct reads no member reads: every group is in
+                // already, or the reader threads below bring it.
                 let read_next = AtomicUsize::new(if self.direct.is_some() { n_groups } else { 0 });
                 let abort = AtomicBool::new(false);
                 let next = AtomicUsize::new(0);
