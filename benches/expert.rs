@@ -39,7 +39,10 @@ options:
 Each pass fetches every (layer, expert) once each way, back to back, alternating which way goes
 first; the speed-up is the median of those pairs' ratios. Cold:
 the source files and the container are dropped from the page cache before each fetch (the
-container stays open, as a runtime keeps it: its header and manifest are read once). O_DIRECT:
+container stays open, as a runtime keeps it: its header and manifest are read once). No
+readahead: the source read through the page cache from a handle advised POSIX_FADV_RANDOM (the
+kernel otherwise reads about 3 MiB ahead of a sub-megabyte expert), against the same tpde fetch.
+O_DIRECT:
 both sides read around the page cache, tpde with ExpertReader::with_direct_reads, the source in
 whole blocks (tensors less than a block apart in one request); the scratch folder must allow
 O_DIRECT. Times are medians over all fetches; a ratio > 1 means tpde is faster.";
@@ -261,6 +264,10 @@ struct Figures {
     /// Median over fetches of (source time ÷ tpde exact time), each pair
     /// measured back to back: robust to the machine's drift.
     speedup: f64,
+    /// The source read through the page cache without readahead
+    /// (`POSIX_FADV_RANDOM`), and its speed-up the same way.
+    cold_src_random_ms: f64,
+    speedup_random: f64,
     /// The same with both sides reading with `O_DIRECT`.
     cold_src_direct_ms: f64,
     cold_exact_direct_ms: f64,
@@ -382,16 +389,33 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
             .ok_or_else(|| anyhow!("no shard for layer {l} expert {e}"))?;
         Ok(c.manifest.sections[x.section as usize].len)
     };
-    let read_source = |ranges: &Ranges| -> Result<Vec<Vec<u8>>> {
+    let read_source_with = |files: &[&std::fs::File], ranges: &Ranges| -> Result<Vec<Vec<u8>>> {
         ranges
             .iter()
             .map(|&(fi, at, len)| {
                 let mut b = vec![0u8; len as usize];
-                src.files[fi].file.read_exact_at(&mut b, at)?;
+                files[fi].read_exact_at(&mut b, at)?;
                 Ok(b)
             })
             .collect()
     };
+    let plain: Vec<&std::fs::File> = src.files.iter().map(|f| &f.file).collect();
+    let read_source = |ranges: &Ranges| read_source_with(&plain, ranges);
+    // The source opened again and advised POSIX_FADV_RANDOM: a buffered
+    // reader that turns the kernel's readahead off.
+    let random: Vec<std::fs::File> = src
+        .files
+        .iter()
+        .map(|f| {
+            use std::os::unix::io::AsRawFd;
+            let h = std::fs::File::open(&f.path)
+                .with_context(|| format!("{}: cannot open", f.path.display()))?;
+            // SAFETY: advice on a descriptor `h` owns.
+            unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            Ok(h)
+        })
+        .collect::<Result<_>>()?;
+    let no_readahead: Vec<&std::fs::File> = random.iter().collect();
     let devices: Vec<Option<String>> = [container.as_path()]
         .into_iter()
         .chain(src.files.iter().map(|f| f.path.as_path()))
@@ -410,6 +434,7 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
     };
     let (mut cs, mut ce, mut cb, mut ws, mut we) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut csd, mut ced) = (vec![], vec![]);
+    let (mut csr, mut ratios_random) = (vec![], vec![]);
     let (mut worst, mut worst_direct) = (0f64, if direct.is_some() { 0f64 } else { f64::NAN });
     let (mut ratios, mut ratios_direct) = (Vec::new(), Vec::new());
     let (mut orig_sum, mut shard_sum) = (0u64, 0u64);
@@ -417,14 +442,20 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
     for rep in 0..args.reps {
         for (k, ((l, e), ranges)) in experts.iter().enumerate() {
             let sb = shard(*l, *e)?;
-            // The four cold fetches: each pair (page cache, O_DIRECT) back
-            // to back, each side of a pair first in half the orders, and
-            // each pair first in half of them.
-            const ORDERS: [[usize; 4]; 4] =
-                [[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]];
+            // The five cold fetches: tpde through the page cache (1) next to
+            // both buffered source reads (0, and 4 without readahead), and
+            // the O_DIRECT pair (2, 3) back to back; each side of a pair
+            // first in half the orders.
+            const ORDERS: [[usize; 5]; 4] = [
+                [0, 1, 4, 2, 3],
+                [4, 1, 0, 3, 2],
+                [2, 3, 0, 1, 4],
+                [3, 2, 4, 1, 0],
+            ];
             let (mut t_src, mut t_tpde, mut t_src_d, mut t_tpde_d) = (0.0, 0.0, 0.0, 0.0);
+            let mut t_src_r = 0.0;
             for turn in ORDERS[(rep + k) % 4] {
-                if turn >= 2 && direct.is_none() {
+                if (turn == 2 || turn == 3) && direct.is_none() {
                     continue;
                 }
                 drop_all();
@@ -462,6 +493,14 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
                             );
                         }
                     }
+                    4 => {
+                        let t = Instant::now();
+                        let got = read_source_with(&no_readahead, ranges)?;
+                        t_src_r = ms(t);
+                        if got != read_source(ranges)? {
+                            bail!("{name}: the source read without readahead differs");
+                        }
+                    }
                     _ => {
                         let t = Instant::now();
                         let (reader, _) = direct.as_ref().expect("checked above");
@@ -486,6 +525,8 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
             cs.push(t_src);
             ce.push(t_tpde);
             ratios.push(t_src / t_tpde);
+            csr.push(t_src_r);
+            ratios_random.push(t_src_r / t_tpde);
             if direct.is_some() {
                 csd.push(t_src_d);
                 ced.push(t_tpde_d);
@@ -517,6 +558,8 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
         cold_src_ms: median(&mut cs),
         cold_exact_ms: median(&mut ce),
         speedup: median(&mut ratios),
+        cold_src_random_ms: median(&mut csr),
+        speedup_random: median(&mut ratios_random),
         cold_src_direct_ms: median(&mut csd),
         cold_exact_direct_ms: median(&mut ced),
         speedup_direct: median(&mut ratios_direct),
@@ -586,15 +629,15 @@ fn run(args: &Args) -> Result<()> {
 
     let mut t = String::new();
     use std::fmt::Write as _;
-    writeln!(t, "| model | experts | expert KiB | shard KiB (×) | read ÷ shard (O_DIRECT) | cold: source ms | cold: tpde exact ms | speed-up | O_DIRECT: source ms | O_DIRECT: tpde exact ms | speed-up | cold: tpde base ms | warm: source ms | warm: tpde exact ms |")?;
+    writeln!(t, "| model | experts | expert KiB | shard KiB (×) | read ÷ shard (O_DIRECT) | cold: source ms | cold: tpde exact ms | speed-up | no readahead: source ms | speed-up | O_DIRECT: source ms | O_DIRECT: tpde exact ms | speed-up | cold: tpde base ms | warm: source ms | warm: tpde exact ms |")?;
     writeln!(
         t,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for f in &figs {
         writeln!(
             t,
-            "| {} | {} | {:.0} | {:.0} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.0} | {:.0} ({:.3}) | {:.3} ({:.3}) | {:.3} | {:.3} | {:.2} × | {:.3} | {:.2} × | {:.3} | {:.3} | {:.2} × | {:.3} | {:.3} | {:.3} |",
             f.name,
             f.experts,
             f.expert_bytes / 1024.0,
@@ -605,6 +648,8 @@ fn run(args: &Args) -> Result<()> {
             f.cold_src_ms,
             f.cold_exact_ms,
             f.speedup,
+            f.cold_src_random_ms,
+            f.speedup_random,
             f.cold_src_direct_ms,
             f.cold_exact_direct_ms,
             f.speedup_direct,
@@ -643,6 +688,8 @@ fn run(args: &Args) -> Result<()> {
                     "read_over_shard": f.read_over_shard,
                     "read_over_shard_direct": f.read_over_shard_direct,
                     "cold_source_ms": f.cold_src_ms, "cold_exact_ms": f.cold_exact_ms,
+                    "no_readahead_source_ms": f.cold_src_random_ms,
+                    "speedup_no_readahead_median_of_pairs": f.speedup_random,
                     "direct_source_ms": f.cold_src_direct_ms,
                     "direct_exact_ms": f.cold_exact_direct_ms,
                     "speedup_direct_median_of_pairs": f.speedup_direct,
