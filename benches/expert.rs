@@ -411,7 +411,10 @@ fn bench_one(name: &str, source: &Path, tmp: &Path, args: &Args) -> Result<Figur
             let h = std::fs::File::open(&f.path)
                 .with_context(|| format!("{}: cannot open", f.path.display()))?;
             // SAFETY: advice on a descriptor `h` owns.
-            unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            let rc = unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            if rc != 0 {
+                bail!("{}: posix_fadvise(RANDOM) failed ({rc})", f.path.display());
+            }
             Ok(h)
         })
         .collect::<Result<_>>()?;

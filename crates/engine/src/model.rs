@@ -1219,13 +1219,12 @@ impl<'m> Session<'m> {
                 // Planned at load already: the plan cannot fail here.
                 Weights::Streamed(st) => st.shards.as_ref().and_then(|c| {
                     let r = ExpertReader::new(c).ok()?;
-                    // O_DIRECT was tried at load; through the page cache
-                    // should the file no longer allow it.
-                    Some(if st.direct {
-                        ExpertReader::new(c).ok()?.with_direct_reads().unwrap_or(r)
-                    } else {
-                        r
-                    })
+                    if !st.direct {
+                        return Some(r);
+                    }
+                    // O_DIRECT worked at load; through the page cache should
+                    // the file no longer allow it.
+                    r.with_direct_reads().or_else(|_| ExpertReader::new(c)).ok()
                 }),
                 Weights::Resident(_) => None,
             },

@@ -139,8 +139,8 @@ impl<'c> ExpertReader<'c> {
         })
     }
 
-    /// Reads each shard with `O_DIRECT` from now on, in whole blocks (a
-    /// block or so more than the part of the shard asked for), straight
+    /// Reads each shard with `O_DIRECT` from now on, in whole blocks (up to
+    /// two blocks more per request than the bytes it needs), straight
     /// from the disk into an aligned buffer, without the page cache: a
     /// runtime that keeps its own cache of experts does not keep a second
     /// copy in the page cache, but every fetch goes to the disk, even of an
@@ -564,6 +564,16 @@ impl<'c> ExpertReader<'c> {
                     (0..n_groups).map(|_| Mutex::new(Vec::new())).collect();
                 let next_job = AtomicUsize::new(0);
                 let reader = || {
+                    // A reader that panics still lets the members stop.
+                    struct AbortOnPanic<'f>(&'f AtomicBool);
+                    impl Drop for AbortOnPanic<'_> {
+                        fn drop(&mut self) {
+                            if std::thread::panicking() {
+                                self.0.store(true, Ordering::Release);
+                            }
+                        }
+                    }
+                    let _guard = AbortOnPanic(&abort);
                     let Some(direct) = &self.direct else { return };
                     while !abort.load(Ordering::Acquire) {
                         let i = next_job.fetch_add(1, Ordering::Relaxed);
@@ -616,8 +626,24 @@ impl<'c> ExpertReader<'c> {
                     tpde_team::Team::global().run(&job);
                 } else {
                     std::thread::scope(|scope| {
+                        // Without any reader nothing would come: an error.
+                        let mut started = 0;
+                        let mut refused = None;
                         for _ in 0..DIRECT_READERS {
-                            scope.spawn(reader);
+                            match std::thread::Builder::new()
+                                .name("tpde-expert-read".into())
+                                .spawn_scoped(scope, reader)
+                            {
+                                Ok(_) => started += 1,
+                                Err(e) => refused = Some(e),
+                            }
+                        }
+                        if let (0, Some(e)) = (started, refused) {
+                            fail(
+                                0,
+                                Error::io(&c.path, "starting a thread to read a shard")(e),
+                            );
+                            abort.store(true, Ordering::Release);
                         }
                         tpde_team::Team::global().run(&job);
                     });
