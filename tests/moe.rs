@@ -84,6 +84,20 @@ fn expert_stored_bytes(c: &Container, l: u32, e: u32, shard: (u64, u64)) -> u64 
 }
 
 /// The shard of expert `e` of layer `l`: (offset, length, hot length).
+/// The chunks of the decomposed tensor whose name ends with `suffix`.
+fn decomposed_chunks(c: &Container, suffix: &str) -> Vec<tpde_format::DecomposedChunk> {
+    let t = c
+        .manifest
+        .tensors
+        .iter()
+        .find(|t| t.name.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no tensor named …{suffix}"));
+    let tpde_format::Storage::Decomposed { chunks, .. } = &t.storage else {
+        panic!("{suffix}: decomposed")
+    };
+    chunks.clone()
+}
+
 fn shard_of(c: &Container, l: u32, e: u32) -> (u64, u64, u64) {
     let m = &c.manifest;
     let x = m
@@ -390,16 +404,7 @@ fn a_large_expert_is_fetched_in_one_pass_and_damage_is_caught() {
     }
     // One flipped byte in a residual of expert 1: its fetch fails naming the
     // chunk; expert 0 still comes back.
-    let m = &c.manifest;
-    let t = m
-        .tensors
-        .iter()
-        .find(|t| t.name.ends_with("experts.1.w2.weight"))
-        .unwrap();
-    let tpde_format::Storage::Decomposed { chunks, .. } = &t.storage else {
-        panic!("decomposed")
-    };
-    let at = chunks[1].cold.offset + 7;
+    let at = decomposed_chunks(&c, "experts.1.w2.weight")[1].cold.offset + 7;
     let mut bytes = std::fs::read(&out).unwrap();
     bytes[at as usize] ^= 0x10;
     let bad = write(d.path(), "bad.tpde", &bytes);
@@ -488,17 +493,9 @@ fn direct_reads_fetch_the_same_experts_in_whole_blocks() {
     }
     // Damage in a residual is caught the same way.
     let c = Container::open(&out).unwrap();
-    let t = c
-        .manifest
-        .tensors
-        .iter()
-        .find(|t| t.name.ends_with("experts.1.w2.weight"))
-        .unwrap();
-    let tpde_format::Storage::Decomposed { chunks, .. } = &t.storage else {
-        panic!("decomposed")
-    };
+    let at = decomposed_chunks(&c, "experts.1.w2.weight")[0].cold.offset;
     let mut bytes = std::fs::read(&out).unwrap();
-    bytes[chunks[0].cold.offset as usize + 5] ^= 0x01;
+    bytes[at as usize + 5] ^= 0x01;
     let bad = write(d.path(), "bad.tpde", &bytes);
     let c = Container::open(&bad).unwrap();
     let direct = tpde_pack::ExpertReader::new(&c)
