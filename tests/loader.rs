@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use std::path::Path;
-use tpde_loader::{LoadOptions, Loader};
+use tpde_loader::{LoadOptions, Loader, ReadPath};
 use tpde_pack::Fidelity;
 
 /// A delivered tensor: manifest index, name, bytes.
@@ -18,6 +18,8 @@ struct Got {
 /// resident and must deliver the same); returns (step name, tensors) in
 /// delivery order.
 fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
+    let asked = opts.reads;
+    let direct = opts.direct;
     let mut loader = Loader::open(path, opts).unwrap();
     let mut passes = Vec::new();
     for pass in 0..2 {
@@ -38,6 +40,13 @@ fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
             })
             .unwrap();
         assert_eq!(report.steps, got.len());
+        // Who read the streamed sections is the one asked for (never the
+        // jobs with O_DIRECT).
+        match (asked, direct) {
+            (ReadPath::Auto, _) => {}
+            (_, true) => assert_eq!(report.streamed_reads, ReadPath::Readers),
+            (p, false) => assert_eq!(report.streamed_reads, p),
+        }
         assert_eq!(
             report.hot_bytes == 0,
             pass == 1,
@@ -73,9 +82,16 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
     for (_d, path) in containers() {
         let c = tpde_pack::Container::open(&path).unwrap();
         let m = &c.manifest;
-        for direct in [false, true] {
+        let ways = [
+            (false, ReadPath::Readers),
+            (false, ReadPath::Jobs),
+            (false, ReadPath::Auto),
+            (true, ReadPath::Auto),
+        ];
+        for (direct, reads) in ways {
             let opts = LoadOptions {
                 direct,
+                reads,
                 ..LoadOptions::default()
             };
             if direct && Loader::open(&path, opts.clone()).is_err() {
@@ -122,20 +138,24 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
         }
         // Base fidelity: same tensors and lengths; decomposed ones are the
         // base's values, the others exact.
-        let base = stream_all(
-            &path,
-            LoadOptions {
-                fidelity: Fidelity::Base,
-                ..LoadOptions::default()
-            },
-        );
-        for (_, ts) in &base {
-            for t in ts {
-                let want = &m.tensors[t.index];
-                assert_eq!(t.data.len() as u64, want.byte_len);
-                let same = blake3::hash(&t.data).to_hex().as_str() == want.blake3;
-                let decomposed = matches!(want.storage, tpde_format::Storage::Decomposed { .. });
-                assert_eq!(same, !decomposed, "{}", t.name);
+        for reads in [ReadPath::Readers, ReadPath::Jobs] {
+            let base = stream_all(
+                &path,
+                LoadOptions {
+                    fidelity: Fidelity::Base,
+                    reads,
+                    ..LoadOptions::default()
+                },
+            );
+            for (_, ts) in &base {
+                for t in ts {
+                    let want = &m.tensors[t.index];
+                    assert_eq!(t.data.len() as u64, want.byte_len);
+                    let same = blake3::hash(&t.data).to_hex().as_str() == want.blake3;
+                    let decomposed =
+                        matches!(want.storage, tpde_format::Storage::Decomposed { .. });
+                    assert_eq!(same, !decomposed, "{}", t.name);
+                }
             }
         }
     }
@@ -244,65 +264,86 @@ fn a_damaged_chunk_mid_stream_stops_the_stream_before_its_step() {
     let mut bytes = std::fs::read(&moe).unwrap();
     bytes[(s.offset + x.hot_len + 5) as usize] ^= 0x40;
     let bad = write(d.path(), "bad.tpde", &bytes);
-    let mut loader = Loader::open(&bad, LoadOptions::default()).unwrap();
-    let mut steps = Vec::new();
-    let e = loader
-        .stream(|step| {
-            // Whatever arrives is exact.
-            for t in &step.tensors {
-                assert_eq!(
-                    blake3::hash(step.bytes(t)).to_hex().as_str(),
-                    c.manifest.tensors[t.index].blake3
-                );
-            }
-            steps.push(step.name.clone());
-            Ok(())
-        })
-        .expect_err("damage found");
-    assert!(e.is_integrity());
-    let msg = e.to_string();
-    assert!(
-        msg.contains("bad.tpde") && msg.contains("checksum mismatch") && msg.contains("experts.0."),
-        "{msg}"
-    );
-    assert_eq!(steps, ["pre", "layer.0"], "layer 1 is never delivered");
+    for reads in [ReadPath::Readers, ReadPath::Jobs] {
+        let opts = LoadOptions {
+            reads,
+            ..LoadOptions::default()
+        };
+        let mut loader = Loader::open(&bad, opts).unwrap();
+        let mut steps = Vec::new();
+        let e = loader
+            .stream(|step| {
+                // Whatever arrives is exact.
+                for t in &step.tensors {
+                    assert_eq!(
+                        blake3::hash(step.bytes(t)).to_hex().as_str(),
+                        c.manifest.tensors[t.index].blake3
+                    );
+                }
+                steps.push(step.name.clone());
+                Ok(())
+            })
+            .expect_err("damage found");
+        assert!(e.is_integrity());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("bad.tpde")
+                && msg.contains("checksum mismatch")
+                && msg.contains("experts.0."),
+            "{msg}"
+        );
+        assert_eq!(
+            steps,
+            ["pre", "layer.0"],
+            "layer 1 is never delivered ({reads:?})"
+        );
+    }
 }
 
 #[test]
 fn a_container_truncated_while_streaming_gives_a_clean_error() {
     let (d, _s, moe) = packed(&moe_model(12), &[]);
-    let copy = d.path().join("t.tpde");
-    std::fs::copy(&moe, &copy).unwrap();
-    let mut loader = Loader::open(&copy, LoadOptions::default()).unwrap();
-    // Cut the file in the middle of the streamed sections, after opening.
-    let cut = loader
-        .container
-        .manifest
-        .sections
-        .iter()
-        .find(|s| s.name == "expert.1.2")
-        .unwrap()
-        .offset;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&copy)
-        .unwrap()
-        .set_len(cut)
-        .unwrap();
-    let mut seen = 0;
-    let e = loader
-        .stream(|_| {
-            seen += 1;
-            Ok(())
-        })
-        .expect_err("the cut is noticed");
-    let msg = e.to_string();
-    assert!(
-        msg.contains("t.tpde") && msg.contains("cannot read"),
-        "{msg}"
-    );
-    assert_eq!(msg.lines().count(), 1);
-    assert!(seen <= 2, "nothing from the cut step on is delivered");
+    for reads in [ReadPath::Readers, ReadPath::Jobs] {
+        let copy = d.path().join("t.tpde");
+        std::fs::copy(&moe, &copy).unwrap();
+        let opts = LoadOptions {
+            reads,
+            ..LoadOptions::default()
+        };
+        let mut loader = Loader::open(&copy, opts).unwrap();
+        // Cut the file in the middle of the streamed sections, after opening.
+        let cut = loader
+            .container
+            .manifest
+            .sections
+            .iter()
+            .find(|s| s.name == "expert.1.2")
+            .unwrap()
+            .offset;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let mut seen = 0;
+        let e = loader
+            .stream(|_| {
+                seen += 1;
+                Ok(())
+            })
+            .expect_err("the cut is noticed");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("t.tpde") && msg.contains("cannot read"),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 1);
+        assert!(
+            seen <= 2,
+            "nothing from the cut step on is delivered ({reads:?})"
+        );
+    }
 }
 
 #[test]
@@ -412,6 +453,9 @@ fn one_pass(loader: &mut Loader) -> (std::collections::BTreeMap<usize, Vec<u8>>,
         })
         .unwrap();
     assert_eq!(report.hot_bytes, 0, "no resident hot tier to read");
+    if loader.options.reads != ReadPath::Auto {
+        assert_eq!(report.streamed_reads, loader.options.reads);
+    }
     (got, report.read_bytes, steps)
 }
 
@@ -438,17 +482,26 @@ fn a_hot_tier_left_on_disk_streams_every_pass_with_the_same_bytes() {
                 hot_resident: false,
                 ..LoadOptions::default()
             };
-            let mut loader = Loader::open(&path, opts.clone()).unwrap();
-            assert_eq!(loader.memory.hot, 0, "nothing resident");
-            let (a, read_a, _) = one_pass(&mut loader);
-            let (b, read_b, _) = one_pass(&mut loader);
-            assert!(
-                a == want && b == want,
-                "{}: same bytes as resident",
-                path.display()
-            );
-            // Every pass reads the hot bytes again.
-            assert_eq!(read_a, read_b);
+            // (Each job reads its base and its residual: both paths.)
+            let mut read_a = 0;
+            for reads in [ReadPath::Readers, ReadPath::Jobs] {
+                let opts = LoadOptions {
+                    reads,
+                    ..opts.clone()
+                };
+                let mut loader = Loader::open(&path, opts).unwrap();
+                assert_eq!(loader.memory.hot, 0, "nothing resident");
+                let (a, read, _) = one_pass(&mut loader);
+                let (b, read_b, _) = one_pass(&mut loader);
+                assert!(
+                    a == want && b == want,
+                    "{}: same bytes as resident ({reads:?})",
+                    path.display()
+                );
+                // Every pass reads the hot bytes again.
+                assert_eq!(read, read_b);
+                read_a = read;
+            }
             let hot = m
                 .sections
                 .iter()

@@ -738,6 +738,15 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.bytes_read,
         r.bytes_read as f64 / r.original_bytes.max(1) as f64
     );
+    println!(
+        "  streamed sections read by {}",
+        match r.streamed_reads.as_str() {
+            "jobs" =>
+                "the decode jobs (each chunk's, while in cache; the file was in the page cache)",
+            "readers" => "the reader threads, ahead of the decode",
+            other => other,
+        }
+    );
     println!("  stages (busy seconds summed over threads; GB/s per busy second):");
     let st = &r.stages;
     for (name, s, g) in [

@@ -60,6 +60,9 @@ pub struct Results {
     pub direct: bool,
     /// `cold (O_DIRECT)`, `cold (posix_fadvise DONTNEED before each read)` or `warm`.
     pub page_cache: String,
+    /// Who read the streamed sections ([`crate::ReadPath`]): `readers`,
+    /// `jobs`, or `readers and jobs` when the passes differed.
+    pub streamed_reads: String,
     pub container_bytes: u64,
     pub original_bytes: u64,
     /// Hot tier plus every streamed section, per pass.
@@ -290,6 +293,15 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
             "cold (posix_fadvise DONTNEED before each read)".into()
         } else {
             "warm".into()
+        },
+        streamed_reads: {
+            let by = |p: crate::ReadPath| passes.iter().any(|x| x.stream.streamed_reads == p);
+            match (by(crate::ReadPath::Readers), by(crate::ReadPath::Jobs)) {
+                (true, true) => "readers and jobs",
+                (false, true) => "jobs",
+                _ => "readers",
+            }
+            .into()
         },
         container_bytes,
         original_bytes,

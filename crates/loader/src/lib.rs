@@ -9,6 +9,6 @@ pub mod stream;
 pub mod telemetry;
 
 pub use stream::{
-    LoadOptions, LoadedStep, LoadedTensor, Loader, MemoryPlan, StageSeconds, Step, StepSet,
-    StreamReport,
+    LoadOptions, LoadedStep, LoadedTensor, Loader, MemoryPlan, ReadPath, StageSeconds, Step,
+    StepSet, StreamReport,
 };

@@ -369,10 +369,106 @@ pub fn drop_page_cache(f: &std::fs::File) {
     }
 }
 
+/// Whether every byte of the `(offset, len)` ranges of `f` is in the page
+/// cache now: `mincore` over a read-only mapping of the file that is never
+/// touched (so a file cut short meanwhile cannot fault the process). False
+/// when it cannot tell, or a range is past the end of the file.
+pub fn in_page_cache(f: &std::fs::File, ranges: impl Iterator<Item = (u64, u64)>) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    // SAFETY: `sysconf` reads a constant.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => return false,
+    };
+    let ranges: Vec<(u64, u64)> = ranges.filter(|&(_, n)| n > 0).collect();
+    if ranges.is_empty() {
+        return true;
+    }
+    let (Ok(map_len), true) = (usize::try_from(len), len > 0) else {
+        return false;
+    };
+    // SAFETY: a new shared read-only mapping of an open file; its pages are
+    // never read or written here, only asked about, and it is unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return false;
+    }
+    let mut pages = Vec::new();
+    let mut all = true;
+    for (offset, n) in ranges {
+        let Some(end) = offset.checked_add(n).filter(|&e| e <= len) else {
+            all = false;
+            break;
+        };
+        let a = offset - offset % page;
+        let b = end.div_ceil(page) * page;
+        pages.resize(((b - a) / page) as usize, 0u8);
+        // SAFETY: `[a, b)` lies inside the mapping (which covers the file's
+        // last page whole), and `pages` has one byte per page of it.
+        let r = unsafe {
+            libc::mincore(
+                map.cast::<u8>().add(a as usize).cast(),
+                (b - a) as usize,
+                pages.as_mut_ptr(),
+            )
+        };
+        if r != 0 || pages.iter().any(|p| p & 1 == 0) {
+            all = false;
+            break;
+        }
+    }
+    // SAFETY: the mapping made above, with its length.
+    unsafe {
+        libc::munmap(map, map_len);
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn page_cache_residency_of_ranges() {
+        use std::io::{Read, Write};
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![7u8; 3 * 4096 + 100]).unwrap();
+        f.sync_all().unwrap();
+        let mut f = std::fs::File::open(format!("/proc/self/fd/{}", {
+            use std::os::unix::io::AsRawFd;
+            f.as_raw_fd()
+        }))
+        .unwrap();
+        // Read through once: its pages are cached.
+        let mut all = Vec::new();
+        f.read_to_end(&mut all).unwrap();
+        let len = all.len() as u64;
+        assert!(in_page_cache(&f, [(0, len)].into_iter()));
+        assert!(in_page_cache(&f, [(4000, 200), (len - 1, 1)].into_iter()));
+        assert!(in_page_cache(&f, std::iter::empty()));
+        assert!(in_page_cache(&f, [(len, 0)].into_iter()), "empty ranges");
+        assert!(
+            !in_page_cache(&f, [(0, len + 1)].into_iter()),
+            "past the end"
+        );
+        assert!(!in_page_cache(&f, [(u64::MAX, 2)].into_iter()), "overflow");
+        let empty = tempfile::tempfile().unwrap();
+        assert!(in_page_cache(&empty, std::iter::empty()));
+        assert!(!in_page_cache(&empty, [(0, 1)].into_iter()));
+    }
 
     /// /proc/diskstats with the 20-field (5.5+), 18-field (4.18+) and
     /// 14-field (older) formats, and some malformed lines.
