@@ -40,13 +40,7 @@ fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
             })
             .unwrap();
         assert_eq!(report.steps, got.len());
-        // Who read the streamed sections is the one asked for (never the
-        // jobs with O_DIRECT).
-        match (asked, direct) {
-            (ReadPath::Auto, _) => {}
-            (_, true) => assert_eq!(report.streamed_reads, ReadPath::Readers),
-            (p, false) => assert_eq!(report.streamed_reads, p),
-        }
+        assert_streamed_by(&report, asked, direct);
         assert_eq!(
             report.hot_bytes == 0,
             pass == 1,
@@ -63,6 +57,56 @@ fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
         }
     }
     first
+}
+
+/// Who read a pass's streamed sections is the one asked for: never the
+/// jobs with O_DIRECT, nor for a pass that streams nothing. (`Auto` depends
+/// on the page cache: `the_read_path_follows_the_page_cache`.)
+fn assert_streamed_by(report: &tpde_loader::StreamReport, asked: ReadPath, direct: bool) {
+    let streamed = report.read_bytes > report.hot_bytes;
+    let want = match asked {
+        ReadPath::Auto if streamed && !direct => return,
+        ReadPath::Jobs if streamed && !direct => ReadPath::Jobs,
+        _ => ReadPath::Readers,
+    };
+    assert_eq!(
+        report.streamed_reads, want,
+        "asked {asked:?}, O_DIRECT {direct}"
+    );
+}
+
+/// `Auto` reads in the jobs when the container is in the page cache and
+/// with the reader threads when it is not.
+#[test]
+fn the_read_path_follows_the_page_cache() {
+    let (_d, _s, moe) = packed(&moe_model(14), &[]);
+    let pass = |reads| {
+        let opts = LoadOptions {
+            reads,
+            ..LoadOptions::default()
+        };
+        let mut loader = Loader::open(&moe, opts).unwrap();
+        let report = loader.stream(|_| Ok(())).unwrap();
+        assert!(
+            report.read_bytes > report.hot_bytes,
+            "something is streamed"
+        );
+        report.streamed_reads
+    };
+    // Read through: cached.
+    std::fs::read(&moe).unwrap();
+    assert_eq!(pass(ReadPath::Auto), ReadPath::Jobs);
+    let f = std::fs::File::open(&moe).unwrap();
+    tpde_loader::telemetry::drop_page_cache(&f);
+    if tpde_loader::telemetry::in_page_cache(&f, &moe, std::iter::once((0, 1))) {
+        eprintln!(
+            "note: the page cache of {} could not be dropped (tmpfs?); the uncached case is not checked",
+            moe.display()
+        );
+    } else {
+        // (The open reads the manifest back into the cache, not the sections.)
+        assert_eq!(pass(ReadPath::Auto), ReadPath::Readers);
+    }
 }
 
 /// A folder model with layers 0 and 1 (plus pre and post tensors) and a
@@ -87,6 +131,7 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
             (false, ReadPath::Jobs),
             (false, ReadPath::Auto),
             (true, ReadPath::Auto),
+            (true, ReadPath::Jobs),
         ];
         for (direct, reads) in ways {
             let opts = LoadOptions {
@@ -453,9 +498,7 @@ fn one_pass(loader: &mut Loader) -> (std::collections::BTreeMap<usize, Vec<u8>>,
         })
         .unwrap();
     assert_eq!(report.hot_bytes, 0, "no resident hot tier to read");
-    if loader.options.reads != ReadPath::Auto {
-        assert_eq!(report.streamed_reads, loader.options.reads);
-    }
+    assert_streamed_by(&report, loader.options.reads, loader.options.direct);
     (got, report.read_bytes, steps)
 }
 
@@ -586,12 +629,17 @@ fn a_loader_of_some_steps_delivers_the_same_bytes_with_one_read_buffer_or_severa
                 .flat_map(|(_, ts)| ts.into_iter().map(|t| (t.index, t.data)))
                 .collect();
         for steps in [StepSet::Layers, StepSet::OutsideLayers] {
-            for prefetch in [1, 3] {
+            for (prefetch, reads) in [
+                (1, ReadPath::Readers),
+                (3, ReadPath::Readers),
+                (1, ReadPath::Jobs),
+            ] {
                 let mut l = Loader::open(
                     &path,
                     LoadOptions {
                         steps,
                         prefetch,
+                        reads,
                         ..LoadOptions::default()
                     },
                 )
@@ -607,9 +655,10 @@ fn a_loader_of_some_steps_delivers_the_same_bytes_with_one_read_buffer_or_severa
                             Ok(())
                         })
                         .unwrap();
+                    assert_streamed_by(&report, reads, false);
                     passes.push((got, report.hot_bytes));
                 }
-                let who = format!("{} {steps:?} prefetch {prefetch}", path.display());
+                let who = format!("{} {steps:?} prefetch {prefetch} {reads:?}", path.display());
                 assert!(!passes[0].0.is_empty(), "{who}: steps delivered");
                 assert!(passes[0].0 == passes[1].0, "{who}: passes differ");
                 for (i, data) in &passes[0].0 {

@@ -739,11 +739,11 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.bytes_read as f64 / r.original_bytes.max(1) as f64
     );
     println!(
-        "  streamed sections read by {}",
+        "  streamed sections: {}",
         match r.streamed_reads.as_str() {
-            "jobs" =>
-                "the decode jobs (each chunk's, while in cache; the file was in the page cache)",
-            "readers" => "the reader threads, ahead of the decode",
+            "jobs" => "read by the decode jobs, each its own chunk, checked and decoded while in cache (the file was in the page cache)",
+            "readers" => "read by the reader threads, ahead of the decode",
+            "nothing streamed" => "none at this fidelity (only the hot tier is read)",
             other => other,
         }
     );
@@ -772,14 +772,16 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.bottleneck, r.overlap_efficiency
     );
     println!(
-        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + {} × {} read buffers + {} output",
+        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + {} × {} read buffers + {} output + {} × {} per decode thread",
         r.peak_rss_bytes.map_or("n/a".into(), mib),
         r.ram_budget.map_or("none".into(), mib),
         mib(r.memory.baseline_rss),
         mib(r.memory.hot),
         r.memory.pool_buffers,
         mib(r.memory.pool_buffer_bytes),
-        mib(r.memory.output_bytes)
+        mib(r.memory.output_bytes),
+        r.memory.decode_threads,
+        mib(r.memory.per_thread_bytes)
     );
     println!(
         "  by place: RAM {}, GPU {}, left on SSD {}",

@@ -61,7 +61,8 @@ pub struct Results {
     /// `cold (O_DIRECT)`, `cold (posix_fadvise DONTNEED before each read)` or `warm`.
     pub page_cache: String,
     /// Who read the streamed sections ([`crate::ReadPath`]): `readers`,
-    /// `jobs`, or `readers and jobs` when the passes differed.
+    /// `jobs`, `readers and jobs` when the passes differed, or `nothing
+    /// streamed` (base fidelity without expert shards: only the hot tier).
     pub streamed_reads: String,
     pub container_bytes: u64,
     pub original_bytes: u64,
@@ -295,11 +296,17 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
             "warm".into()
         },
         streamed_reads: {
-            let by = |p: crate::ReadPath| passes.iter().any(|x| x.stream.streamed_reads == p);
+            let streamed = |x: &Pass| x.stream.read_bytes > x.stream.hot_bytes;
+            let by = |p: crate::ReadPath| {
+                passes
+                    .iter()
+                    .any(|x| streamed(x) && x.stream.streamed_reads == p)
+            };
             match (by(crate::ReadPath::Readers), by(crate::ReadPath::Jobs)) {
                 (true, true) => "readers and jobs",
                 (false, true) => "jobs",
-                _ => "readers",
+                (true, false) => "readers",
+                (false, false) => "nothing streamed",
             }
             .into()
         },

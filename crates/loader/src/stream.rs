@@ -17,6 +17,11 @@
 //! The readers run up to `pool_buffers` steps ahead and wait for a free
 //! buffer when they get there (backpressure); a step's bytes reach the
 //! consumer only after every one of their checksums passed.
+//!
+//! When every streamed byte of a pass is already in the page cache (and the
+//! loader reads without `O_DIRECT`), the readers leave the streamed
+//! sections alone: each decode job reads its own chunk into a buffer of its
+//! thread and checks and decodes it while it is in cache ([`ReadPath`]).
 
 use crate::telemetry;
 use rayon::prelude::*;
@@ -74,16 +79,16 @@ pub enum ReadPath {
     /// Reader threads, ahead of the decoders, into the pool's buffers: the
     /// disk always has the next requests queued.
     Readers,
-    /// Each decode job reads its own chunk's extents into a part of the
-    /// pool kept for its thread, and checks and decodes them while they
-    /// are in that core's cache. From the page cache this saves a pass
-    /// over memory: the bytes are copied once and read back from cache,
-    /// not copied by a reader and read back from memory by a decoder. On
-    /// MiniLM BF16 at exact fidelity, warm, two threads: 13 % less CPU, a
-    /// fifth less wall time (`benches/RESULTS.md`). From the disk a job
-    /// would wait for its read with a core idle, so `Auto` takes this
-    /// only when the bytes are cached. Ignored with `O_DIRECT`, and where
-    /// the pool cannot hold one job's extents per decode thread.
+    /// Each decode job reads its own chunk's extents into a buffer of its
+    /// thread, and checks and decodes them while they are in that core's
+    /// cache. From the page cache this saves a pass over memory: the bytes
+    /// are copied once and read back from cache, not copied by a reader
+    /// and read back from memory by a decoder. On MiniLM at exact fidelity,
+    /// warm, two threads: 1.21-1.29 × the GB/s delivered
+    /// (`benches/RESULTS.md`). From the disk a job would wait for its read
+    /// with a core idle, so `Auto` takes this only when the bytes are
+    /// cached. Ignored with `O_DIRECT` (the readers read), and for a pass
+    /// that streams nothing.
     Jobs,
 }
 
@@ -141,9 +146,12 @@ pub struct MemoryPlan {
     pub output_bytes: u64,
     /// Decode threads, and what each keeps while decoding: residual planes
     /// as large as the largest chunk it rebuilds (exact fidelity), a zstd
-    /// context, its stack.
+    /// context, its stack, and (without `O_DIRECT`) a buffer for the
+    /// chunks it reads itself ([`ReadPath::Jobs`]).
     pub decode_threads: usize,
     pub per_thread_bytes: u64,
+    /// Of `per_thread_bytes`, that buffer: the most one job streams.
+    pub job_read_bytes: u64,
     /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes
     /// + decode_threads × per_thread_bytes`.
     pub total: u64,
@@ -405,10 +413,10 @@ pub struct Loader {
     decoders: rayon::ThreadPool,
     /// The step buffer given back by the consumer, reused.
     spare: Vec<u8>,
-    /// With [`ReadPath::Jobs`], the bytes of the pool kept for each decode
-    /// thread (the most one job streams); `None` where the pool cannot
-    /// hold that much per thread.
-    job_region: Option<usize>,
+    /// Each decode thread's buffer for the chunks it reads itself
+    /// ([`ReadPath::Jobs`]; `memory.job_read_bytes` each, none with
+    /// `O_DIRECT`), indexed by the thread's index in `decoders`.
+    job_buffers: Vec<Shared>,
 }
 
 fn align_down(x: u64) -> u64 {
@@ -594,11 +602,7 @@ impl Loader {
             memory.decode_threads,
             memory.pool_buffers,
         );
-        // Thread `i` reads into region `i / buffers` of buffer `i % buffers`.
-        let region = largest_streamed_job(&container, &options, &steps, (hot_at, hot_len));
-        let job_region = (!direct
-            && (threads.div_ceil(buffers.max(1)) as u64).saturating_mul(region) <= slot)
-            .then_some(region as usize);
+        let job_bytes = memory.job_read_bytes;
         Ok(Loader {
             container,
             options,
@@ -623,20 +627,28 @@ impl Loader {
                 .build()
                 .map_err(|e| Error::input(path, format!("cannot start decode threads: {e}")))?,
             spare: committed(vec![0u8; out as usize]),
-            job_region,
+            job_buffers: (0..threads)
+                .filter(|_| !direct && job_bytes > 0)
+                .map(|_| Shared::committed(job_bytes))
+                .collect(),
         })
     }
 
     /// Who reads this pass's streamed sections.
     fn read_path(&self) -> ReadPath {
-        let jobs = self.job_region.is_some()
+        let mut spans = self
+            .steps
+            .iter()
+            .flat_map(|s| s.spans.iter().copied())
+            .filter(|&(_, n)| n > 0)
+            .peekable();
+        let jobs = !self.options.direct
+            && spans.peek().is_some()
+            && self.job_buffers.len() == self.memory.decode_threads
             && match self.options.reads {
                 ReadPath::Readers => false,
                 ReadPath::Jobs => true,
-                ReadPath::Auto => {
-                    let spans = self.steps.iter().flat_map(|s| s.spans.iter().copied());
-                    telemetry::in_page_cache(&self.file, spans)
-                }
+                ReadPath::Auto => telemetry::in_page_cache(&self.file, &self.container.path, spans),
             };
         if jobs {
             ReadPath::Jobs
@@ -1070,10 +1082,7 @@ impl Loader {
         let hot_end = self.hot_at + self.hot_len;
         // With `own` (`ReadPath::Jobs`): this thread's part of the pool, and
         // how much of it this job has filled.
-        let region = own.zip(self.job_region).map(|((i, _), len)| {
-            let buffers = self.pool.len();
-            (&self.pool[i % buffers], (i / buffers) * len, len)
-        });
+        let region = own.and_then(|(i, _)| self.job_buffers.get(i));
         let used = std::cell::Cell::new(0usize);
         // An extent's bytes, checked (resident hot bytes only on the first pass).
         let get = |e: &Extent, what: &str| -> Result<&[u8]> {
@@ -1093,22 +1102,32 @@ impl Loader {
                     }
                     at += len;
                 }
-                if let (Some(_), Some((buf, at, len)), Some((_, clock))) = (found, region, own) {
-                    let (a, b) = (at + used.get(), at + used.get() + e.len as usize);
-                    if b > at + len {
+                if let (Some(_), Some(buf), Some((_, clock))) = (found, region, own) {
+                    let (a, b) = (used.get(), used.get() + e.len as usize);
+                    if b > buf.len {
                         return Err(Error::integrity(
                             &c.path,
                             format!("{}{what}: larger than planned", who()),
                         ));
                     }
-                    used.set(b - at);
-                    // SAFETY: this thread's region of the pool is used by
-                    // this thread alone while the pass lasts (no reader
-                    // fills pool buffers when jobs read), and each job
-                    // hands out disjoint parts of it.
+                    used.set(b);
+                    // SAFETY: this buffer belongs to this decode thread (its
+                    // index in the pool), which runs one job at a time, and
+                    // each job hands out disjoint parts of it.
                     let bytes = unsafe { buf.fill(a, b) };
-                    let step_name = format!("step {}", step.name);
-                    clock.time(|| read_into(&self.file, &c.path, e.offset, bytes, &step_name))?;
+                    clock
+                        .time(|| self.file.read_exact_at(bytes, e.offset))
+                        .map_err(|err| {
+                            Error::integrity(
+                                &c.path,
+                                format!(
+                                    "{}{what}: cannot read {} bytes at {}: {err}",
+                                    who(),
+                                    e.len,
+                                    e.offset
+                                ),
+                            )
+                        })?;
                     (&*bytes, true)
                 } else {
                     let (Some(a), Some(k)) = (found, slot) else {
@@ -1213,7 +1232,14 @@ fn plan(
     // Exact fidelity: the residual's planes (as many bytes as the chunk),
     // and the high nibbles of a split stream (at most a quarter of them: a
     // plane holds one byte per element, and elements are 2 bytes or more).
+    // A buffer for the chunks a job reads itself (`ReadPath::Jobs`).
+    let job_bytes = if direct {
+        0
+    } else {
+        largest_streamed_job(c, options, &steps, (hot_at, hot_len))
+    };
     let per_thread = PER_THREAD_BYTES
+        + job_bytes
         + match options.fidelity {
             Fidelity::Exact => {
                 let largest = largest_decomposed_chunk(c);
@@ -1257,6 +1283,7 @@ fn plan(
         output_bytes: out,
         decode_threads: threads,
         per_thread_bytes: per_thread,
+        job_read_bytes: job_bytes,
         total: need(buffers as u64),
     };
     Ok((steps, memory, (hot_at, hot_len)))

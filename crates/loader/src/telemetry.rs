@@ -369,15 +369,29 @@ pub fn drop_page_cache(f: &std::fs::File) {
     }
 }
 
-/// Whether every byte of the `(offset, len)` ranges of `f` is in the page
-/// cache now: `mincore` over a read-only mapping of the file that is never
-/// touched (so a file cut short meanwhile cannot fault the process). False
-/// when it cannot tell, or a range is past the end of the file.
-pub fn in_page_cache(f: &std::fs::File, ranges: impl Iterator<Item = (u64, u64)>) -> bool {
+/// Whether every byte of the `(offset, len)` ranges of `f` (opened from
+/// `path`) is in the page cache now: `mincore` over a read-only mapping of
+/// the file that is never touched (so a file cut short meanwhile cannot
+/// fault the process). False when it cannot tell, or a range is past the
+/// end of the file.
+///
+/// Linux (5.0 on) answers `mincore` on a file mapping only to a process
+/// that owns the file or may write it; to others it reports every page
+/// resident. For such a file this returns false.
+pub fn in_page_cache(
+    f: &std::fs::File,
+    path: &std::path::Path,
+    ranges: impl Iterator<Item = (u64, u64)>,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::io::AsRawFd;
-    let Ok(len) = f.metadata().map(|m| m.len()) else {
+    let Ok(meta) = f.metadata() else {
         return false;
     };
+    let len = meta.len();
+    if !mincore_answers(meta.uid(), path) {
+        return false;
+    }
     // SAFETY: `sysconf` reads a constant.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         p if p > 0 => p as u64,
@@ -436,6 +450,23 @@ pub fn in_page_cache(f: &std::fs::File, ranges: impl Iterator<Item = (u64, u64)>
     all
 }
 
+/// Whether the kernel tells this process the truth about the page cache of
+/// the file at `path`, owned by `uid` (its `can_do_mincore`: the owner, a
+/// process with the capability to act as one, or one that may write it).
+fn mincore_answers(uid: u32, path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: `geteuid` reads the process's credentials.
+    let euid = unsafe { libc::geteuid() };
+    if euid == uid || euid == 0 {
+        return true;
+    }
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path; the call only checks permissions.
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,30 +475,61 @@ mod tests {
     #[test]
     fn page_cache_residency_of_ranges() {
         use std::io::{Read, Write};
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&vec![7u8; 3 * 4096 + 100]).unwrap();
-        f.sync_all().unwrap();
-        let mut f = std::fs::File::open(format!("/proc/self/fd/{}", {
-            use std::os::unix::io::AsRawFd;
-            f.as_raw_fd()
-        }))
-        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::File::create(&path)
+            .and_then(|mut f| {
+                f.write_all(&vec![7u8; 3 * 4096 + 100])?;
+                f.sync_all()
+            })
+            .unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let cached =
+            |f: &std::fs::File, r: &[(u64, u64)]| in_page_cache(f, &path, r.iter().copied());
         // Read through once: its pages are cached.
         let mut all = Vec::new();
         f.read_to_end(&mut all).unwrap();
         let len = all.len() as u64;
-        assert!(in_page_cache(&f, [(0, len)].into_iter()));
-        assert!(in_page_cache(&f, [(4000, 200), (len - 1, 1)].into_iter()));
-        assert!(in_page_cache(&f, std::iter::empty()));
-        assert!(in_page_cache(&f, [(len, 0)].into_iter()), "empty ranges");
-        assert!(
-            !in_page_cache(&f, [(0, len + 1)].into_iter()),
-            "past the end"
-        );
-        assert!(!in_page_cache(&f, [(u64::MAX, 2)].into_iter()), "overflow");
-        let empty = tempfile::tempfile().unwrap();
-        assert!(in_page_cache(&empty, std::iter::empty()));
-        assert!(!in_page_cache(&empty, [(0, 1)].into_iter()));
+        assert!(cached(&f, &[(0, len)]));
+        assert!(cached(&f, &[(4000, 200), (len - 1, 1)]));
+        assert!(cached(&f, &[]));
+        assert!(cached(&f, &[(len, 0)]), "empty ranges");
+        assert!(!cached(&f, &[(0, len + 1)]), "past the end");
+        assert!(!cached(&f, &[(u64::MAX, 2)]), "overflow");
+        let empty_path = dir.path().join("empty");
+        let empty = std::fs::File::create(&empty_path).unwrap();
+        assert!(in_page_cache(&empty, &empty_path, std::iter::empty()));
+        assert!(!in_page_cache(&empty, &empty_path, [(0, 1)].into_iter()));
+        // Dropped from the cache (clean pages after the fsync): not resident.
+        drop_page_cache(&f);
+        let c = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: `statfs` fills a zeroed struct from a NUL-terminated path.
+        let tmpfs = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == libc::TMPFS_MAGIC as i64
+        };
+        if tmpfs {
+            eprintln!(
+                "note: {} is on tmpfs, whose pages cannot be dropped; the uncached case is not checked",
+                dir.path().display()
+            );
+        } else {
+            assert!(!cached(&f, &[(0, len)]), "dropped pages are not resident");
+        }
+        // The kernel answers for our own file; for another owner's file we
+        // may not write (root's /etc/passwd) it would claim every page, so
+        // the probe does not ask. Root may do both: nothing to check then.
+        // SAFETY: `geteuid` reads the process's credentials.
+        let euid = unsafe { libc::geteuid() };
+        assert!(mincore_answers(euid, &path));
+        if euid == 0 {
+            eprintln!(
+                "note: running as root, for whom the kernel answers for every file; \
+                 another owner's file is not checked"
+            );
+        } else {
+            assert!(!mincore_answers(0, std::path::Path::new("/etc/passwd")));
+        }
     }
 
     /// /proc/diskstats with the 20-field (5.5+), 18-field (4.18+) and
