@@ -504,6 +504,7 @@ mod tests {
         drop_page_cache(&f);
         let c = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
         // SAFETY: `statfs` fills a zeroed struct from a NUL-terminated path.
+        #[allow(clippy::unnecessary_cast)] // (the field's type varies by target)
         let tmpfs = unsafe {
             let mut st: libc::statfs = std::mem::zeroed();
             libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == libc::TMPFS_MAGIC as i64
