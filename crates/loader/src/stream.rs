@@ -84,7 +84,7 @@ pub enum ReadPath {
     /// cache. From the page cache this saves a pass over memory: the bytes
     /// are copied once and read back from cache, not copied by a reader
     /// and read back from memory by a decoder. On MiniLM at exact fidelity,
-    /// warm, two threads: 1.21-1.29 × the GB/s delivered
+    /// warm, two threads: 1.06-1.29 × the GB/s delivered
     /// (`benches/RESULTS.md`). From the disk a job would wait for its read
     /// with a core idle, so `Auto` takes this only when the bytes are
     /// cached. Ignored with `O_DIRECT` (the readers read), and for a pass
@@ -1080,7 +1080,7 @@ impl Loader {
         let t = &c.manifest.tensors[ti];
         let who = || format!("tensor {:?} chunk {ci}", t.name);
         let hot_end = self.hot_at + self.hot_len;
-        // With `own` (`ReadPath::Jobs`): this thread's part of the pool, and
+        // With `own` (`ReadPath::Jobs`): this thread's own read buffer, and
         // how much of it this job has filled.
         let region = own.and_then(|(i, _)| self.job_buffers.get(i));
         let used = std::cell::Cell::new(0usize);
@@ -1111,9 +1111,9 @@ impl Loader {
                         ));
                     }
                     used.set(b);
-                    // SAFETY: this buffer belongs to this decode thread (its
-                    // index in the pool), which runs one job at a time, and
-                    // each job hands out disjoint parts of it.
+                    // SAFETY: this buffer belongs to this decode thread (by
+                    // its index in `decoders`), which runs one job at a
+                    // time, and each job hands out disjoint parts of it.
                     let bytes = unsafe { buf.fill(a, b) };
                     clock
                         .time(|| self.file.read_exact_at(bytes, e.offset))
