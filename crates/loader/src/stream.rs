@@ -427,12 +427,23 @@ fn align_up(x: u64) -> u64 {
     x.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
 }
 
-/// Reads `buf.len()` bytes at `offset`; a short file is an integrity error.
-fn read_into(file: &File, path: &Path, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+/// Reads `buf.len()` bytes at `offset`; a short file is an integrity error
+/// naming `what()` (built only then).
+fn read_into(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    buf: &mut [u8],
+    what: impl FnOnce() -> String,
+) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         Error::integrity(
             path,
-            format!("{what}: cannot read {} bytes at {offset}: {e}", buf.len()),
+            format!(
+                "{}: cannot read {} bytes at {offset}: {e}",
+                what(),
+                buf.len()
+            ),
         )
     })
 }
@@ -728,7 +739,9 @@ impl Loader {
                                 // its message, sent once it is read.
                                 let buf = unsafe { this.hot.fill(at, at + (b - a) as usize) };
                                 clock
-                                    .time(|| read_into(&this.file, path, a, buf, "hot tier"))
+                                    .time(|| {
+                                        read_into(&this.file, path, a, buf, || "hot tier".into())
+                                    })
                                     .map(|()| Msg::Hot(b))
                             }
                             Read::Streamed {
@@ -743,9 +756,9 @@ impl Loader {
                                 // once each and announced once read.
                                 let buf =
                                     unsafe { this.pool[k].fill(at as usize, (at + len) as usize) };
-                                let what = format!("step {}", this.steps[step].name);
+                                let what = || format!("step {}", this.steps[step].name);
                                 clock
-                                    .time(|| read_into(&this.file, path, offset, buf, &what))
+                                    .time(|| read_into(&this.file, path, offset, buf, what))
                                     .map(|()| Msg::Streamed {
                                         step,
                                         slot: k,
@@ -1115,19 +1128,8 @@ impl Loader {
                     // its index in `decoders`), which runs one job at a
                     // time, and each job hands out disjoint parts of it.
                     let bytes = unsafe { buf.fill(a, b) };
-                    clock
-                        .time(|| self.file.read_exact_at(bytes, e.offset))
-                        .map_err(|err| {
-                            Error::integrity(
-                                &c.path,
-                                format!(
-                                    "{}{what}: cannot read {} bytes at {}: {err}",
-                                    who(),
-                                    e.len,
-                                    e.offset
-                                ),
-                            )
-                        })?;
+                    let what = || format!("{}{what}", who());
+                    clock.time(|| read_into(&self.file, &c.path, e.offset, bytes, what))?;
                     (&*bytes, true)
                 } else {
                     let (Some(a), Some(k)) = (found, slot) else {
