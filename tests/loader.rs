@@ -26,6 +26,13 @@ fn stream_all(path: &Path, opts: LoadOptions) -> Vec<(String, Vec<Got>)> {
         let mut got = Vec::new();
         let report = loader
             .stream(|step| {
+                for t in &step.tensors {
+                    assert!(
+                        step.bytes(t).as_ptr().addr().is_multiple_of(64),
+                        "{}: starts on a cache line",
+                        t.name
+                    );
+                }
                 let ts: Vec<Got> = step
                     .tensors
                     .iter()

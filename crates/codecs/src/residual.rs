@@ -1822,6 +1822,9 @@ fn base_values_w<const W: usize>(
             }
         });
     }
+    if wide {
+        gather_avx512::fence();
+    }
     if bad_pad {
         return Err(CodecError::Corrupt(
             "non-zero padding nibble in a q4 base".into(),
@@ -2820,6 +2823,34 @@ mod gather_avx512 {
         unreachable!("never available off x86-64")
     }
 
+    /// Stores the 64 bytes of `v` at `p`: a non-temporal store when `p`
+    /// is on a cache line, a plain one otherwise. The base's values are
+    /// written once and read later by the consumer: storing them past
+    /// the cache saves reading each line in before it is overwritten
+    /// (F32 base values into a large buffer: 10 → 21 GB/s on one core
+    /// here). Callers end with [`fence`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_line(p: *mut u8, v: std::arch::x86_64::__m512i) {
+        use std::arch::x86_64::*;
+        if (p as usize).is_multiple_of(64) {
+            _mm512_stream_si512(p as *mut __m512i, v);
+        } else {
+            _mm512_storeu_si512(p as *mut _, v);
+        }
+    }
+
+    /// Orders the non-temporal stores of [`store_line`] before any later
+    /// store, so that whoever learns this thread is done sees them.
+    pub fn fence() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86-64.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        }
+    }
+
     /// The base values of one q4 group of 64 F32 elements: each code's
     /// `q × df` (the same IEEE product as the scalar path), 64 at a time
     /// through a 16-entry table in a register.
@@ -2843,9 +2874,9 @@ mod gather_avx512 {
         macro_rules! quarter {
             ($q:literal) => {{
                 let idx = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, $q));
-                _mm512_storeu_ps(
-                    out.as_mut_ptr().add(64 * $q) as *mut f32,
-                    _mm512_permutexvar_ps(idx, tab),
+                store_line(
+                    out.as_mut_ptr().add(64 * $q),
+                    _mm512_castps_si512(_mm512_permutexvar_ps(idx, tab)),
                 );
             }};
         }
@@ -2880,8 +2911,8 @@ mod gather_avx512 {
             } else {
                 _mm512_extracti64x4_epi64(codes, 1)
             };
-            _mm512_storeu_si512(
-                out.as_mut_ptr().add(64 * half) as *mut _,
+            store_line(
+                out.as_mut_ptr().add(64 * half),
                 _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), tab),
             );
         }

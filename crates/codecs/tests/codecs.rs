@@ -127,14 +127,20 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
             "reference decode not bit-exact ({dtype:?} {layout:?} {kind:?})"
         );
     }
-    let mut base_fast = vec![0x55u8; src.len()];
     let mut base_ref = vec![0xAAu8; src.len()];
-    residual::base_values(dtype, layout, &hot, &mut base_fast).unwrap();
     residual::base_values_reference(dtype, layout, &hot, &mut base_ref).unwrap();
-    assert!(
-        base_fast == base_ref,
-        "base_values fast != reference ({dtype:?} {layout:?})"
-    );
+    // The fast path stores whole cache lines past the cache where the
+    // output lies on them: at a line, and off it by a half and a word.
+    let mut room = vec![0x55u8; src.len() + 128];
+    for shift in [0, 2, 16, 48] {
+        let at = room.as_ptr().align_offset(64) + shift;
+        let base_fast = &mut room[at..at + src.len()];
+        residual::base_values(dtype, layout, &hot, base_fast).unwrap();
+        assert!(
+            *base_fast == base_ref[..],
+            "base_values fast != reference ({dtype:?} {layout:?}, {shift} bytes past a line)"
+        );
+    }
 }
 
 #[test]

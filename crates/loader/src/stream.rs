@@ -142,7 +142,8 @@ pub struct MemoryPlan {
     /// Read buffers in the pool, and the size of each (the largest step's reads).
     pub pool_buffers: usize,
     pub pool_buffer_bytes: u64,
-    /// The largest step's delivered tensors.
+    /// The largest step's delivered tensors, each starting on a 64-byte
+    /// boundary.
     pub output_bytes: u64,
     /// Decode threads, and what each keeps while decoding: residual planes
     /// as large as the largest chunk it rebuilds (exact fidelity), a zstd
@@ -178,7 +179,8 @@ pub struct Step {
     pub out_bytes: u64,
 }
 
-/// A delivered step: its tensors, back to back in `data`. The consumer may
+/// A delivered step: its tensors in `data`, in order, each starting on a
+/// 64-byte boundary of memory (the bytes between them mean nothing). The consumer may
 /// take `data` (`std::mem::take`) and own it; otherwise the loader reuses
 /// the buffer for the next step.
 #[derive(Debug, Default)]
@@ -977,23 +979,29 @@ impl Loader {
     }
 
     /// A step's output: one buffer (the spare one, grown as needed), the
-    /// tensors back to back.
+    /// tensors in order, each on a cache line.
     fn layout(&self, step: &Step, spare: &mut Vec<u8>) -> LoadedStep {
         let m = &self.container.manifest;
-        let n = step.out_bytes as usize;
-        // Every byte is written by the decoders: a reused buffer is not
-        // cleared, and a new one (the consumer kept the last) comes zeroed
-        // from the allocator rather than filled here. A reused buffer keeps
-        // its committed memory when it grows within its capacity (a step
-        // larger than the one before, after a smaller one: `resize` zeroes
-        // the new part, a fresh buffer would fault in every page).
+        let n = step_buffer_bytes(step) as usize;
+        // Every byte of a tensor is written by the decoders: a reused
+        // buffer is not cleared, and a new one (the consumer kept the last)
+        // comes zeroed from the allocator rather than filled here. A reused
+        // buffer keeps its committed memory when it grows within its
+        // capacity (a step larger than the one before, after a smaller
+        // one: `resize` zeroes the new part, a fresh buffer would fault in
+        // every page).
         let mut data = std::mem::take(spare);
         if data.capacity() < n {
             data = vec![0u8; n];
         }
         data.resize(n, 0);
-        let mut at = 0usize;
-        let tensors = step
+        // Each tensor starts on a cache line of the buffer as it lies in
+        // memory, so that whole rows of values can be stored past the
+        // cache (see `residual::base_values`); the bytes between tensors
+        // are left as they were.
+        let line = |at: usize| at + (data.as_ptr() as usize + at).wrapping_neg() % OUT_ALIGN;
+        let mut at = line(0);
+        let tensors: Vec<LoadedTensor> = step
             .tensors
             .iter()
             .map(|&ti| {
@@ -1003,7 +1011,7 @@ impl Loader {
                     .iter()
                     .sum();
                 let range = at..at + len as usize;
-                at = range.end;
+                at = line(range.end);
                 LoadedTensor {
                     index: ti,
                     name: t.name.clone(),
@@ -1014,6 +1022,7 @@ impl Loader {
                 }
             })
             .collect();
+        data.truncate(tensors.last().map_or(0, |t| t.range.end));
         LoadedStep {
             name: step.name.clone(),
             tensors,
@@ -1041,7 +1050,11 @@ impl Loader {
         let in_hot = |e: &Extent| e.offset >= self.hot_at && e.end() <= hot_end;
         let mut jobs = Vec::new();
         let mut rest = &mut data[..];
+        let mut at = 0;
         for t in tensors.iter() {
+            // Skip to the tensor's start (it starts on a cache line).
+            rest = &mut std::mem::take(&mut rest)[t.range.start - at..];
+            at = t.range.end;
             let tensor = &m.tensors[t.index];
             let blocks = self.blocks(tensor);
             for (ci, len) in delivered_chunk_lens(c, tensor, blocks)
@@ -1229,7 +1242,7 @@ fn plan(
         _ => (0, 0),
     };
     let slot = steps.iter().map(|s| s.read_bytes).max().unwrap_or(0);
-    let out = steps.iter().map(|s| s.out_bytes).max().unwrap_or(0);
+    let out = steps.iter().map(step_buffer_bytes).max().unwrap_or(0);
     let threads = rayon::current_num_threads();
     // Exact fidelity: the residual's planes (as many bytes as the chunk),
     // and the high nibbles of a split stream (at most a quarter of them: a
@@ -1289,6 +1302,15 @@ fn plan(
         total: need(buffers as u64),
     };
     Ok((steps, memory, (hot_at, hot_len)))
+}
+
+/// Where each delivered tensor starts in memory: a multiple of this.
+const OUT_ALIGN: usize = 64;
+
+/// The buffer a step's tensors need: their bytes, and room to start each
+/// on an [`OUT_ALIGN`] boundary wherever the buffer lies.
+fn step_buffer_bytes(step: &Step) -> u64 {
+    step.out_bytes + (OUT_ALIGN as u64 - 1) * (step.tensors.len() as u64 + 1)
 }
 
 /// A job ordered for a min-heap on `hot_end`.
