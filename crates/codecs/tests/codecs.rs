@@ -120,6 +120,19 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
             out == src,
             "decode not bit-exact ({dtype:?} {layout:?} {kind:?})"
         );
+        // Stored past the cache where the output lies on cache lines: at a
+        // line, and off it by a half and a word.
+        let mut room = vec![0x55u8; src.len() + 128];
+        for shift in [0, 2, 16, 48] {
+            let at = room.as_ptr().align_offset(64) + shift;
+            let out = &mut room[at..at + src.len()];
+            let stores = residual::Stores::PastCache;
+            residual::decode_timed(dtype, layout, &hot, &cold, out, kind, stores).unwrap();
+            assert!(
+                *out == src[..],
+                "decode past the cache not bit-exact ({dtype:?} {layout:?} {kind:?}, {shift} bytes past a line)"
+            );
+        }
         let mut out_ref = vec![0xAAu8; src.len()];
         residual::decode_reference(dtype, layout, &hot, &cold, &mut out_ref, kind).unwrap();
         assert!(
@@ -129,17 +142,19 @@ fn roundtrip(dtype: FloatDtype, layout: &BaseLayout, src: &[u8]) {
     }
     let mut base_ref = vec![0xAAu8; src.len()];
     residual::base_values_reference(dtype, layout, &hot, &mut base_ref).unwrap();
-    // The fast path stores whole cache lines past the cache where the
-    // output lies on them: at a line, and off it by a half and a word.
+    // Both ways of storing, with the output at a cache line and off it by
+    // a half and a word.
     let mut room = vec![0x55u8; src.len() + 128];
-    for shift in [0, 2, 16, 48] {
-        let at = room.as_ptr().align_offset(64) + shift;
-        let base_fast = &mut room[at..at + src.len()];
-        residual::base_values(dtype, layout, &hot, base_fast).unwrap();
-        assert!(
-            *base_fast == base_ref[..],
-            "base_values fast != reference ({dtype:?} {layout:?}, {shift} bytes past a line)"
-        );
+    for stores in [residual::Stores::Cached, residual::Stores::PastCache] {
+        for shift in [0, 2, 16, 48] {
+            let at = room.as_ptr().align_offset(64) + shift;
+            let base_fast = &mut room[at..at + src.len()];
+            residual::base_values_with(dtype, layout, &hot, base_fast, stores).unwrap();
+            assert!(
+                *base_fast == base_ref[..],
+                "base_values fast != reference ({dtype:?} {layout:?} {stores:?}, {shift} bytes past a line)"
+            );
+        }
     }
 }
 

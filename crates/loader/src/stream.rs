@@ -1199,13 +1199,24 @@ impl Loader {
                     timers.add(&timers.reconstruct, t0);
                 } else if self.options.fidelity == Fidelity::Exact {
                     let cold = get(&ch.cold, " (cold residual)")?;
-                    let (z, g) = residual::decode_timed(dtype, &layout, base, cold, out, kind)
-                        .map_err(bad)?;
+                    // The step buffer is read by the consumer later, and is
+                    // larger than the cache: store it past the cache.
+                    let stores = residual::Stores::PastCache;
+                    let (z, g) =
+                        residual::decode_timed(dtype, &layout, base, cold, out, kind, stores)
+                            .map_err(bad)?;
                     timers.decompress.fetch_add(z.as_nanos() as u64, Relaxed);
                     timers.reconstruct.fetch_add(g.as_nanos() as u64, Relaxed);
                 } else {
                     let t0 = Instant::now();
-                    residual::base_values(dtype, &layout, base, out).map_err(bad)?;
+                    residual::base_values_with(
+                        dtype,
+                        &layout,
+                        base,
+                        out,
+                        residual::Stores::PastCache,
+                    )
+                    .map_err(bad)?;
                     timers.add(&timers.reconstruct, t0);
                 }
             }

@@ -123,8 +123,16 @@ fn main() {
         let mut streams = std::time::Duration::ZERO;
         for _ in 0..reps {
             for (((d, l, s), h), c) in chunks.iter().zip(&hot).zip(&cold) {
-                let (z, _) =
-                    residual::decode_timed(*d, l, h, c, &mut out[..s.len()], kind).expect("decode");
+                let (z, _) = residual::decode_timed(
+                    *d,
+                    l,
+                    h,
+                    c,
+                    &mut out[..s.len()],
+                    kind,
+                    Default::default(),
+                )
+                .expect("decode");
                 streams += z;
             }
         }
