@@ -155,6 +155,12 @@ struct JobOut {
     digest: Piece,
     /// The file digest's part of this chunk (safetensors and GGUF sources).
     file_piece: Option<Piece>,
+    /// xxh3 of what is stored for the chunk: its hot bytes (the source
+    /// bytes of a raw chunk) and its residual, hashed by the worker while
+    /// they are in its cache (the thread that commits in order has the
+    /// writes to do).
+    hot_xxh3: u64,
+    cold_xxh3: u64,
 }
 
 /// Transformer layer of a tensor name (`…layers.12.…`, `…layer.3.…`, `blk.7.…`, `h.0.…`).
@@ -380,7 +386,7 @@ pub fn pack(
                         c.cold = Extent {
                             offset: *cold_place,
                             len: r.cold.len() as u64,
-                            xxh3: xxh3(&r.cold),
+                            xxh3: r.cold_xxh3,
                         };
                         write_at(&r.cold, *cold_place)?;
                         *cold_place += r.cold.len() as u64;
@@ -391,7 +397,7 @@ pub fn pack(
                     hot_extent.offset = *at;
                     *at += hot_bytes.len() as u64;
                 }
-                hot_extent.xxh3 = xxh3(hot_bytes);
+                hot_extent.xxh3 = r.hot_xxh3;
                 write_at(hot_bytes, hot_extent.offset)?;
                 left[job.tensor] -= 1;
                 if left[job.tensor] == 0 {
@@ -947,6 +953,8 @@ fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
     };
     let Some((dtype, layout, base_len)) = job.decompose else {
         return Ok(JobOut {
+            hot_xxh3: xxh3(&src),
+            cold_xxh3: xxh3(&[]),
             src,
             hot: Vec::new(),
             cold: Vec::new(),
@@ -959,6 +967,8 @@ fn run_job(source: &Source, job: &Job, level: i32) -> Result<JobOut> {
     let cold = residual::encode(dtype, &layout, &src, &hot, level, residual::Kind::CURRENT)
         .map_err(|e| Error::input(&f.path, format!("cannot encode a chunk: {e}")))?;
     Ok(JobOut {
+        hot_xxh3: xxh3(&hot),
+        cold_xxh3: xxh3(&cold),
         src,
         hot,
         cold,
