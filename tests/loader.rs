@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use std::path::Path;
-use tpde_loader::{LoadOptions, Loader, ReadPath};
+use tpde_loader::{LoadOptions, Loader, ReadPath, Stores};
 use tpde_pack::Fidelity;
 
 /// A delivered tensor: manifest index, name, bytes.
@@ -134,16 +134,18 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
         let c = tpde_pack::Container::open(&path).unwrap();
         let m = &c.manifest;
         let ways = [
-            (false, ReadPath::Readers),
-            (false, ReadPath::Jobs),
-            (false, ReadPath::Auto),
-            (true, ReadPath::Auto),
-            (true, ReadPath::Jobs),
+            (false, ReadPath::Readers, Stores::PastCache),
+            (false, ReadPath::Jobs, Stores::PastCache),
+            (false, ReadPath::Auto, Stores::PastCache),
+            (false, ReadPath::Auto, Stores::Cached),
+            (true, ReadPath::Auto, Stores::PastCache),
+            (true, ReadPath::Jobs, Stores::Cached),
         ];
-        for (direct, reads) in ways {
+        for (direct, reads, stores) in ways {
             let opts = LoadOptions {
                 direct,
                 reads,
+                stores,
                 ..LoadOptions::default()
             };
             if direct && Loader::open(&path, opts.clone()).is_err() {
@@ -189,16 +191,31 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
             }
         }
         // Base fidelity: same tensors and lengths; decomposed ones are the
-        // base's values, the others exact.
-        for reads in [ReadPath::Readers, ReadPath::Jobs] {
+        // base's values, the others exact; the same bytes whoever reads and
+        // however the values are stored.
+        let mut first: Option<Vec<Vec<u8>>> = None;
+        for (reads, stores) in [
+            (ReadPath::Readers, Stores::PastCache),
+            (ReadPath::Jobs, Stores::PastCache),
+            (ReadPath::Auto, Stores::Cached),
+        ] {
             let base = stream_all(
                 &path,
                 LoadOptions {
                     fidelity: Fidelity::Base,
                     reads,
+                    stores,
                     ..LoadOptions::default()
                 },
             );
+            let bytes: Vec<Vec<u8>> = base
+                .iter()
+                .flat_map(|(_, ts)| ts.iter().map(|t| t.data.clone()))
+                .collect();
+            match &first {
+                None => first = Some(bytes),
+                Some(f) => assert!(*f == bytes, "{reads:?} {stores:?}: other base bytes"),
+            }
             for (_, ts) in &base {
                 for t in ts {
                     let want = &m.tensors[t.index];

@@ -651,6 +651,9 @@ impl Model {
         let options = LoadOptions {
             steps: StepSet::Layers,
             prefetch: options.prefetch.max(4),
+            // Each layer is computed on as soon as it arrives: its values
+            // stay in the cache.
+            stores: tpde_loader::Stores::Cached,
             ..outside.clone()
         };
         let shards = if has_shards {

@@ -31,6 +31,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
+pub use tpde_codecs::residual::Stores;
 use tpde_codecs::{residual, xxh3, FloatDtype};
 use tpde_format::{Extent, Section, SectionKind, Storage, SECTION_ALIGN};
 use tpde_pack::container::AlignedBuf;
@@ -65,6 +66,13 @@ pub struct LoadOptions {
     pub base_blocks: bool,
     /// Who reads the streamed sections.
     pub reads: ReadPath,
+    /// How the decode threads store the values they rebuild into a step's
+    /// buffer. [`Stores::PastCache`] (the default) stores whole cache lines
+    /// past the cache, for a consumer that reads a step later than it is
+    /// decoded, or hands it on (each tensor starts on a cache line);
+    /// [`Stores::Cached`] leaves the values in the cache, for a consumer
+    /// that computes on each step as soon as it arrives.
+    pub stores: Stores,
 }
 
 /// Who reads a pass's streamed sections.
@@ -127,6 +135,7 @@ impl Default for LoadOptions {
             steps: StepSet::All,
             base_blocks: false,
             reads: ReadPath::Auto,
+            stores: Stores::PastCache,
         }
     }
 }
@@ -1199,9 +1208,7 @@ impl Loader {
                     timers.add(&timers.reconstruct, t0);
                 } else if self.options.fidelity == Fidelity::Exact {
                     let cold = get(&ch.cold, " (cold residual)")?;
-                    // The step buffer is read by the consumer later, and is
-                    // larger than the cache: store it past the cache.
-                    let stores = residual::Stores::PastCache;
+                    let stores = self.options.stores;
                     let (z, g) =
                         residual::decode_timed(dtype, &layout, base, cold, out, kind, stores)
                             .map_err(bad)?;
@@ -1209,14 +1216,8 @@ impl Loader {
                     timers.reconstruct.fetch_add(g.as_nanos() as u64, Relaxed);
                 } else {
                     let t0 = Instant::now();
-                    residual::base_values_with(
-                        dtype,
-                        &layout,
-                        base,
-                        out,
-                        residual::Stores::PastCache,
-                    )
-                    .map_err(bad)?;
+                    residual::base_values_with(dtype, &layout, base, out, self.options.stores)
+                        .map_err(bad)?;
                     timers.add(&timers.reconstruct, t0);
                 }
             }
