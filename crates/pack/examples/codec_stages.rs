@@ -1,6 +1,7 @@
 //! Single-thread throughput of each codec stage on a real safetensors file:
 //! quantize, residual encode, residual decode (and its streams part alone),
-//! base values (fast and reference),
+//! base values (fast and reference; into a buffer as large as the model,
+//! with plain stores and past the cache),
 //! xxh3 and blake3, in MB/s of original bytes. A tool for tuning the
 //! codecs; the end-to-end figures come from `cargo bench --bench pack`.
 //!
@@ -114,6 +115,25 @@ fn main() {
             residual::base_values_reference(*d, l, h, &mut out[..s.len()]).expect("base values");
         }
     });
+    // Into one buffer as large as the model (committed first, starting on
+    // a cache line), as a loader's step buffers are: plain stores, then
+    // stores past the cache (`residual::Stores`).
+    let mut room = vec![1u8; total + 64];
+    let at = room.as_ptr().align_offset(64);
+    let whole = &mut room[at..at + total];
+    for (name, stores) in [
+        ("base, large out", residual::Stores::Cached),
+        ("base, past cache", residual::Stores::PastCache),
+    ] {
+        time(name, &mut || {
+            let mut rest = &mut whole[..];
+            for ((d, l, s), h) in chunks.iter().zip(&hot) {
+                let (o, tail) = std::mem::take(&mut rest).split_at_mut(s.len());
+                rest = tail;
+                residual::base_values_with(*d, l, h, o, stores).expect("base values");
+            }
+        });
+    }
     // The first stage of the decoder alone: the residual's streams into
     // byte planes (zstd frames, split streams joined).
     if only
