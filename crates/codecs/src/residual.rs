@@ -2728,26 +2728,10 @@ mod gather_avx512 {
         out: &mut [u8],
         past_cache: bool,
     ) -> bool {
-        assert!(base.len().is_multiple_of(34) && out.len() >= base.len() / 34 * 128);
-        let mut bad = false;
-        for (block, vals) in base.chunks_exact(34).zip(out.chunks_exact_mut(128)) {
-            if block[1] & 0x7C == 0x7C {
-                bad = true;
-                continue;
-            }
-            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
-            group64_w2_tab(
-                half_keys(half, df),
-                &block[2..],
-                cur,
-                stride,
-                lim,
-                planes,
-                vals,
-                past_cache,
-            );
-        }
-        bad
+        each_block::<128>(base, out, |df, codes, vals| {
+            let keys = half_keys(half, df);
+            group64_w2_tab(keys, codes, cur, stride, lim, planes, vals, past_cache)
+        })
     }
 
     /// [`blocks64_w2`] for F32 values (`out`: 256 bytes per block).
@@ -2767,23 +2751,39 @@ mod gather_avx512 {
         out: &mut [u8],
         past_cache: bool,
     ) -> bool {
-        assert!(base.len().is_multiple_of(34) && out.len() >= base.len() / 34 * 256);
+        each_block::<256>(base, out, |df, codes, vals| {
+            let keys = f32_keys(df);
+            group64_w4_tab(keys, codes, cur, stride, lim, planes, vals, past_cache)
+        })
+    }
+
+    /// The loop of [`blocks64_w2`] and [`blocks64_f32`]: `group(df, codes,
+    /// values)` for each 34-byte block of `base` whose scale `df` is finite,
+    /// with its `N` bytes of `out`; a block whose scale is not finite is
+    /// skipped and makes the answer `true`.
+    ///
+    /// # Safety
+    ///
+    /// [`available`] is true; `base.len()` is a multiple of 34 (asserted).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn each_block<const N: usize>(
+        base: &[u8],
+        out: &mut [u8],
+        mut group: impl FnMut(f32, &[u8], &mut [u8]),
+    ) -> bool {
+        assert!(base.len().is_multiple_of(34) && out.len() >= base.len() / 34 * N);
         let mut bad = false;
-        for (block, vals) in base.chunks_exact(34).zip(out.chunks_exact_mut(256)) {
+        for (block, vals) in base.chunks_exact(34).zip(out.chunks_exact_mut(N)) {
             if block[1] & 0x7C == 0x7C {
                 bad = true;
                 continue;
             }
-            let df = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
-            group64_w4_tab(
-                f32_keys(df),
+            group(
+                f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]])),
                 &block[2..],
-                cur,
-                stride,
-                lim,
-                planes,
                 vals,
-                past_cache,
             );
         }
         bad
