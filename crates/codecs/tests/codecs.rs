@@ -377,11 +377,17 @@ fn a_q8_base_with_code_minus_128_is_rejected_not_a_panic() {
 fn a_base_with_a_non_finite_scale_is_rejected() {
     // 0 × Inf is a NaN whose sign depends on the processor: a scale that is
     // not finite would make the rebuild depend on the machine.
-    for codec in CODECS {
+    // Groups of 32, and of 64 (the whole-block path, whose values may be
+    // stored past the cache).
+    for (codec, group) in [
+        (BaseCodec::Q4, 32),
+        (BaseCodec::Q8, 32),
+        (BaseCodec::Q4, 64),
+    ] {
         let dtype = FloatDtype::BF16;
         let layout = BaseLayout {
             codec,
-            group: 32,
+            group,
             cols: 64,
         };
         let src = weights(dtype, 64, 4);
@@ -395,6 +401,12 @@ fn a_base_with_a_non_finite_scale_is_rejected() {
             let e = residual::decode(dtype, &layout, &h, &cold, &mut out, K).unwrap_err();
             assert!(e.to_string().contains("scale"), "{e}");
             assert!(residual::decode_reference(dtype, &layout, &h, &cold, &mut out, K).is_err());
+            let mut room = vec![0u8; src.len() + 64];
+            let at = room.as_ptr().align_offset(64);
+            let out = &mut room[at..at + src.len()];
+            let stores = residual::Stores::PastCache;
+            let e = residual::decode_timed(dtype, &layout, &h, &cold, out, K, stores).unwrap_err();
+            assert!(e.to_string().contains("scale"), "{e}");
         }
     }
 }
