@@ -363,6 +363,7 @@ fn commit(buf: &mut [u8]) {
 }
 
 fn committed(mut v: Vec<u8>) -> Vec<u8> {
+    tpde_pack::container::advise_huge_pages(&mut v);
     commit(&mut v);
     v
 }
@@ -1002,6 +1003,7 @@ impl Loader {
         let mut data = std::mem::take(spare);
         if data.capacity() < n {
             data = vec![0u8; n];
+            tpde_pack::container::advise_huge_pages(&mut data);
         }
         data.resize(n, 0);
         // Each tensor starts on a cache line of the buffer as it lies in
