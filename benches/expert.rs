@@ -302,7 +302,9 @@ fn read_source_direct(
         let a0 = a - a % BLOCK;
         let len = (end - a0).div_ceil(BLOCK) * BLOCK;
         if (buf.capacity() as u64) < len {
-            *buf = tpde_pack::container::AlignedBuf::new(len);
+            // At least one huge page, as tpde's kept buffer is.
+            let huge = tpde_pack::container::HUGE_PAGE as u64;
+            *buf = tpde_pack::container::AlignedBuf::new(len.max(huge));
         }
         let b = buf.get_mut(len as usize);
         let mut got = 0usize;

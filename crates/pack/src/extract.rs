@@ -95,6 +95,13 @@ pub struct ExpertReader<'c> {
     aligned: std::sync::Mutex<AlignedBuf>,
 }
 
+/// The size of a kept `O_DIRECT` buffer for reads of `len` bytes: at least
+/// one huge page, so that it is backed by one (see [`AlignedBuf`]) and
+/// every later fetch reads into it.
+fn kept_len(len: usize) -> u64 {
+    len.max(crate::container::HUGE_PAGE) as u64
+}
+
 /// One chunk (or the part of it that belongs to the expert) of an output tensor.
 struct Piece {
     out: usize,
@@ -425,7 +432,7 @@ impl<'c> ExpertReader<'c> {
                         let buf = match kept_aligned.as_deref_mut() {
                             Some(b) if b.capacity() >= len => b,
                             Some(b) => {
-                                *b = AlignedBuf::new(len as u64);
+                                *b = AlignedBuf::new(kept_len(len));
                                 b
                             }
                             None => own_aligned.insert(AlignedBuf::new(len as u64)),
@@ -455,7 +462,7 @@ impl<'c> ExpertReader<'c> {
                         let buf = match kept_aligned.as_deref_mut() {
                             Some(b) if b.capacity() >= len => b,
                             Some(b) => {
-                                *b = AlignedBuf::new(len as u64);
+                                *b = AlignedBuf::new(kept_len(len));
                                 b
                             }
                             None => own_aligned.insert(AlignedBuf::new(len as u64)),
