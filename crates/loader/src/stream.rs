@@ -957,7 +957,9 @@ impl Loader {
             }
         };
         for (i, step) in self.steps.iter().enumerate() {
-            hot_to(&mut reads, align_up(step.hot_end).min(hot_end));
+            let mut hot_part = Vec::new();
+            hot_to(&mut hot_part, align_up(step.hot_end).min(hot_end));
+            let mut streamed = Vec::new();
             let mut at = 0u64;
             let spans = if path == ReadPath::Readers {
                 &step.spans[..]
@@ -966,7 +968,7 @@ impl Loader {
             };
             for &(offset, len) in spans {
                 for (a, b) in pieces(len) {
-                    reads.push(Read::Streamed {
+                    streamed.push(Read::Streamed {
                         step: i,
                         offset: offset + a,
                         at: at + a,
@@ -974,6 +976,24 @@ impl Loader {
                     });
                 }
                 at += len;
+            }
+            // The step's hot pieces and streamed pieces interleaved, each
+            // list as far along as the other: a chunk needs its hot bytes
+            // and its residual, which lie in the same order in their
+            // sections, so chunks become ready from the first pieces on
+            // rather than once the step's whole hot part is in.
+            let (nh, ns) = (hot_part.len(), streamed.len());
+            let (mut hot_part, mut streamed) = (hot_part.into_iter(), streamed.into_iter());
+            let (mut h, mut k) = (0, 0);
+            while h < nh || k < ns {
+                // Hot first on ties: h / nh <= k / ns.
+                if k == ns || (h < nh && h * ns <= k * nh) {
+                    reads.extend(hot_part.next());
+                    h += 1;
+                } else {
+                    reads.extend(streamed.next());
+                    k += 1;
+                }
             }
             reads.push(Read::StepEnd { step: i });
         }
