@@ -47,7 +47,10 @@ pub struct AlignedBuf {
 enum Mem {
     Heap(Vec<u8>),
     /// An anonymous mapping of `len` bytes (zero-filled by the kernel).
-    Mapped { ptr: *mut u8, len: usize },
+    Mapped {
+        ptr: *mut u8,
+        len: usize,
+    },
 }
 
 // SAFETY: the mapping is owned by the buffer alone, like the Vec.
@@ -563,5 +566,52 @@ impl Container {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_are_zeroed_aligned_and_hold_what_is_written() {
+        // Below a huge page (on the heap), exactly one, and past one (mapped).
+        for cap in [0, 4096, 12_345, HUGE_PAGE, 3 * HUGE_PAGE + 777] {
+            let mut b = AlignedBuf::new(cap as u64);
+            assert_eq!(b.capacity(), cap);
+            let s = b.get_mut(usize::MAX);
+            assert_eq!(s.len(), cap, "get_mut gives at most the capacity");
+            assert!(s.iter().all(|&x| x == 0), "{cap}: zero-filled");
+            if cap > 0 {
+                assert!((s.as_ptr() as usize).is_multiple_of(SECTION_ALIGN as usize));
+            }
+            if cap >= HUGE_PAGE {
+                assert!(
+                    (s.as_ptr() as usize).is_multiple_of(HUGE_PAGE),
+                    "{cap}: starts on a huge page"
+                );
+            }
+            for (i, x) in s.iter_mut().enumerate() {
+                *x = (i % 251) as u8;
+            }
+            // Moving the buffer moves no byte.
+            let mut moved = b;
+            let s = moved.get_mut(cap);
+            assert!(s.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+            assert_eq!(moved.get_mut(10).len(), cap.min(10));
+        }
+    }
+
+    #[test]
+    fn huge_page_advice_leaves_the_bytes_alone() {
+        for len in [0usize, 1, 4096, HUGE_PAGE + 1, 3 * HUGE_PAGE] {
+            let mut v: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            advise_huge_pages(&mut v);
+            assert!(v.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
+            // On fresh memory, before it is touched.
+            let mut z = vec![0u8; len];
+            advise_huge_pages(&mut z);
+            assert!(z.iter().all(|&x| x == 0));
+        }
     }
 }
