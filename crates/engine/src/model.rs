@@ -691,14 +691,24 @@ impl Model {
         // The process now holds the embedding and output: the plan counts
         // them in its baseline.
         let plan = Loader::memory_plan(&c, &options)?;
-        let need = plan.total + session;
+        // An expert reader keeps its read buffer between fetches.
+        let reader = match has_shards {
+            true => ExpertReader::kept_bytes(&c, options.direct),
+            false => 0,
+        };
+        let need = plan.total + session + reader;
         if need > budget {
             return Err(Error::input(
                 &path,
                 format!(
-                    "a RAM budget of {budget} bytes is too small to run this model even with its layers streamed: it needs {need} bytes (the process with the embedding and output ({globals} bytes) {}, the loader's buffers {}, the KV cache and activations {session})",
+                    "a RAM budget of {budget} bytes is too small to run this model even with its layers streamed: it needs {need} bytes (the process with the embedding and output ({globals} bytes) {}, the loader's buffers {}, the KV cache and activations {session}{})",
                     plan.baseline_rss,
-                    plan.total - plan.baseline_rss
+                    plan.total - plan.baseline_rss,
+                    if reader > 0 {
+                        format!(", the expert reader's buffer {reader}")
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         }

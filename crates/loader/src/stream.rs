@@ -5,9 +5,11 @@
 //! model step by step (`pre`, `layer.0`, `layer.1`, …, `post`). The reads
 //! of a pass are planned in the order the steps need them: each step's part
 //! of the hot section, into the resident hot buffer (first pass only: the
-//! hot tier stays resident), then its streamed sections (its cold section
-//! and its expert shards; at base fidelity only the shards' hot parts), into
-//! a buffer from a fixed pool; in pieces of about [`PIECE_BYTES`]. Four
+//! hot tier stays resident), in turns with its streamed sections (its cold
+//! section and its expert shards; at base fidelity only the shards' hot
+//! parts), into a buffer from a fixed pool; in pieces of about
+//! [`PIECE_BYTES`]. The buffers the disk reads into are on transparent huge
+//! pages where the kernel has them ([`AlignedBuf`]). Four
 //! reader threads take them in turn, so that the disk has the next requests
 //! queued, and announce them in order. The calling thread
 //! has each chunk checked (xxh3), decompressed and reconstructed on the
@@ -363,9 +365,17 @@ fn commit(buf: &mut [u8]) {
 }
 
 fn committed(mut v: Vec<u8>) -> Vec<u8> {
-    tpde_pack::container::advise_huge_pages(&mut v);
+    advise_huge(&mut v);
     commit(&mut v);
     v
+}
+
+/// Huge pages for a fresh step buffer large enough to be a mapping of its
+/// own (the advice would outlive a smaller one on the allocator's heap).
+fn advise_huge(v: &mut [u8]) {
+    if v.len() >= tpde_pack::container::OWN_MAPPING {
+        tpde_pack::container::advise_huge_pages(v);
+    }
 }
 
 impl Shared {
@@ -727,7 +737,7 @@ impl Loader {
         let result = std::thread::scope(|scope| -> Result<()> {
             // The reads of the whole pass, in the order the steps need
             // them: each step's part of the hot tier (first pass only; the
-            // hot tier stays resident), then its streamed sections. The
+            // hot tier stays resident) in turns with its streamed sections. The
             // reader threads take them in turn, so that the disk always has
             // the next requests queued while a reader waits for the CPU, and
             // announce them in order. (One reader for the hot tier front to
@@ -940,8 +950,8 @@ impl Loader {
     }
 
     /// A pass's reads in the order the steps need them: each step's part
-    /// of the hot tier (on the first pass), then its streamed sections,
-    /// then its end; the rest of the hot tier (of steps not streamed)
+    /// of the hot tier (on the first pass) in turns with its streamed
+    /// sections, then its end; the rest of the hot tier (of steps not streamed)
     /// comes last. Ranges are pieces of at most [`PIECE_BYTES`], whole
     /// blocks with `O_DIRECT` (the hot range as read, and every section,
     /// starts on a block).
@@ -1023,7 +1033,7 @@ impl Loader {
         let mut data = std::mem::take(spare);
         if data.capacity() < n {
             data = vec![0u8; n];
-            tpde_pack::container::advise_huge_pages(&mut data);
+            advise_huge(&mut data);
         }
         data.resize(n, 0);
         // Each tensor starts on a cache line of the buffer as it lies in

@@ -61,6 +61,10 @@ unsafe impl Sync for Mem {}
 /// systems; buffers from this size up are mapped aligned to it.
 pub const HUGE_PAGE: usize = 2 << 20;
 
+/// From this size up, glibc's allocator gives every allocation a mapping
+/// of its own (its largest mmap threshold on 64-bit systems).
+pub const OWN_MAPPING: usize = 32 << 20;
+
 impl AlignedBuf {
     /// A zero-filled buffer of `cap` usable bytes.
     pub fn new(cap: u64) -> AlignedBuf {
@@ -83,9 +87,13 @@ impl AlignedBuf {
     /// `cap` bytes of a fresh anonymous mapping, starting on a huge page;
     /// `None` if the mapping fails (the caller falls back to the heap).
     fn mapped(cap: usize) -> Option<AlignedBuf> {
-        let len = cap.checked_add(2 * HUGE_PAGE)?.next_multiple_of(HUGE_PAGE);
+        let page = SECTION_ALIGN as usize;
+        let len = cap.checked_add(HUGE_PAGE)?.checked_next_multiple_of(page)?;
+        let keep = cap.checked_next_multiple_of(page)?;
         // SAFETY: a fresh private anonymous mapping; nothing else refers
-        // to it, and it is unmapped once, in `drop`.
+        // to it. Its parts before the first huge page boundary and after
+        // `keep` bytes from there are unmapped at once; the rest once, in
+        // `drop`.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -99,25 +107,36 @@ impl AlignedBuf {
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        let ptr = ptr as *mut u8;
-        let start = (ptr as usize).next_multiple_of(HUGE_PAGE) - ptr as usize;
-        // Only the huge pages wholly inside the usable bytes: a partial one
-        // at the end stays in 4 KiB pages, so that what is resident is what
-        // is touched (the loader's memory plan counts bytes).
+        let raw = ptr as *mut u8;
+        // The mapping is page-aligned, so the head is whole pages, less
+        // than a huge page; the tail is whole pages too.
+        let head = (raw as usize).next_multiple_of(HUGE_PAGE) - raw as usize;
+        // SAFETY: `head + keep <= len` (`head < HUGE_PAGE`, `keep` rounds
+        // `cap` up to a page and `len` rounds `cap + HUGE_PAGE` up); both
+        // ranges lie inside the mapping and are never used again.
+        let ptr = unsafe {
+            if head > 0 {
+                libc::munmap(raw.cast(), head);
+            }
+            if len > head + keep {
+                libc::munmap(raw.add(head + keep).cast(), len - head - keep);
+            }
+            raw.add(head)
+        };
+        // The mapping now ends where the usable bytes do (rounded to a
+        // page): a partial huge page at its end cannot be a huge page,
+        // whatever the kernel's mode, so what is resident is what is
+        // touched (the loader's memory plan counts bytes). The whole huge
+        // pages are asked for before any page is touched.
         #[cfg(target_os = "linux")]
-        // SAFETY: advice on a range inside the mapping made above; before
-        // any page of it is touched, so each is faulted in as a huge page
-        // where the kernel can. Failure (no THP support) changes nothing.
+        // SAFETY: advice on whole pages of the mapping kept above. Failure
+        // (a kernel without huge pages) changes nothing.
         unsafe {
-            libc::madvise(
-                ptr.add(start).cast(),
-                cap / HUGE_PAGE * HUGE_PAGE,
-                libc::MADV_HUGEPAGE,
-            );
+            libc::madvise(ptr.cast(), cap / HUGE_PAGE * HUGE_PAGE, libc::MADV_HUGEPAGE);
         }
         Some(AlignedBuf {
-            mem: Mem::Mapped { ptr, len },
-            start,
+            mem: Mem::Mapped { ptr, len: keep },
+            start: 0,
             cap,
         })
     }
@@ -144,8 +163,10 @@ impl AlignedBuf {
 
 /// Asks for the whole huge pages inside `buf` to be transparent huge pages
 /// (`madvise(MADV_HUGEPAGE)`): call it on fresh memory before its pages are
-/// touched (for example a large `vec![0u8; n]`, which the allocator maps
-/// untouched). Advice only; a no-op where the kernel has no such pages.
+/// touched. Advice only; a no-op where the kernel has no such pages. The
+/// advice outlives `buf` on its memory: give it only memory of its own
+/// mapping (see [`OWN_MAPPING`]), not a part of the allocator's heap that
+/// will serve other allocations later.
 pub fn advise_huge_pages(buf: &mut [u8]) {
     let addr = buf.as_mut_ptr() as usize;
     let a = addr.next_multiple_of(HUGE_PAGE);

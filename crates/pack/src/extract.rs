@@ -162,6 +162,28 @@ impl<'c> ExpertReader<'c> {
         Ok(self)
     }
 
+    /// The most memory a reader of `c` keeps between fetches: its read
+    /// buffer, as large as the largest expert shard read whole (with
+    /// `O_DIRECT`, `direct`: in whole blocks, and at least one huge page).
+    /// Fetching an expert also needs its output, which the caller owns.
+    pub fn kept_bytes(c: &Container, direct: bool) -> u64 {
+        let m = &c.manifest;
+        let largest = m
+            .experts
+            .iter()
+            .filter_map(|x| m.sections.get(x.section as usize))
+            .map(|s| s.len)
+            .max()
+            .unwrap_or(0);
+        if direct {
+            // A block before the shard's start and one past its end, at most.
+            let blocks = largest.next_multiple_of(SECTION_ALIGN) + 2 * SECTION_ALIGN;
+            blocks.max(kept_len(0))
+        } else {
+            largest
+        }
+    }
+
     /// The (layer, number of experts) of every layer with experts.
     pub fn layers(&self) -> Vec<(u32, u32)> {
         self.plan
