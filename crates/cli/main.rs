@@ -190,7 +190,8 @@ enum Command {
         /// Read with O_DIRECT (aligned buffers, bypassing the page cache).
         #[arg(long)]
         direct: bool,
-        /// Steps read ahead of the consumer (2: double buffering).
+        /// The read pool's size, in the largest step's reads (2: double
+        /// buffering; smaller steps are read as far ahead as they fit).
         #[arg(long, default_value_t = 2)]
         prefetch: usize,
         /// Keep the page cache warm (default: drop the container from it before each read).
@@ -772,7 +773,7 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.bottleneck, r.overlap_efficiency
     );
     println!(
-        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + {} × {} read buffers + {} output + {} × {} per decode thread",
+        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + read pool {} × {} + {} output + {} × {} per decode thread",
         r.peak_rss_bytes.map_or("n/a".into(), mib),
         r.ram_budget.map_or("none".into(), mib),
         mib(r.memory.baseline_rss),

@@ -16,9 +16,11 @@
 //! loader's decode threads as soon as the pieces holding it have landed,
 //! into the step's output buffer, and hands the step to the consumer when
 //! all its chunks are done.
-//! The readers run up to `pool_buffers` steps ahead and wait for a free
-//! buffer when they get there (backpressure); a step's bytes reach the
-//! consumer only after every one of their checksums passed.
+//! The read pool holds `pool_buffers` of the largest step's streamed bytes;
+//! each step takes a region of it in turn and gives it back once consumed,
+//! so the readers run as many steps ahead as fit and wait for room when
+//! they get there (backpressure); a step's bytes reach the consumer only
+//! after every one of their checksums passed.
 //!
 //! When every streamed byte of a pass is already in the page cache (and the
 //! loader reads without `O_DIRECT`), the readers leave the streamed
@@ -45,8 +47,9 @@ pub struct LoadOptions {
     pub fidelity: Fidelity,
     /// Most resident memory of the whole process, bytes; `None`: no limit.
     pub ram_budget: Option<u64>,
-    /// Steps read ahead of the consumer (buffers in the pool); 2 is double
-    /// buffering. Lowered to fit the budget, never below 1.
+    /// The read pool's size, in the largest step's streamed bytes: 2 is
+    /// double buffering for the largest step, and smaller steps are read as
+    /// far ahead as they fit. Lowered to fit the budget, never below 1.
     pub prefetch: usize,
     /// Read with `O_DIRECT` (aligned buffers, no page cache).
     pub direct: bool,
@@ -150,7 +153,9 @@ pub struct MemoryPlan {
     pub baseline_rss: u64,
     /// The resident hot tier (as read: rounded to whole blocks with `O_DIRECT`).
     pub hot: u64,
-    /// Read buffers in the pool, and the size of each (the largest step's reads).
+    /// The read pool: room for `pool_buffers` of the largest step's
+    /// streamed bytes (`pool_buffer_bytes`), which the steps share in turn
+    /// (smaller steps are read further ahead).
     pub pool_buffers: usize,
     pub pool_buffer_bytes: u64,
     /// The largest step's delivered tensors, each starting on a 64-byte
@@ -426,8 +431,10 @@ pub struct Loader {
     hot_len: u64,
     /// Whether a complete pass read and checked the hot tier.
     hot_loaded: bool,
-    /// Read buffers, each `memory.pool_buffer_bytes` long.
-    pool: Vec<Shared>,
+    /// The read pool: `memory.pool_buffers × memory.pool_buffer_bytes`
+    /// bytes, in which each step's streamed bytes get a region of their
+    /// own, handed out and given back in step order ([`Ring`]).
+    pool: Shared,
     /// The decode threads: as many as the global rayon pool has, at a
     /// lower scheduling priority than the reader, so that on a machine
     /// whose cores are all decoding the reader still issues its next read
@@ -529,13 +536,14 @@ struct ReadOrder {
 }
 
 impl ReadOrder {
-    /// The next read and its step's pool buffer; waits for a free buffer
-    /// (backpressure) at a step's first streamed read. `None`: nothing left,
-    /// or stopping.
+    /// The next read and its step's region of the read pool; waits for
+    /// room in the pool (backpressure) at a step's first streamed read, for
+    /// the step's `step_bytes`. `None`: nothing left, or stopping.
     fn take(
         &self,
         reads: &[Read],
-        free: &Mutex<mpsc::Receiver<usize>>,
+        pool: &Ring,
+        step_bytes: &[u64],
     ) -> Option<(usize, Option<usize>)> {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         if self.stop.load(Relaxed) {
@@ -548,7 +556,7 @@ impl ReadOrder {
             Read::Streamed { step, .. } | Read::StepEnd { step } => match next.1 {
                 Some((s, k)) if s == step => Some(k),
                 _ if matches!(r, Read::Streamed { .. }) => {
-                    let k = free.lock().unwrap_or_else(|p| p.into_inner()).recv().ok()?;
+                    let k = pool.take(step_bytes[step])? as usize;
                     next.1 = Some((step, k));
                     Some(k)
                 }
@@ -559,9 +567,10 @@ impl ReadOrder {
         Some((t, slot))
     }
 
-    /// Stops the readers if the calling reader unwinds while this is alive.
-    fn stop_on_panic(&self) -> StopOnPanic<'_> {
-        StopOnPanic(self)
+    /// Stops the readers if the calling reader unwinds while this is alive
+    /// (closing `pool` too, for a reader waiting for room in it).
+    fn stop_on_panic<'a>(&'a self, pool: &'a Ring) -> StopOnPanic<'a> {
+        StopOnPanic(self, pool)
     }
 
     /// Sends read `t`'s message once every earlier read's was sent; false
@@ -583,16 +592,115 @@ impl ReadOrder {
     }
 }
 
-struct StopOnPanic<'a>(&'a ReadOrder);
+struct StopOnPanic<'a>(&'a ReadOrder, &'a Ring);
 
 impl Drop for StopOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // Under the lock the waiters check it with, so none misses it.
-            let _sent = self.0.sent.lock().unwrap_or_else(|p| p.into_inner());
-            self.0.stop.store(true, Relaxed);
-            self.0.turn.notify_all();
+            {
+                // Under the lock the waiters check it with, so none misses it.
+                let _sent = self.0.sent.lock().unwrap_or_else(|p| p.into_inner());
+                self.0.stop.store(true, Relaxed);
+                self.0.turn.notify_all();
+            }
+            self.1.close();
         }
+    }
+}
+
+/// The read pool's regions: each step with streamed bytes gets one
+/// contiguous region of the pool, after the regions still held (wrapping to
+/// the start when the end has no room), and gives it back once consumed,
+/// in the same order. The pool holds `pool_buffers` of the largest step's
+/// reads; smaller steps are read as far ahead as they fit.
+struct Ring {
+    state: Mutex<RingState>,
+    room: std::sync::Condvar,
+}
+
+struct RingState {
+    len: u64,
+    /// Regions handed out and not yet given back, oldest first: (start, length).
+    held: std::collections::VecDeque<(u64, u64)>,
+    /// Set when the pass ends (or a reader unwinds): waiting stops.
+    closed: bool,
+}
+
+impl RingState {
+    /// Where a region of `n` bytes would go now, if anywhere.
+    fn fit(&self, n: u64) -> Option<u64> {
+        let (Some(&(first, _)), Some(&(last, last_len))) = (self.held.front(), self.held.back())
+        else {
+            return (n <= self.len).then_some(0);
+        };
+        let end = last + last_len;
+        if last >= first {
+            // Held: [first, end). Room after it, else before it.
+            if end + n <= self.len {
+                Some(end)
+            } else {
+                (n <= first).then_some(0)
+            }
+        } else {
+            // Wrapped, held: [first, len) and [0, end). Room between.
+            (end + n <= first).then_some(end)
+        }
+    }
+}
+
+impl Ring {
+    fn new(len: u64) -> Ring {
+        Ring {
+            state: Mutex::new(RingState {
+                len,
+                held: Default::default(),
+                closed: false,
+            }),
+            room: std::sync::Condvar::new(),
+        }
+    }
+
+    /// A region of `n` bytes (its start), once there is room; `None` once
+    /// closed, or for more bytes than the pool holds.
+    fn take(&self, n: u64) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if st.closed || n > st.len {
+                return None;
+            }
+            if let Some(at) = st.fit(n) {
+                st.held.push_back((at, n));
+                return Some(at);
+            }
+            st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Gives back the oldest region, which starts at `at`.
+    fn give_back(&self, at: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        debug_assert_eq!(st.held.front().map(|r| r.0), Some(at as u64), "in order");
+        st.held.pop_front();
+        drop(st);
+        self.room.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.room.notify_all();
+    }
+
+    /// Closes the ring when dropped.
+    fn closer(&self) -> RingCloser<'_> {
+        RingCloser(self)
+    }
+}
+
+struct RingCloser<'a>(&'a Ring);
+
+impl Drop for RingCloser<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -646,7 +754,7 @@ impl Loader {
             hot_at,
             hot_len,
             hot_loaded: false,
-            pool: (0..buffers).map(|_| Shared::committed(slot)).collect(),
+            pool: Shared::committed(buffers as u64 * slot),
             decoders: rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("tpde-decode-{i}"))
@@ -724,16 +832,13 @@ impl Loader {
         let clock = ReadClock::default();
         let timers = Timers::default();
         let mut consume_ns = 0u64;
-        let (free_tx, free_rx) = mpsc::channel::<usize>();
-        for k in 0..this.pool.len() {
-            free_tx.send(k).expect("receiver alive");
-        }
+        let ring = Ring::new(this.pool.len as u64);
+        let step_bytes: Vec<u64> = this.steps.iter().map(|s| s.read_bytes).collect();
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut delivered = (0u64, 0usize);
         let read_path = this.read_path();
         let reads = this.reads(first_pass, read_path);
         let order = ReadOrder::default();
-        let free_rx = Mutex::new(free_rx);
         let result = std::thread::scope(|scope| -> Result<()> {
             // The reads of the whole pass, in the order the steps need
             // them: each step's part of the hot tier (first pass only; the
@@ -744,15 +849,16 @@ impl Loader {
             // back beside one for the streamed sections split the disk
             // between bytes needed now and bytes needed only at the last
             // layer: the first step waited on both.)
-            let (reads, order, free_rx, clock) = (&reads, &order, &free_rx, &clock);
+            let (reads, order, ring, step_bytes, clock) =
+                (&reads, &order, &ring, &step_bytes, &clock);
             for _ in 0..READERS {
                 let tx = tx.clone();
                 scope.spawn(move || {
                     // A reader that panics stops the other (which may be
                     // waiting for its turn to announce); its sender goes
                     // with it, so the consumer's `recv` fails.
-                    let _stop = order.stop_on_panic();
-                    while let Some((t, slot)) = order.take(reads, free_rx) {
+                    let _stop = order.stop_on_panic(ring);
+                    while let Some((t, slot)) = order.take(reads, ring, step_bytes) {
                         let msg = match reads[t] {
                             Read::Hot { a, b } => {
                                 let at = (a - this.hot_at) as usize;
@@ -772,12 +878,13 @@ impl Loader {
                                 at,
                                 len,
                             } => {
-                                let k = slot.expect("a streamed read has its buffer");
-                                // SAFETY: buffer `k` was given back, so
-                                // nothing reads it; its ranges are read
-                                // once each and announced once read.
-                                let buf =
-                                    unsafe { this.pool[k].fill(at as usize, (at + len) as usize) };
+                                let k = slot.expect("a streamed read has its region");
+                                let (a, b) = (k + at as usize, k + (at + len) as usize);
+                                // SAFETY: the region at `k` was handed out
+                                // for this step and nothing else uses it
+                                // until the step is given back; its ranges
+                                // are read once each and announced once read.
+                                let buf = unsafe { this.pool.fill(a, b) };
                                 let what = || format!("step {}", this.steps[step].name);
                                 clock
                                     .time(|| read_into(&this.file, path, offset, buf, what))
@@ -799,9 +906,11 @@ impl Loader {
             // Only the readers hold senders: when they are all gone, the
             // consumer's `recv` fails instead of waiting forever.
             drop(tx);
-            // The channels move in here, so that an early return closes
-            // them and the readers stop instead of waiting forever.
-            let (free_tx, rx) = (free_tx, rx);
+            // The channel moves in here, and the pool closes with this
+            // scope, so that an early return stops the readers instead of
+            // leaving them waiting forever.
+            let rx = rx;
+            let _closed = ring.closer();
             let mut deferred: Vec<Msg> = Vec::new();
             let mut hot_upto = if first_pass {
                 this.hot_at
@@ -909,7 +1018,7 @@ impl Loader {
                 consume_ns += t.elapsed().as_nanos() as u64;
                 spare = std::mem::take(&mut loaded.data);
                 if let Some(k) = slot {
-                    let _ = free_tx.send(k);
+                    ring.give_back(k);
                 }
             }
             // The part of the hot tier no step streamed (a loader of some
@@ -1195,7 +1304,10 @@ impl Loader {
                     // SAFETY: the job became ready after this part of the pool
                     // buffer was filled, and the buffer is given back to the
                     // reader only after the step's jobs are done.
-                    (unsafe { self.pool[k].filled(a, a + e.len as usize) }, true)
+                    (
+                        unsafe { self.pool.filled(k + a, k + a + e.len as usize) },
+                        true,
+                    )
                 }
             };
             if check {
@@ -1638,4 +1750,55 @@ fn plan_steps(
             step
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ring;
+
+    #[test]
+    fn the_read_pool_hands_out_regions_in_turn_and_wraps() {
+        let r = Ring::new(100);
+        assert_eq!(r.take(40), Some(0));
+        assert_eq!(r.take(40), Some(40));
+        // 20 left at the end and nothing given back: a third of 30 waits,
+        // so check the fit directly.
+        assert_eq!(r.state.lock().unwrap().fit(30), None);
+        assert_eq!(r.state.lock().unwrap().fit(20), Some(80));
+        r.give_back(0);
+        // Not after the held one (80 + 30 > 100), so at the start.
+        assert_eq!(r.take(30), Some(0));
+        // Wrapped: held [40, 80) and [0, 30); room only in [30, 40).
+        assert_eq!(r.state.lock().unwrap().fit(11), None);
+        assert_eq!(r.take(10), Some(30));
+        r.give_back(40);
+        r.give_back(0);
+        r.give_back(30);
+        // Empty again: the whole pool, from the start.
+        assert_eq!(r.take(100), Some(0));
+        r.give_back(0);
+        assert_eq!(r.take(101), None, "more than the pool holds");
+        assert_eq!(r.take(0), Some(0));
+    }
+
+    #[test]
+    fn a_reader_waiting_for_room_stops_when_the_pool_closes() {
+        let r = Ring::new(10);
+        assert_eq!(r.take(8), Some(0));
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| r.take(8));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            r.close();
+            assert_eq!(waiting.join().unwrap(), None);
+        });
+        // And one that gets room once the consumer gives some back.
+        let r = Ring::new(10);
+        assert_eq!(r.take(8), Some(0));
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| r.take(8));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            r.give_back(0);
+            assert_eq!(waiting.join().unwrap(), Some(0));
+        });
+    }
 }
