@@ -190,8 +190,8 @@ enum Command {
         /// Read with O_DIRECT (aligned buffers, bypassing the page cache).
         #[arg(long)]
         direct: bool,
-        /// The read pool's size, in the largest step's reads (2: double
-        /// buffering; smaller steps are read as far ahead as they fit).
+        /// The read pool's size, in the largest step's reads: steps read ahead
+        /// of the consumer, at least (2: double buffering; small steps share one).
         #[arg(long, default_value_t = 2)]
         prefetch: usize,
         /// Keep the page cache warm (default: drop the container from it before each read).

@@ -16,11 +16,12 @@
 //! loader's decode threads as soon as the pieces holding it have landed,
 //! into the step's output buffer, and hands the step to the consumer when
 //! all its chunks are done.
-//! The read pool holds `pool_buffers` of the largest step's streamed bytes;
-//! each step takes a region of it in turn and gives it back once consumed,
-//! so the readers run as many steps ahead as fit and wait for room when
-//! they get there (backpressure); a step's bytes reach the consumer only
-//! after every one of their checksums passed.
+//! The read pool is `pool_buffers` segments, each as large as the largest
+//! step's streamed bytes; each step takes a region of a segment in turn
+//! (small steps several to a segment) and gives it back once consumed, so
+//! the readers run at least `pool_buffers` steps ahead, small steps
+//! further, and wait for room when they get there (backpressure); a step's
+//! bytes reach the consumer only after every one of their checksums passed.
 //!
 //! When every streamed byte of a pass is already in the page cache (and the
 //! loader reads without `O_DIRECT`), the readers leave the streamed
@@ -47,9 +48,10 @@ pub struct LoadOptions {
     pub fidelity: Fidelity,
     /// Most resident memory of the whole process, bytes; `None`: no limit.
     pub ram_budget: Option<u64>,
-    /// The read pool's size, in the largest step's streamed bytes: 2 is
-    /// double buffering for the largest step, and smaller steps are read as
-    /// far ahead as they fit. Lowered to fit the budget, never below 1.
+    /// The read pool's size, in segments as large as the largest step's
+    /// streamed bytes: the readers run at least this many steps ahead of
+    /// the consumer (2 is double buffering), smaller steps several to a
+    /// segment. Lowered to fit the budget, never below 1.
     pub prefetch: usize,
     /// Read with `O_DIRECT` (aligned buffers, no page cache).
     pub direct: bool,
@@ -153,9 +155,9 @@ pub struct MemoryPlan {
     pub baseline_rss: u64,
     /// The resident hot tier (as read: rounded to whole blocks with `O_DIRECT`).
     pub hot: u64,
-    /// The read pool: room for `pool_buffers` of the largest step's
+    /// The read pool: `pool_buffers` segments of the largest step's
     /// streamed bytes (`pool_buffer_bytes`), which the steps share in turn
-    /// (smaller steps are read further ahead).
+    /// (smaller steps several to a segment, read further ahead).
     pub pool_buffers: usize,
     pub pool_buffer_bytes: u64,
     /// The largest step's delivered tensors, each starting on a 64-byte
@@ -481,13 +483,14 @@ fn read_into(
 enum Msg {
     /// The hot buffer is filled up to this file offset.
     Hot(u64),
-    /// Pool buffer `slot` holds step `step`'s streamed bytes up to `upto`.
+    /// The read pool's region at `slot` holds step `step`'s streamed bytes
+    /// up to `upto`.
     Streamed {
         step: usize,
         slot: usize,
         upto: usize,
     },
-    /// Everything of step `step` was read; `slot` is its pool buffer.
+    /// Everything of step `step` was read; `slot` is its region of the read pool.
     StepRead {
         step: usize,
         slot: Option<usize>,
@@ -507,7 +510,7 @@ const READERS: usize = 4;
 enum Read {
     /// File range `[a, b)` of the hot tier.
     Hot { a: u64, b: u64 },
-    /// `len` bytes at file offset `offset` into step `step`'s pool buffer
+    /// `len` bytes at file offset `offset` into step `step`'s region of the pool
     /// at `at`.
     Streamed {
         step: usize,
@@ -519,7 +522,7 @@ enum Read {
     StepEnd { step: usize },
 }
 
-/// Hands out a pass's reads in order (with the pool buffer of the step a
+/// Hands out a pass's reads in order (with the pool region of the step a
 /// streamed read belongs to) and announces them in the same order,
 /// whichever reader finishes first.
 #[derive(Default)]
@@ -608,18 +611,23 @@ impl Drop for StopOnPanic<'_> {
     }
 }
 
-/// The read pool's regions: each step with streamed bytes gets one
-/// contiguous region of the pool, after the regions still held (wrapping to
-/// the start when the end has no room), and gives it back once consumed,
-/// in the same order. The pool holds `pool_buffers` of the largest step's
-/// reads; smaller steps are read as far ahead as they fit.
+/// The read pool's regions. The pool is `pool_buffers` segments, each as
+/// large as the largest step's streamed bytes; each step with streamed
+/// bytes gets one contiguous region inside a segment: after the newest
+/// region if its segment has room, otherwise at the start of the next
+/// segment (in turn, wrapping) once that segment is wholly given back.
+/// Regions are given back once consumed, in the same order. So the readers
+/// are always at least `pool_buffers` steps ahead, as with one buffer per
+/// step, and small steps, several to a segment, further ahead.
 struct Ring {
     state: Mutex<RingState>,
     room: std::sync::Condvar,
 }
 
 struct RingState {
-    len: u64,
+    /// The segments' size, and how many there are.
+    seg: u64,
+    segs: u64,
     /// Regions handed out and not yet given back, oldest first: (start, length).
     held: std::collections::VecDeque<(u64, u64)>,
     /// Set when the pass ends (or a reader unwinds): waiting stops.
@@ -627,32 +635,29 @@ struct RingState {
 }
 
 impl RingState {
-    /// Where a region of `n` bytes would go now, if anywhere.
+    /// Where a region of `n` bytes (`0 < n <= seg`) would go now, if anywhere.
     fn fit(&self, n: u64) -> Option<u64> {
-        let (Some(&(first, _)), Some(&(last, last_len))) = (self.held.front(), self.held.back())
-        else {
-            return (n <= self.len).then_some(0);
+        let Some(&(last, last_len)) = self.held.back() else {
+            return Some(0);
         };
+        let k = last / self.seg;
         let end = last + last_len;
-        if last >= first {
-            // Held: [first, end). Room after it, else before it.
-            if end + n <= self.len {
-                Some(end)
-            } else {
-                (n <= first).then_some(0)
-            }
-        } else {
-            // Wrapped, held: [first, len) and [0, end). Room between.
-            (end + n <= first).then_some(end)
+        if end + n <= (k + 1) * self.seg {
+            return Some(end);
         }
+        let next = (k + 1) % self.segs;
+        let free = self.held.iter().all(|&(at, _)| at / self.seg != next);
+        free.then_some(next * self.seg)
     }
 }
 
 impl Ring {
-    fn new(len: u64) -> Ring {
+    /// A pool of `segs` segments of `seg` bytes.
+    fn new(seg: u64, segs: u64) -> Ring {
         Ring {
             state: Mutex::new(RingState {
-                len,
+                seg,
+                segs,
                 held: Default::default(),
                 closed: false,
             }),
@@ -661,11 +666,14 @@ impl Ring {
     }
 
     /// A region of `n` bytes (its start), once there is room; `None` once
-    /// closed, or for more bytes than the pool holds.
+    /// closed, or for more bytes than a segment holds.
     fn take(&self, n: u64) -> Option<u64> {
+        // (A step reads something when it takes a region; a region of no
+        // bytes would still need a place of its own in the order.)
+        let n = n.max(1);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if st.closed || n > st.len {
+            if st.closed || n > st.seg || st.segs == 0 {
                 return None;
             }
             if let Some(at) = st.fit(n) {
@@ -832,7 +840,10 @@ impl Loader {
         let clock = ReadClock::default();
         let timers = Timers::default();
         let mut consume_ns = 0u64;
-        let ring = Ring::new(this.pool.len as u64);
+        let ring = Ring::new(
+            this.memory.pool_buffer_bytes,
+            this.memory.pool_buffers as u64,
+        );
         let step_bytes: Vec<u64> = this.steps.iter().map(|s| s.read_bytes).collect();
         let (tx, rx) = mpsc::channel::<Msg>();
         let mut delivered = (0u64, 0usize);
@@ -1185,7 +1196,7 @@ impl Loader {
         let LoadedStep { tensors, data, .. } = loaded;
         let c = &self.container;
         let m = &c.manifest;
-        // Where a streamed extent ends in the step's pool buffer.
+        // Where a streamed extent ends in the step's region of the pool.
         let streamed_end = |e: &Extent| -> Option<usize> {
             let mut at = 0u64;
             for &(offset, len) in &step.spans {
@@ -1301,9 +1312,9 @@ impl Loader {
                             format!("{}{what}: not read", who()),
                         ));
                     };
-                    // SAFETY: the job became ready after this part of the pool
-                    // buffer was filled, and the buffer is given back to the
-                    // reader only after the step's jobs are done.
+                    // SAFETY: the job became ready after this part of the
+                    // step's region of the pool was filled, and the region is
+                    // given back only after the step's jobs are done.
                     (
                         unsafe { self.pool.filled(k + a, k + a + e.len as usize) },
                         true,
@@ -1498,7 +1509,7 @@ struct Job<'a> {
     out: &'a mut [u8],
     /// Ready when the hot buffer is filled to this file offset…
     hot_end: u64,
-    /// …and the step's pool buffer to this offset.
+    /// …and the step's region of the pool to this offset.
     streamed_end: usize,
 }
 
@@ -1517,13 +1528,13 @@ impl Msg {
 /// step's dispatch ends, however it ends).
 #[derive(Default)]
 struct JobQueue<'a> {
-    /// The jobs (each with its step's pool buffer), and whether the step
+    /// The jobs (each with its step's pool region), and whether the step
     /// has handed out its last one.
     state: Mutex<(std::collections::VecDeque<QueuedJob<'a>>, bool)>,
     ready: std::sync::Condvar,
 }
 
-/// A ready job and the pool buffer of its step.
+/// A ready job and the pool region of its step.
 type QueuedJob<'a> = (Job<'a>, Option<usize>);
 
 impl<'a> JobQueue<'a> {
@@ -1758,32 +1769,35 @@ mod tests {
 
     #[test]
     fn the_read_pool_hands_out_regions_in_turn_and_wraps() {
-        let r = Ring::new(100);
-        assert_eq!(r.take(40), Some(0));
-        assert_eq!(r.take(40), Some(40));
-        // 20 left at the end and nothing given back: a third of 30 waits,
-        // so check the fit directly.
-        assert_eq!(r.state.lock().unwrap().fit(30), None);
-        assert_eq!(r.state.lock().unwrap().fit(20), Some(80));
+        // Two segments of 100.
+        let r = Ring::new(100, 2);
+        let fit = |n| r.state.lock().unwrap().fit(n);
+        assert_eq!(r.take(50), Some(0));
+        // Too large for what is left of segment 0: the start of segment 1.
+        assert_eq!(r.take(100), Some(100));
+        // Neither segment has room for 60 until segment 0 is wholly back.
+        assert_eq!(fit(60), None);
         r.give_back(0);
-        // Not after the held one (80 + 30 > 100), so at the start.
-        assert_eq!(r.take(30), Some(0));
-        // Wrapped: held [40, 80) and [0, 30); room only in [30, 40).
-        assert_eq!(r.state.lock().unwrap().fit(11), None);
-        assert_eq!(r.take(10), Some(30));
-        r.give_back(40);
+        assert_eq!(r.take(60), Some(0), "as with one buffer per step");
+        // Small steps pack into a segment behind the newest region.
+        assert_eq!(r.take(30), Some(60));
+        assert_eq!(fit(11), None);
+        assert_eq!(r.take(10), Some(90));
+        r.give_back(100);
         r.give_back(0);
-        r.give_back(30);
-        // Empty again: the whole pool, from the start.
-        assert_eq!(r.take(100), Some(0));
-        r.give_back(0);
-        assert_eq!(r.take(101), None, "more than the pool holds");
-        assert_eq!(r.take(0), Some(0));
+        r.give_back(60);
+        // Segment 0 is still held (by the region at 90): segment 1 is next.
+        assert_eq!(r.take(100), Some(100));
+        r.give_back(90);
+        r.give_back(100);
+        assert_eq!(r.take(101), None, "more than a segment holds");
+        // Empty: from the start.
+        assert_eq!(r.take(1), Some(0));
     }
 
     #[test]
     fn a_reader_waiting_for_room_stops_when_the_pool_closes() {
-        let r = Ring::new(10);
+        let r = Ring::new(10, 1);
         assert_eq!(r.take(8), Some(0));
         std::thread::scope(|s| {
             let waiting = s.spawn(|| r.take(8));
@@ -1792,7 +1806,7 @@ mod tests {
             assert_eq!(waiting.join().unwrap(), None);
         });
         // And one that gets room once the consumer gives some back.
-        let r = Ring::new(10);
+        let r = Ring::new(10, 1);
         assert_eq!(r.take(8), Some(0));
         std::thread::scope(|s| {
             let waiting = s.spawn(|| r.take(8));
