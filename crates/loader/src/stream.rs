@@ -637,6 +637,7 @@ struct RingState {
 impl RingState {
     /// Where a region of `n` bytes (`0 < n <= seg`) would go now, if anywhere.
     fn fit(&self, n: u64) -> Option<u64> {
+        debug_assert!(n > 0 && n <= self.seg, "a region of 1 to seg bytes");
         let Some(&(last, last_len)) = self.held.back() else {
             return Some(0);
         };
@@ -668,8 +669,8 @@ impl Ring {
     /// A region of `n` bytes (its start), once there is room; `None` once
     /// closed, or for more bytes than a segment holds.
     fn take(&self, n: u64) -> Option<u64> {
-        // (A step reads something when it takes a region; a region of no
-        // bytes would still need a place of its own in the order.)
+        // A step takes a region only when it streams something.
+        debug_assert!(n > 0, "a step that streams nothing takes no region");
         let n = n.max(1);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -1793,6 +1794,42 @@ mod tests {
         assert_eq!(r.take(101), None, "more than a segment holds");
         // Empty: from the start.
         assert_eq!(r.take(1), Some(0));
+    }
+
+    #[test]
+    fn regions_never_overlap_and_fewer_than_all_segments_held_always_leave_room() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for (seg, segs) in [(1u64, 1u64), (7, 1), (9, 2), (64, 3), (100, 4)] {
+            let r = Ring::new(seg, segs);
+            for _ in 0..20_000 {
+                let held = r.state.lock().unwrap().held.clone();
+                // Give the oldest back half the time (always when full).
+                let n = 1 + next() % seg;
+                let fits = r.state.lock().unwrap().fit(n);
+                if (held.len() as u64) < segs {
+                    assert!(fits.is_some(), "{seg}×{segs}: room with {held:?} for {n}");
+                }
+                if fits.is_none() || next() % 2 == 0 {
+                    if let Some(&(at, _)) = held.front() {
+                        r.give_back(at as usize);
+                    }
+                    continue;
+                }
+                let at = r.take(n).expect("fits");
+                assert_eq!(Some(at), fits);
+                assert_eq!(at / seg, (at + n - 1) / seg, "inside one segment");
+                assert!(at + n <= seg * segs, "inside the pool");
+                for &(a, m) in &held {
+                    assert!(at + n <= a || a + m <= at, "{at}+{n} overlaps {a}+{m}");
+                }
+            }
+        }
     }
 
     #[test]
