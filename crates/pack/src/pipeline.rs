@@ -76,6 +76,11 @@ where
             Ok(())
         })();
         if result.is_err() {
+            // Under the lock the waiting workers check `stop` with: set
+            // outside it, a worker between its check and its wait missed
+            // the wakeup and waited forever (a verify of a damaged
+            // container hung that way under load).
+            let _done = committed.0.lock().expect("pipeline lock");
             stop.store(true, Ordering::Relaxed);
             committed.1.notify_all();
             // Dropping the receiver (at the end of this closure) unblocks senders.
@@ -192,6 +197,41 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("commit 10"));
+    }
+
+    #[test]
+    fn an_early_error_never_leaves_a_worker_waiting() {
+        // Workers race ahead into the window while an early job fails: each
+        // must see the stop, whenever it comes. Run off the test thread, so
+        // that a hang fails the test instead of stalling it. (The lost
+        // wakeup fixed in `ordered` needed a worker preempted between its
+        // check and its wait, which this cannot force: it hung a CI run
+        // under load, never this test. This guards against a stop that is
+        // not seen at all.)
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for round in 0..500 {
+                let jobs: Vec<usize> = (0..64).collect();
+                // More workers than cores: they are preempted anywhere.
+                let e = pool(8).install(|| {
+                    ordered(
+                        &jobs,
+                        |&j| {
+                            if j == round % 3 {
+                                Err(Error::input(std::path::Path::new("x"), "first"))
+                            } else {
+                                Ok(j)
+                            }
+                        },
+                        |_, _| Ok(()),
+                    )
+                });
+                assert!(e.is_err());
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(120))
+            .expect("every round ends: no worker is left waiting for the window");
     }
 
     #[test]
