@@ -1,0 +1,98 @@
+//! `O_DIRECT` reads into 4 KiB pages against reads into transparent huge
+//! pages: the first MiB of a file read in 1 MiB pieces by four threads (as
+//! the loader reads), each piece into its own region of one large buffer,
+//! in alternating rounds. The measurement behind `AlignedBuf`'s huge pages.
+//!
+//! ```sh
+//! cargo run --release -p tpde-loader --example read_pages -- model.tpde [ROUNDS] [MIB]
+//! ```
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+use tpde_pack::container::{AlignedBuf, HUGE_PAGE};
+
+const PIECE: usize = 1 << 20;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(path) = args.first() else {
+        eprintln!("usage: read_pages FILE [ROUNDS] [MIB]");
+        std::process::exit(2);
+    };
+    let rounds: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(7);
+    let mib: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| {
+            eprintln!("{path}: cannot open with O_DIRECT: {e}");
+            std::process::exit(2)
+        });
+    let file_len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let len = (mib << 20).min(file_len) / PIECE * PIECE;
+    if len == 0 {
+        eprintln!("{path}: shorter than one 1 MiB piece");
+        std::process::exit(2);
+    }
+
+    // 4 KiB pages: an aligned region of a heap buffer asked not to be huge.
+    let mut small = vec![1u8; len + HUGE_PAGE];
+    let at = small.as_ptr().align_offset(HUGE_PAGE);
+    let small = &mut small[at..at + len];
+    #[cfg(target_os = "linux")]
+    // SAFETY: advice on whole pages of memory borrowed mutably here.
+    unsafe {
+        libc::madvise(small.as_mut_ptr().cast(), len, libc::MADV_NOHUGEPAGE);
+    }
+    // Huge pages: `AlignedBuf`, committed like the loader's buffers.
+    let mut huge = AlignedBuf::new(len as u64);
+    let huge = huge.get_mut(len);
+    huge.fill(1);
+
+    let read_into = |buf: &mut [u8]| -> f64 {
+        let next = AtomicUsize::new(0);
+        let pieces: Vec<std::sync::Mutex<&mut [u8]>> =
+            buf.chunks_mut(PIECE).map(std::sync::Mutex::new).collect();
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, Relaxed);
+                    let Some(p) = pieces.get(k) else { break };
+                    let mut p = p.lock().unwrap();
+                    if let Err(e) = file.read_exact_at(&mut p, (k * PIECE) as u64) {
+                        eprintln!("{path}: read at {}: {e}", k * PIECE);
+                        std::process::exit(1);
+                    }
+                });
+            }
+        });
+        len as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = read_into(small);
+            (x, read_into(huge))
+        } else {
+            let y = read_into(huge);
+            (read_into(small), y)
+        };
+        a.push(x);
+        b.push(y);
+        r.push(y / x);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{path}: {} MiB, O_DIRECT, 1 MiB pieces, 4 threads, {rounds} rounds: 4 KiB pages {:.2} GB/s, huge pages {:.2} GB/s, huge ÷ 4 KiB {:.2} (medians)",
+        len >> 20,
+        median(&mut a),
+        median(&mut b),
+        median(&mut r)
+    );
+}
