@@ -10,6 +10,8 @@
 //! next job starts at once; and each job is split statically, one part per
 //! member, which suits products whose rows all cost the same.
 
+pub mod affinity;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
