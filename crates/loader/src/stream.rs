@@ -14,10 +14,10 @@
 //! disk has the next requests queued, and announce them in order (a read
 //! that finishes before an earlier one is held, and its reader goes on to
 //! the next). The calling thread has each chunk checked (xxh3),
-//! decompressed and reconstructed on the loader's decode threads (pinned
-//! one to a CPU) as soon as the pieces holding it have landed, into the
-//! step's output buffer, and hands the step to the consumer when all its
-//! chunks are done.
+//! decompressed and reconstructed on the loader's decode threads (and
+//! decodes itself while no read has landed) as soon as the pieces holding
+//! it have landed, into the step's output buffer, and hands the step to
+//! the consumer when all its chunks are done.
 //! The read pool is `pool_buffers` segments, each as large as the largest
 //! step's streamed bytes; each step takes a region of a segment in turn
 //! (small steps several to a segment) and gives it back once consumed, so
@@ -82,14 +82,6 @@ pub struct LoadOptions {
     /// [`Stores::Cached`] leaves the values in the cache, for a consumer
     /// that computes on each step as soon as it arrives.
     pub stores: Stores,
-    /// Pin each decode thread to a CPU of its own (the i-th of those the
-    /// loader's creator may run on), when there are at least as many as
-    /// decode threads. Unpinned on a two-vCPU machine, a decode thread
-    /// woken for a step's jobs was often queued behind the other one on
-    /// the same CPU while the second CPU idled, and whole steps ran on one
-    /// thread: MiniLM BF16, cold `O_DIRECT`, base 0.69-0.72 × the disk
-    /// bound unpinned, 0.79-0.80 pinned (`benches/RESULTS.md`).
-    pub pin_decoders: bool,
 }
 
 /// Who reads a pass's streamed sections.
@@ -153,7 +145,6 @@ impl Default for LoadOptions {
             base_blocks: false,
             reads: ReadPath::Auto,
             stores: Stores::PastCache,
-            pin_decoders: true,
         }
     }
 }
@@ -743,9 +734,10 @@ impl Drop for RingCloser<'_> {
 /// bytes arrive as one batch of up to [`READERS`] pieces and everything in
 /// it is decoded after the disk has finished. Smaller pieces at the end
 /// make that batch, and the decode left after the last read, smaller.
-/// MiniLM BF16, cold `O_DIRECT`, decode threads pinned: base 0.76-0.82 ×
-/// the disk bound with 1 MiB pieces to the end, 0.81-0.88 with the last 2
-/// MiB in 256 KiB pieces (A/B, three rounds of 21 passes).
+/// MiniLM BF16, cold `O_DIRECT`, base: 0.76-0.82 × the disk bound with
+/// 1 MiB pieces to the end, 0.81-0.88 with the last 2 MiB in 256 KiB
+/// pieces (A/B, three rounds of 21 passes, with the decode threads pinned
+/// one to a CPU, a build not kept).
 const TAIL_BYTES: u64 = 2 << 20;
 const TAIL_PIECE_BYTES: u64 = 256 << 10;
 
@@ -830,10 +822,6 @@ impl Loader {
             memory.pool_buffers,
         );
         let job_bytes = memory.job_read_bytes;
-        let pins = options
-            .pin_decoders
-            .then(|| tpde_team::affinity::plan(threads, &tpde_team::affinity::allowed_cpus()))
-            .flatten();
         Ok(Loader {
             container,
             options,
@@ -848,15 +836,11 @@ impl Loader {
             decoders: rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("tpde-decode-{i}"))
-                .start_handler(move |i| {
+                .start_handler(|_| {
                     // SAFETY: lowers this thread's own priority (nice +5);
                     // a plain system call that touches no memory of ours.
                     unsafe {
                         libc::setpriority(libc::PRIO_PROCESS, 0, 5);
-                    }
-                    if let Some(&cpu) = pins.as_ref().and_then(|p| p.get(i)) {
-                        // Advice: a refusal leaves the thread unpinned.
-                        tpde_team::affinity::pin_current_thread(cpu);
                     }
                 })
                 .build()
@@ -1045,25 +1029,46 @@ impl Loader {
                 this.decoders.in_place_scope(|s| -> Result<()> {
                     let _closed = queue.closer();
                     let (queue, failed, timers) = (&queue, &failed, &timers);
+                    let run = move |(job, slot): QueuedJob, own| {
+                        let order = job.order;
+                        let r = this.run_job(step, job, slot, first_pass, timers, own);
+                        if let Err(e) = r {
+                            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                            if f.as_ref().is_none_or(|(k, _)| order < *k) {
+                                *f = Some((order, e));
+                            }
+                        }
+                    };
                     s.spawn_broadcast(move |_, ctx| {
                         // Where this thread reads its jobs' streamed bytes.
                         let own = (read_path == ReadPath::Jobs).then(|| (ctx.index(), clock));
-                        while let Some((job, slot)) = queue.next() {
-                            let order = job.order;
-                            let r = this.run_job(step, job, slot, first_pass, timers, own);
-                            if let Err(e) = r {
-                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                                if f.as_ref().is_none_or(|(k, _)| order < *k) {
-                                    *f = Some((order, e));
-                                }
-                            }
+                        while let Some(queued) = queue.next() {
+                            run(queued, own);
                         }
                     });
+                    // This thread decodes too whenever no message waits
+                    // (with the readers reading: a job of the other read
+                    // path reads into its decode thread's own buffer). A
+                    // decode thread woken for new jobs was often queued
+                    // behind the other one on the same CPU while this
+                    // thread slept on the second: whole steps ran on one
+                    // thread (a per-job trace of cold MiniLM passes).
+                    let help = read_path != ReadPath::Jobs;
                     // (Early messages of later steps are passed on in order.)
                     while !(done && jobs.is_empty() && by_hot.is_empty()) || early.len() > 0 {
                         let msg = match early.next() {
                             Some(m) => Ok(m),
-                            None => rx.recv(),
+                            None => match rx.try_recv() {
+                                Ok(m) => Ok(m),
+                                Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
+                                Err(mpsc::TryRecvError::Empty) => {
+                                    if let Some(queued) = help.then(|| queue.try_next()).flatten() {
+                                        run(queued, None);
+                                        continue;
+                                    }
+                                    rx.recv()
+                                }
+                            },
                         };
                         match msg {
                             Ok(Msg::Hot(upto)) => hot_upto = upto,
@@ -1102,6 +1107,9 @@ impl Loader {
                             ));
                         }
                         queue.push(now.into_iter().map(|job| (job, slot)));
+                    }
+                    while let Some(queued) = help.then(|| queue.try_next()).flatten() {
+                        run(queued, None);
                     }
                     Ok(())
                 })?;
@@ -1635,6 +1643,15 @@ impl<'a> JobQueue<'a> {
             1 => self.ready.notify_one(),
             _ => self.ready.notify_all(),
         }
+    }
+
+    /// The next job if one is queued, without waiting.
+    fn try_next(&self) -> Option<QueuedJob<'a>> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .pop_front()
     }
 
     /// The next job; `None` once the queue is closed and empty.

@@ -6,6 +6,12 @@
 //! started only when it is fewer than [`MAX_IN_FLIGHT_PER_THREAD`] ×
 //! threads jobs ahead of the last commit, so memory stays bounded (at most
 //! that many job results alive) without the idle tails of batch barriers.
+//! The workers are pinned one to a CPU when there are enough
+//! ([`tpde_team::affinity`]), so that a worker woken by a commit does not
+//! queue behind the other one on the same CPU. Packing MiniLM BF16 on two
+//! threads to tmpfs, median of 7, A/B in three rounds: the same on a quiet
+//! machine (46.4-46.6 ms pinned, 45.8-48.2 unpinned); with a busy process
+//! beside it, 68.9-70.5 ms pinned against 74.4-83.7.
 
 use crate::error::Result;
 use std::collections::BTreeMap;
@@ -35,28 +41,19 @@ where
     // Number of jobs committed so far, and a condvar to wake waiting workers.
     let committed = (Mutex::new(0usize), Condvar::new());
     let (tx, rx) = mpsc::sync_channel::<(usize, Result<R>)>(window);
+    let pins = tpde_team::affinity::plan(threads, &tpde_team::affinity::allowed_cpus());
 
     std::thread::scope(|s| {
-        for _ in 0..threads {
+        for w in 0..threads {
             let tx = tx.clone();
             let (next, stop, committed, work) = (&next, &stop, &committed, &work);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= jobs.len() || stop.load(Ordering::Relaxed) {
-                    break;
+            let pin = pins.as_ref().map(|p| p[w]);
+            s.spawn(move || {
+                if let Some(cpu) = pin {
+                    // Advice: a refusal leaves the worker unpinned.
+                    tpde_team::affinity::pin_current_thread(cpu);
                 }
-                {
-                    let mut done = committed.0.lock().expect("pipeline lock");
-                    while i >= *done + window && !stop.load(Ordering::Relaxed) {
-                        done = committed.1.wait(done).expect("pipeline lock");
-                    }
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if tx.send((i, work(&jobs[i]))).is_err() {
-                    break;
-                }
+                worker(jobs, next, stop, committed, window, &tx, work)
             });
         }
         drop(tx);
@@ -88,6 +85,37 @@ where
         drop(rx);
         result
     })
+}
+
+/// One worker of [`ordered`]: takes the next job once it is within
+/// `window` jobs of the last commit, and sends its result.
+fn worker<J, R>(
+    jobs: &[J],
+    next: &AtomicUsize,
+    stop: &AtomicBool,
+    committed: &(Mutex<usize>, Condvar),
+    window: usize,
+    tx: &mpsc::SyncSender<(usize, Result<R>)>,
+    work: &(impl Fn(&J) -> Result<R> + Sync),
+) {
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= jobs.len() || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        {
+            let mut done = committed.0.lock().expect("pipeline lock");
+            while i >= *done + window && !stop.load(Ordering::Relaxed) {
+                done = committed.1.wait(done).expect("pipeline lock");
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if tx.send((i, work(&jobs[i]))).is_err() {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]
