@@ -301,7 +301,8 @@ fn the_memory_budget_is_enforced_before_anything_big_is_allocated() {
     assert_clean_error(&o, 2, "model.tpde", "too small to stream");
     // Room for one read buffer, not two: prefetch drops to 1, and the
     // whole process stays within the budget.
-    let threads = n("decode_threads") * n("per_thread_bytes");
+    // The decode threads and the calling thread, which decodes too.
+    let threads = (n("decode_threads") + 1) * n("per_thread_bytes");
     let b = base + hot + slot + out + threads + slot / 2;
     let one = bench_json(&c, &["--ram", &budget(b)]).unwrap();
     let r = &one["results"];

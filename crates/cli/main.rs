@@ -748,7 +748,11 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
             other => other,
         }
     );
-    println!("  stages (busy seconds summed over threads; GB/s per busy second):");
+    println!(
+        "  stages (busy seconds summed over the decode threads and the calling thread, which \
+         decoded {} chunks between reads; GB/s per busy second):",
+        r.caller_jobs
+    );
     let st = &r.stages;
     for (name, s, g) in [
         ("read", st.read, Some(r.stage_gbps.read)),
@@ -773,7 +777,7 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.bottleneck, r.overlap_efficiency
     );
     println!(
-        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + read pool {} × {} + {} output + {} × {} per decode thread",
+        "  memory: peak RSS {} (budget {}); plan: process {} + hot {} + read pool {} × {} + {} output + {} × {} per decoding thread",
         r.peak_rss_bytes.map_or("n/a".into(), mib),
         r.ram_budget.map_or("none".into(), mib),
         mib(r.memory.baseline_rss),
@@ -781,7 +785,7 @@ fn print_bench(b: &tpde_loader::bench::BenchReport) {
         r.memory.pool_buffers,
         mib(r.memory.pool_buffer_bytes),
         mib(r.memory.output_bytes),
-        r.memory.decode_threads,
+        r.memory.decode_threads + 1,
         mib(r.memory.per_thread_bytes)
     );
     println!(

@@ -96,6 +96,9 @@ pub struct Results {
     /// second, of the median pass.
     pub stages: StageSeconds,
     pub stage_gbps: StageRates,
+    /// Of the median pass's jobs (chunks), those the calling thread decoded
+    /// between reads, beside the loader's decode threads.
+    pub caller_jobs: usize,
     /// The slowest stage's time (parallel stages divided by their
     /// threads) ÷ the stream's wall time: 1.0 means the stages overlap
     /// perfectly behind the slowest.
@@ -261,7 +264,11 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     order.sort_by(|&a, &b| effective(&passes[a]).total_cmp(&effective(&passes[b])));
     let mid = &passes[order[order.len() / 2]];
     let st = &mid.stream.stages;
-    let threads = mid.stream.decode_threads.max(1) as f64;
+    // The threads that decoded (the calling thread too, when it did),
+    // at most one per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (mid.stream.decode_threads + usize::from(mid.stream.caller_jobs > 0))
+        .clamp(1, cores) as f64;
     let rate = |bytes: u64, s: f64| if s > 0.0 { bytes as f64 / s / 1e9 } else { 0.0 };
     let streamed = mid.stream.read_bytes;
     let delivered = mid.stream.delivered_bytes;
@@ -329,6 +336,7 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
             decompress: rate(delivered, st.decompress),
             reconstruct: rate(delivered, st.reconstruct),
         },
+        caller_jobs: mid.stream.caller_jobs,
         overlap_efficiency: slowest / mid.stream.wall_seconds,
         bottleneck,
         peak_rss_bytes,

@@ -165,16 +165,19 @@ pub struct MemoryPlan {
     /// The largest step's delivered tensors, each starting on a 64-byte
     /// boundary.
     pub output_bytes: u64,
-    /// Decode threads, and what each keeps while decoding: residual planes
-    /// as large as the largest chunk it rebuilds (exact fidelity), a zstd
-    /// context, its stack, and (without `O_DIRECT`) a buffer for the
-    /// chunks it reads itself ([`ReadPath::Jobs`]).
+    /// The loader's decode threads, and what each keeps while decoding:
+    /// residual planes as large as the largest chunk it rebuilds (exact
+    /// fidelity), a zstd context, its stack, and (without `O_DIRECT`) a
+    /// buffer for the chunks it reads itself ([`ReadPath::Jobs`]). The
+    /// thread that calls [`Loader::stream`] decodes too, so the plan holds
+    /// one allowance more than there are decode threads; that thread keeps
+    /// its scratch (planes and zstd context) after the stream returns.
     pub decode_threads: usize,
     pub per_thread_bytes: u64,
     /// Of `per_thread_bytes`, that buffer: the most one job streams.
     pub job_read_bytes: u64,
     /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes
-    /// + decode_threads × per_thread_bytes`.
+    /// + (decode_threads + 1) × per_thread_bytes`.
     pub total: u64,
 }
 
@@ -266,8 +269,12 @@ pub struct StreamReport {
     pub delivered_bytes: u64,
     pub wall_seconds: f64,
     pub stages: StageSeconds,
-    /// Rayon threads that ran the checksum, decompress and reconstruct stages.
+    /// The loader's decode threads, which ran the checksum, decompress and
+    /// reconstruct stages with the calling thread.
     pub decode_threads: usize,
+    /// Jobs (chunks) the calling thread decoded while no read waited to be
+    /// announced.
+    pub caller_jobs: usize,
     /// Who read the streamed sections: [`ReadPath::Readers`] or
     /// [`ReadPath::Jobs`].
     pub streamed_reads: ReadPath,
@@ -535,11 +542,14 @@ struct ReadOrder {
     /// Reads announced so far, and the messages of later reads that
     /// finished before an earlier one.
     sent: Mutex<Announced>,
-    /// Set when an announcement failed (a read error, or the consumer
-    /// gone): the readers stop.
+    /// Set when an announcement failed (a read error, once sent in its
+    /// turn; or the consumer gone), or a reader panicked: the readers stop.
+    /// Until a read error's turn comes, the other readers read on.
     stop: std::sync::atomic::AtomicBool,
 }
 
+/// The next read to announce, and the messages of later reads that
+/// finished first.
 #[derive(Default)]
 struct Announced {
     next: usize,
@@ -736,8 +746,9 @@ impl Drop for RingCloser<'_> {
 /// make that batch, and the decode left after the last read, smaller.
 /// MiniLM BF16, cold `O_DIRECT`, base: 0.76-0.82 × the disk bound with
 /// 1 MiB pieces to the end, 0.81-0.88 with the last 2 MiB in 256 KiB
-/// pieces (A/B, three rounds of 21 passes, with the decode threads pinned
-/// one to a CPU, a build not kept).
+/// pieces (A/B, three rounds of 21 passes; measured with the decode
+/// threads pinned one to a CPU, a build not kept, before the calling
+/// thread decoded too).
 const TAIL_BYTES: u64 = 2 << 20;
 const TAIL_PIECE_BYTES: u64 = 256 << 10;
 
@@ -910,6 +921,7 @@ impl Loader {
         let clock = ReadClock::default();
         let timers = Timers::default();
         let mut consume_ns = 0u64;
+        let mut caller_jobs = 0usize;
         let ring = Ring::new(
             this.memory.pool_buffer_bytes,
             this.memory.pool_buffers as u64,
@@ -935,9 +947,9 @@ impl Loader {
             for _ in 0..READERS {
                 let tx = tx.clone();
                 scope.spawn(move || {
-                    // A reader that panics stops the other (which may be
-                    // waiting for its turn to announce); its sender goes
-                    // with it, so the consumer's `recv` fails.
+                    // A reader that panics stops the others; its sender
+                    // goes with it and its read is never announced, so the
+                    // consumer's `recv` fails once the others are gone.
                     let _stop = order.stop_on_panic(ring);
                     while let Some((t, slot)) = order.take(reads, ring, step_bytes) {
                         let msg = match reads[t] {
@@ -1064,6 +1076,7 @@ impl Loader {
                                 Err(mpsc::TryRecvError::Empty) => {
                                     if let Some(queued) = help.then(|| queue.try_next()).flatten() {
                                         run(queued, None);
+                                        caller_jobs += 1;
                                         continue;
                                     }
                                     rx.recv()
@@ -1110,6 +1123,7 @@ impl Loader {
                     }
                     while let Some(queued) = help.then(|| queue.try_next()).flatten() {
                         run(queued, None);
+                        caller_jobs += 1;
                     }
                     Ok(())
                 })?;
@@ -1159,6 +1173,7 @@ impl Loader {
                 consume: s(consume_ns),
             },
             decode_threads: self.decoders.current_num_threads(),
+            caller_jobs,
             streamed_reads: read_path,
         })
     }
@@ -1523,7 +1538,8 @@ fn plan(
             }
             Fidelity::Base => 0,
         };
-    let fixed = baseline_rss + hot_len + out + threads as u64 * per_thread;
+    // The decode threads and the calling thread, which decodes too.
+    let fixed = baseline_rss + hot_len + out + (threads as u64 + 1) * per_thread;
     let need = |n: u64| fixed + n * slot;
     let mut buffers = options.prefetch.max(1);
     if let Some(budget) = options.ram_budget {
@@ -1545,7 +1561,8 @@ fn plan(
                 format!(
                     "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
                      (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
-                     the largest step's tensors {out}, {threads} decode threads × {per_thread})",
+                     the largest step's tensors {out}, {threads} decode threads and the \
+                     calling thread × {per_thread})",
                     need(1)
                 ),
             ));
@@ -1957,6 +1974,58 @@ mod tests {
         let all = small_tail(reads.clone(), u64::MAX, 500);
         assert_eq!(all.len(), reads.len() + 3);
         assert_eq!(small_tail(reads.clone(), 0, 400), reads);
+    }
+
+    #[test]
+    fn tail_pieces_of_block_aligned_reads_stay_on_blocks() {
+        // As with O_DIRECT: every read starts on a block; only the last
+        // read of a section or of the hot tier may end off one.
+        const B: u64 = 4096;
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for _ in 0..50 {
+            let mut reads = Vec::new();
+            let (mut hot, mut off) = (0u64, 1 << 30);
+            for step in 0..1 + next(6) as usize {
+                for _ in 0..next(4) {
+                    let n = (1 + next(300)) * B - if next(3) == 0 { next(B) } else { 0 };
+                    reads.push(Read::Hot { a: hot, b: hot + n });
+                    hot = (hot + n).next_multiple_of(B);
+                    let len = (1 + next(300)) * B - if next(3) == 0 { next(B) } else { 0 };
+                    reads.push(Read::Streamed {
+                        step,
+                        offset: off,
+                        at: 0,
+                        len,
+                    });
+                    off = (off + len).next_multiple_of(B);
+                }
+                reads.push(Read::StepEnd { step });
+            }
+            let cut = small_tail(reads.clone(), (1 + next(4)) << 20, 256 << 10);
+            let ends: Vec<u64> = reads
+                .iter()
+                .filter_map(|r| match *r {
+                    Read::Hot { b, .. } => Some(b),
+                    Read::Streamed { offset, len, .. } => Some(offset + len),
+                    Read::StepEnd { .. } => None,
+                })
+                .collect();
+            for r in &cut {
+                let (a, b) = match *r {
+                    Read::Hot { a, b } => (a, b),
+                    Read::Streamed { offset, len, .. } => (offset, offset + len),
+                    Read::StepEnd { .. } => continue,
+                };
+                assert_eq!(a % B, 0, "{r:?} starts off a block");
+                assert!(b % B == 0 || ends.contains(&b), "{r:?} ends off a block");
+            }
+        }
     }
 
     #[test]

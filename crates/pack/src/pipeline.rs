@@ -6,7 +6,7 @@
 //! started only when it is fewer than [`MAX_IN_FLIGHT_PER_THREAD`] ×
 //! threads jobs ahead of the last commit, so memory stays bounded (at most
 //! that many job results alive) without the idle tails of batch barriers.
-//! The workers are pinned one to a CPU when there are enough
+//! The workers are pinned one to a CPU when there is one worker per CPU
 //! ([`tpde_team::affinity`]), so that a worker woken by a commit does not
 //! queue behind the other one on the same CPU. Packing MiniLM BF16 on two
 //! threads to tmpfs, median of 7, A/B in three rounds: the same on a quiet

@@ -1,10 +1,14 @@
 //! Pinning a pool's threads one to a CPU.
 //!
-//! On this project's two-vCPU virtual machine a decode thread woken for new
-//! work was often queued behind the other, busy decode thread on the same
-//! CPU while the second CPU sat idle: a per-job trace of the loader showed
-//! whole steps decoded by one thread, the other starting only when the
-//! first ran out of work. Pinned one to a CPU, each wakes where it can run.
+//! On this project's two-vCPU virtual machine a worker woken for new work
+//! was often queued behind another busy worker on the same CPU while the
+//! second CPU sat idle (a per-job trace of the loader showed whole steps
+//! decoded by one thread). Pinned one to a CPU, each wakes where it can
+//! run. Pinning has a cost too: a pinned thread cannot leave a CPU that
+//! another process keeps busy (the loader's decode threads, at nice +5,
+//! fell to a quarter of their speed that way, so they are not pinned);
+//! pack's workers, at the default priority, measured faster pinned beside
+//! a busy process and the same on a quiet machine.
 
 /// The CPUs the calling thread may run on, in increasing order; empty where
 /// this cannot be asked (then nothing is pinned).
@@ -30,10 +34,12 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Which CPU each of `threads` threads is pinned to: thread `i` to the
-/// `i`-th of `allowed`, when there are at least as many CPUs as threads;
-/// `None` otherwise (more threads than CPUs are left to the scheduler).
+/// `i`-th of `allowed`, when there are exactly as many threads as CPUs,
+/// and more than one (the case measured: every CPU has its worker); `None`
+/// otherwise, and the scheduler places them (fewer threads than CPUs
+/// would all sit on the first ones, whatever else runs there).
 pub fn plan(threads: usize, allowed: &[usize]) -> Option<Vec<usize>> {
-    (threads > 0 && threads <= allowed.len()).then(|| allowed[..threads].to_vec())
+    (threads > 1 && threads == allowed.len()).then(|| allowed.to_vec())
 }
 
 /// Pins the calling thread to `cpu`; false where that is refused or not
@@ -65,9 +71,11 @@ mod tests {
 
     #[test]
     fn threads_go_one_to_a_cpu_only_when_there_are_enough_cpus() {
-        assert_eq!(plan(2, &[0, 1, 2]), Some(vec![0, 1]));
+        assert_eq!(plan(2, &[0, 1]), Some(vec![0, 1]));
         assert_eq!(plan(2, &[3, 5]), Some(vec![3, 5]));
-        assert_eq!(plan(3, &[0, 1]), None);
+        assert_eq!(plan(2, &[0, 1, 2]), None, "fewer threads than CPUs");
+        assert_eq!(plan(3, &[0, 1]), None, "more threads than CPUs");
+        assert_eq!(plan(1, &[0]), None, "one thread");
         assert_eq!(plan(0, &[0, 1]), None);
         assert_eq!(plan(1, &[]), None);
     }
@@ -79,11 +87,19 @@ mod tests {
         assert!(!allowed.is_empty(), "sched_getaffinity answered no CPU");
         let last = *allowed.last().expect("checked");
         let seen = std::thread::spawn(move || {
-            assert!(pin_current_thread(last));
-            (allowed_cpus(), unsafe { libc::sched_getcpu() })
+            if !pin_current_thread(last) {
+                return None;
+            }
+            // SAFETY: a plain system call with no arguments.
+            Some((allowed_cpus(), unsafe { libc::sched_getcpu() }))
         })
         .join()
         .expect("thread");
+        let Some(seen) = seen else {
+            // Allowed by the API (a sandbox may refuse): said, not hidden.
+            eprintln!("sched_setaffinity was refused here: pinning not checked");
+            return;
+        };
         assert_eq!(seen.0, vec![last]);
         assert_eq!(seen.1, last as i32);
         // The caller's own set is untouched.
