@@ -264,11 +264,11 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     order.sort_by(|&a, &b| effective(&passes[a]).total_cmp(&effective(&passes[b])));
     let mid = &passes[order[order.len() / 2]];
     let st = &mid.stream.stages;
-    // The threads that decoded (the calling thread too, when it did),
-    // at most one per core.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (mid.stream.decode_threads + usize::from(mid.stream.caller_jobs > 0))
-        .clamp(1, cores) as f64;
+    // The threads that decoded: the calling thread too, when it did. (Busy
+    // time is wall time inside jobs, preemption included, so it is divided
+    // by the threads, not by the cores they shared.)
+    let threads =
+        (mid.stream.decode_threads + usize::from(mid.stream.caller_jobs > 0)).max(1) as f64;
     let rate = |bytes: u64, s: f64| if s > 0.0 { bytes as f64 / s / 1e9 } else { 0.0 };
     let streamed = mid.stream.read_bytes;
     let delivered = mid.stream.delivered_bytes;
