@@ -48,13 +48,17 @@ where
             let tx = tx.clone();
             let (next, stop, committed, work) = (&next, &stop, &committed, &work);
             let pin = pins.as_ref().map(|p| p[w]);
-            s.spawn(move || {
-                if let Some(cpu) = pin {
-                    // Advice: a refusal leaves the worker unpinned.
-                    tpde_team::affinity::pin_current_thread(cpu);
-                }
-                worker(jobs, next, stop, committed, window, &tx, work)
-            });
+            // Named for profilers; a refused spawn is the plain one's panic.
+            std::thread::Builder::new()
+                .name(format!("tpde-work-{w}"))
+                .spawn_scoped(s, move || {
+                    if let Some(cpu) = pin {
+                        // Advice: a refusal leaves the worker unpinned.
+                        tpde_team::affinity::pin_current_thread(cpu);
+                    }
+                    worker(jobs, next, stop, committed, window, &tx, work)
+                })
+                .expect("spawn a pipeline worker");
         }
         drop(tx);
 
