@@ -744,11 +744,11 @@ impl Drop for RingCloser<'_> {
 /// bytes arrive as one batch of up to [`READERS`] pieces and everything in
 /// it is decoded after the disk has finished. Smaller pieces at the end
 /// make that batch, and the decode left after the last read, smaller.
-/// MiniLM BF16, cold `O_DIRECT`, base: 0.76-0.82 × the disk bound with
-/// 1 MiB pieces to the end, 0.81-0.88 with the last 2 MiB in 256 KiB
-/// pieces (A/B, three rounds of 21 passes; measured with the decode
-/// threads pinned one to a CPU, a build not kept, before the calling
-/// thread decoded too).
+/// Small pieces read slower (four 256 KiB requests: 1.6-1.9 GB/s, four of
+/// 1 MiB: 2.3-2.7), so the tail is short. MiniLM BF16, cold `O_DIRECT`,
+/// base, × the disk bound (A/B, three rounds of 11 passes): 1 MiB pieces
+/// to the end 0.73-0.74; the last 1 MiB in 256 KiB pieces 0.74-0.79; the
+/// last 2 MiB in 512 KiB pieces 0.76-0.77; in 256 KiB pieces 0.78-0.80.
 const TAIL_BYTES: u64 = 2 << 20;
 const TAIL_PIECE_BYTES: u64 = 256 << 10;
 
