@@ -1,9 +1,11 @@
 //! `O_DIRECT` reads of a file while the CPUs are idle and while threads
 //! keep them busy: one 8 MiB request at a time (as the raw read of
 //! `tpde bench` reads) and four 1 MiB requests in flight (as the loader
-//! reads), in alternating rounds. On a virtual machine whose disk is
-//! emulated on the same host cores, busy vCPUs slow the disk: the loader
-//! reads while its decode threads work, its baseline with the CPUs idle.
+//! reads), in alternating rounds. The loader reads while its decode
+//! threads work, its baseline (`tpde bench`'s raw read) with the CPUs
+//! idle: this asks whether busy threads, or their memory traffic, slow the
+//! disk itself (on a virtual machine the host emulates the disk). On this
+//! project's VM they did not (0.95-1.08 ×, `benches/RESULTS.md`).
 //!
 //! ```sh
 //! cargo run --release -p tpde-loader --example read_under_load -- model.tpde [ROUNDS] [MIB] [BUSY]
