@@ -7,9 +7,8 @@
 //! cargo run --release -p tpde-loader --example read_pages -- model.tpde [ROUNDS] [MIB]
 //! ```
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::time::Instant;
+mod common;
+
 use tpde_pack::container::{AlignedBuf, HUGE_PAGE};
 
 const PIECE: usize = 1 << 20;
@@ -22,20 +21,7 @@ fn main() {
     };
     let rounds: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(7);
     let mib: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| {
-            eprintln!("{path}: cannot open with O_DIRECT: {e}");
-            std::process::exit(2)
-        });
-    let file_len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    let len = (mib << 20).min(file_len) / PIECE * PIECE;
-    if len == 0 {
-        eprintln!("{path}: shorter than one 1 MiB piece");
-        std::process::exit(2);
-    }
+    let (file, len) = common::open_direct(path, mib);
 
     // 4 KiB pages: an aligned region of a heap buffer asked not to be huge.
     let mut small = vec![1u8; len + HUGE_PAGE];
@@ -51,26 +37,7 @@ fn main() {
     let huge = huge.get_mut(len);
     huge.fill(1);
 
-    let read_into = |buf: &mut [u8]| -> f64 {
-        let next = AtomicUsize::new(0);
-        let pieces: Vec<std::sync::Mutex<&mut [u8]>> =
-            buf.chunks_mut(PIECE).map(std::sync::Mutex::new).collect();
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, Relaxed);
-                    let Some(p) = pieces.get(k) else { break };
-                    let mut p = p.lock().unwrap();
-                    if let Err(e) = file.read_exact_at(&mut p, (k * PIECE) as u64) {
-                        eprintln!("{path}: read at {}: {e}", k * PIECE);
-                        std::process::exit(1);
-                    }
-                });
-            }
-        });
-        len as f64 / t.elapsed().as_secs_f64() / 1e9
-    };
+    let read_into = |buf: &mut [u8]| common::read_pieces(&file, path, buf, PIECE, 4);
     let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (x, y) = if round % 2 == 0 {

@@ -14,9 +14,9 @@
 //! `BUSY`: busy threads while loaded (default: one per CPU), spinning on
 //! registers or writing a 64 MiB buffer over and over.
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::time::Instant;
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tpde_pack::container::AlignedBuf;
 
 fn main() {
@@ -29,44 +29,13 @@ fn main() {
     let mib: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(12);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let busy: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(cpus);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| {
-            eprintln!("{path}: cannot open with O_DIRECT: {e}");
-            std::process::exit(2)
-        });
-    let file_len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    let len = (mib << 20).min(file_len) >> 20 << 20;
-    if len == 0 {
-        eprintln!("{path}: shorter than 1 MiB");
-        std::process::exit(2);
-    }
+    let (file, len) = common::open_direct(path, mib);
     let mut buf = AlignedBuf::new(len as u64);
     let buf = buf.get_mut(len);
     buf.fill(1);
 
-    // `piece`-byte reads of the first `len` bytes, `threads` at a time: GB/s.
-    let read = |buf: &mut [u8], piece: usize, threads: usize| -> f64 {
-        let next = AtomicUsize::new(0);
-        let parts: Vec<std::sync::Mutex<&mut [u8]>> =
-            buf.chunks_mut(piece).map(std::sync::Mutex::new).collect();
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Relaxed);
-                    let Some(part) = parts.get(i) else { return };
-                    let mut part = part.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = file.read_exact_at(&mut part, (i * piece) as u64) {
-                        eprintln!("{path}: read at {}: {e}", i * piece);
-                        std::process::exit(1);
-                    }
-                });
-            }
-        });
-        len as f64 / t.elapsed().as_secs_f64() / 1e9
+    let read = |buf: &mut [u8], piece: usize, threads: usize| {
+        common::read_pieces(&file, path, buf, piece, threads)
     };
     // The same reads while `busy` threads spin on registers (`memory`
     // false) or write a 64 MiB buffer over and over (true).
