@@ -221,12 +221,10 @@ fn a_container_truncated_while_verify_reads_it_is_an_error_not_a_crash() {
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "round {round}: {err}");
         if !o.status.success() {
-            // 1 when a read fails mid-stream; 2 when the cut lands before
-            // the container is even opened (its footer is gone).
-            assert!(
-                matches!(o.status.code(), Some(1 | 2)),
-                "round {round}: {err}"
-            );
+            // A read that fails is an I/O error (2), not a mismatch (1):
+            // nothing was compared. Also 2 when the cut lands before the
+            // container is even opened (its footer is gone).
+            assert_eq!(o.status.code(), Some(2), "round {round}: {err}");
             assert!(
                 err.starts_with("tpde: error: ") && err.trim_end().lines().count() == 1,
                 "{err}"
@@ -238,4 +236,178 @@ fn a_container_truncated_while_verify_reads_it_is_an_error_not_a_crash() {
         caught > 0,
         "verify always finished before the truncation: the test proved nothing"
     );
+}
+
+/// Runs `tpde` with `args`, failing the test if it has not ended after 30 s
+/// (opening a FIFO waits for a writer: a reader that does would hang here).
+fn tpde_within_30s(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut child = Command::new(tpde_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= 30 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tpde {args:?} still running after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(p: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a plain system call with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+#[test]
+fn a_fifo_is_refused_as_container_source_or_destination_without_blocking() {
+    let (d, src, out) = packed(&moe_model(61), &[]);
+    let fifo = d.path().join("fifo.tpde");
+    mkfifo(&fifo);
+    let f = fifo.as_os_str();
+    let x = d.path().join("x.safetensors");
+    let un = d.path().join("un");
+    for args in [
+        vec!["inspect".as_ref(), f],
+        vec!["verify".as_ref(), f],
+        vec!["unpack".as_ref(), f, "-o".as_ref(), un.as_os_str()],
+        vec![
+            "bench".as_ref(),
+            f,
+            "--stream-only".as_ref(),
+            "--reps".as_ref(),
+            "1".as_ref(),
+        ],
+        vec![
+            "extract".as_ref(),
+            f,
+            "--layer".as_ref(),
+            "0".as_ref(),
+            "--expert".as_ref(),
+            "0".as_ref(),
+            "-o".as_ref(),
+            x.as_os_str(),
+        ],
+        vec![
+            "run".as_ref(),
+            f,
+            "-p".as_ref(),
+            "hi".as_ref(),
+            "-n".as_ref(),
+            "1".as_ref(),
+        ],
+        // As the source to compare with.
+        vec!["verify".as_ref(), out.as_os_str(), "--source".as_ref(), f],
+    ] {
+        let o = tpde_within_30s(&args);
+        assert_clean_error(&o, 2, "fifo.tpde", "not a regular file (a FIFO)");
+    }
+    // As a destination: refused, and still a FIFO afterwards.
+    let dest = d.path().join("out.fifo");
+    mkfifo(&dest);
+    let o = tpde_within_30s(&[
+        "pack".as_ref(),
+        src.as_os_str(),
+        "-o".as_ref(),
+        dest.as_os_str(),
+    ]);
+    assert_clean_error(&o, 2, "out.fifo", "not a regular file");
+    let o = tpde_within_30s(&[
+        "extract".as_ref(),
+        out.as_os_str(),
+        "--layer".as_ref(),
+        "0".as_ref(),
+        "--expert".as_ref(),
+        "0".as_ref(),
+        "-o".as_ref(),
+        dest.as_os_str(),
+    ]);
+    assert_clean_error(&o, 2, "out.fifo", "not a regular file");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&dest).unwrap().file_type().is_fifo());
+    // A folder as a file destination is refused before any work.
+    let o = tpde(&[&"pack", &src, &"-o", &d.path()]);
+    assert_clean_error(&o, 2, "", "destination is a folder");
+    assert!(!entries(d.path()).iter().any(|e| e.contains(".tpde-tmp-")));
+}
+
+#[test]
+fn extract_refuses_to_write_over_its_own_container() {
+    let (d, _src, out) = packed(&moe_model(62), &[]);
+    let before = std::fs::read(&out).unwrap();
+    let hard = d.path().join("hard.tpde");
+    std::fs::hard_link(&out, &hard).unwrap();
+    let sym = d.path().join("sym.tpde");
+    std::os::unix::fs::symlink(&out, &sym).unwrap();
+    for dest in [&out, &hard, &sym] {
+        let o = tpde(&[
+            &"extract",
+            &out,
+            &"--layer",
+            &"0",
+            &"--expert",
+            &"0",
+            &"-o",
+            dest,
+        ]);
+        let name = dest.file_name().unwrap().to_str().unwrap();
+        assert_clean_error(&o, 2, name, "destination is one of the inputs");
+        assert_eq!(std::fs::read(&out).unwrap(), before, "{name}");
+    }
+}
+
+#[test]
+fn argument_errors_are_one_line_with_the_usage_and_exit_code_2() {
+    for (args, phrase) in [
+        (
+            vec!["verify"],
+            "required arguments were not provided: <CONTAINER> (usage: tpde verify",
+        ),
+        (vec!["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+        (
+            vec!["bench", "x.tpde", "--reps", "abc"],
+            "invalid value 'abc' for '--reps <REPS>'",
+        ),
+        (
+            vec!["bench", "x.tpde", "--ram", "12XB"],
+            "unknown size unit",
+        ),
+        (
+            vec![
+                "extract",
+                "x.tpde",
+                "--layer",
+                "1099511627776",
+                "--expert",
+                "0",
+                "-o",
+                "y",
+            ],
+            "1099511627776 is not in 0..=4294967295",
+        ),
+        (
+            vec!["pack", "a", "-o", "b", "--force"],
+            "unexpected argument '--force' found",
+        ),
+    ] {
+        let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|x| x as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        let o = tpde(&a);
+        assert_clean_error(&o, 2, "", phrase);
+    }
+    // Help and version are not errors.
+    for flag in ["--help", "--version"] {
+        let o = tpde(&[&flag]);
+        assert!(o.status.success(), "{flag}: {}", stderr(&o));
+        assert!(!o.stdout.is_empty(), "{flag}");
+    }
 }

@@ -158,6 +158,22 @@ fn bad_gguf_input_is_a_clean_error_with_nothing_written() {
 }
 
 #[test]
+fn a_tensor_with_an_empty_name_is_refused_before_anything_is_written() {
+    // GGUF allows it; a container finds tensors by name.
+    let t = Gt {
+        name: String::new(),
+        dims: vec![4],
+        ty: 0,
+        data: vec![0u8; 16],
+    };
+    let d = tmp();
+    let src = write(d.path(), "m.gguf", &gguf(&[], &[t], 0));
+    let o = tpde(&[&"pack", &src, &"-o", &d.path().join("out.tpde")]);
+    assert_clean_error(&o, 2, "m.gguf", "tensor 0 has an empty name");
+    assert_eq!(entries(d.path()), vec!["m.gguf"]);
+}
+
+#[test]
 fn a_gguf_without_tensors_round_trips() {
     // Vocabulary-only files (tokenizer, no weights) exist in the wild.
     let d = tmp();

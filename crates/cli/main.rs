@@ -224,7 +224,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -247,6 +250,43 @@ fn main() -> ExitCode {
             ExitCode::from(if integrity { 1 } else { 2 })
         }
     }
+}
+
+/// `--help` and `--version` as clap prints them; any other argument error
+/// as one line (clap's first, without its `error: `), like every other
+/// error, with where to look for the usage. Exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let text = e.render().to_string();
+    // clap's message is its first paragraph (a list of missing arguments
+    // continues on indented lines); then perhaps a tip, then the usage.
+    let first: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty() && !l.starts_with("tip: "))
+        .collect();
+    let first = first.join(" ");
+    let first = first.strip_prefix("error: ").unwrap_or(&first);
+    let find = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+    };
+    // clap's tip, when it has one, says what was probably meant.
+    let tip = find("tip: ").map(|t| format!("; {t}")).unwrap_or_default();
+    let usage = find("Usage: ").map_or_else(|| "see tpde --help".into(), |u| format!("usage: {u}"));
+    eprintln!("tpde: error: {first}{tip} ({usage})");
+    ExitCode::from(2)
 }
 
 fn print_model_bench(r: &tpde_engine::bench::BenchReport) {
@@ -639,6 +679,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let start = std::time::Instant::now();
+            tpde_pack::atomic::refuse_inputs(&output, [container.as_path()])?;
             let c = tpde_pack::Container::open(&container)?;
             let f = match fidelity {
                 FidelityArg::Base => tpde_pack::Fidelity::Base,

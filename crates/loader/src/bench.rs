@@ -195,8 +195,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the benchmark on the container at `path`.
 pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let started = SystemTime::now();
-    let container_bytes = std::fs::metadata(path)
-        .map_err(|e| Error::input(path, format!("cannot read: {e}")))?
+    // Opened the way the container is (a FIFO would block the raw read).
+    let container_bytes = tpde_pack::source::open_regular(path)
+        .and_then(|f| f.metadata())
+        .map_err(|e| Error::input(path, format!("cannot open: {e}")))?
         .len();
     let device = telemetry::disk_of(path);
     let mut passes = Vec::new();

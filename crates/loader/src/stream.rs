@@ -467,8 +467,9 @@ fn align_up(x: u64) -> u64 {
     x.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
 }
 
-/// Reads `buf.len()` bytes at `offset`; a short file is an integrity error
-/// naming `what()` (built only then).
+/// Reads `buf.len()` bytes at `offset`; a failed read (an I/O error, or a
+/// file cut short since it was opened) is an input error naming `what()`
+/// (built only then), not a mismatch: nothing was compared.
 fn read_into(
     file: &File,
     path: &Path,
@@ -477,7 +478,7 @@ fn read_into(
     what: impl FnOnce() -> String,
 ) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
-        Error::integrity(
+        Error::input(
             path,
             format!(
                 "{}: cannot read {} bytes at {offset}: {e}",

@@ -35,6 +35,41 @@ fn tmp_name(dest: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((parent, tmp))
 }
 
+/// Refuses to write `dest` when it is one of `inputs` (the same file, by
+/// device and inode: another path, a hard link or a symbolic link to it
+/// included). Nothing at `dest` is a pass.
+pub fn refuse_inputs<'a>(dest: &Path, inputs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(d) = id(dest) else {
+        return Ok(());
+    };
+    if inputs.into_iter().any(|p| id(p) == Some(d)) {
+        return Err(Error::Destination {
+            path: dest.to_path_buf(),
+            msg: "destination is one of the inputs".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a destination that exists and is not a regular file (a folder, a
+/// device such as `/dev/null`, a FIFO, a socket): renaming the output onto
+/// it would replace it, or fail only after all the work.
+fn refuse_special(dest: &Path) -> Result<()> {
+    match std::fs::metadata(dest) {
+        Ok(m) if m.is_dir() => Err(Error::Destination {
+            path: dest.to_path_buf(),
+            msg: "destination is a folder".into(),
+        }),
+        Ok(m) if !m.is_file() => Err(Error::Destination {
+            path: dest.to_path_buf(),
+            msg: "destination exists and is not a regular file".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -52,7 +87,10 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
+    /// Starts writing `dest`, which must not exist or be a regular file
+    /// (which [`AtomicFile::commit`] replaces).
     pub fn create(dest: &Path) -> Result<AtomicFile> {
+        refuse_special(dest)?;
         let (parent, tmp) = tmp_name(dest)?;
         let file = OpenOptions::new()
             .read(true)

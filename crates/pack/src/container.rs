@@ -214,7 +214,7 @@ pub struct Container {
 
 impl Container {
     pub fn open(path: &Path) -> Result<Container> {
-        let file = File::open(path).map_err(Error::io(path, "cannot open"))?;
+        let file = crate::source::open_regular(path).map_err(Error::io(path, "cannot open"))?;
         let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
         if meta.is_dir() {
             return Err(Error::input(path, "is a folder, not a tpde container"));
@@ -308,9 +308,9 @@ impl Container {
     ) -> Result<()> {
         set_len(buf, e.len as usize);
         self.count_read(e.len);
-        self.file.read_exact_at(buf, e.offset).map_err(|err| {
-            Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
-        })?;
+        self.file
+            .read_exact_at(buf, e.offset)
+            .map_err(|err| Error::input(&self.path, format!("{}: cannot read: {err}", who())))?;
         self.check(e, buf, who)
     }
 
@@ -330,9 +330,9 @@ impl Container {
         }
         let mut buf = vec![0u8; len as usize];
         self.count_read(len);
-        self.file.read_exact_at(&mut buf, offset).map_err(|err| {
-            Error::integrity(&self.path, format!("{}: cannot read: {err}", who()))
-        })?;
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|err| Error::input(&self.path, format!("{}: cannot read: {err}", who())))?;
         Ok(buf)
     }
 
@@ -407,8 +407,10 @@ impl Container {
         let mut got = 0;
         while got < need {
             match direct.read_at(&mut buf[got..], offset + got as u64) {
+                // The file was cut short since it was opened (its length
+                // then was checked above): an input error, as a failed read.
                 Ok(0) => {
-                    return Err(Error::integrity(
+                    return Err(Error::input(
                         &self.path,
                         format!("{}: the file ends {got} bytes into a read of {need}", who()),
                     ))
@@ -416,7 +418,7 @@ impl Container {
                 // Short of `need` only at the end of the file; a next
                 // request must start on a block.
                 Ok(n) if (got + n) % block != 0 && got + n < need => {
-                    return Err(Error::integrity(
+                    return Err(Error::input(
                         &self.path,
                         format!(
                             "{}: the file ends {} bytes into a read of {need}",
@@ -428,7 +430,7 @@ impl Container {
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Error::integrity(
+                    return Err(Error::input(
                         &self.path,
                         format!("{}: cannot read: {e}", who()),
                     ))
@@ -478,7 +480,7 @@ impl Container {
         self.count_read(len);
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|err| Error::integrity(&self.path, format!("{}: cannot read: {err}", who())))
+            .map_err(|err| Error::input(&self.path, format!("{}: cannot read: {err}", who())))
     }
 
     /// Checks bytes read for extent `e` against its xxh3.

@@ -224,18 +224,7 @@ pub fn pack(
         return Err(Error::input(src, "chunk size 0 (elements per chunk)"));
     }
     let source = Source::open(src)?;
-    if let Ok(d) = dest.canonicalize() {
-        if source
-            .files
-            .iter()
-            .any(|f| f.path.canonicalize().ok().as_deref() == Some(&d))
-        {
-            return Err(Error::Destination {
-                path: dest.to_path_buf(),
-                msg: "destination is one of the inputs".into(),
-            });
-        }
-    }
+    crate::atomic::refuse_inputs(dest, source.files.iter().map(|f| f.path.as_path()))?;
 
     // Plan every tensor in execution order, with its hot extents.
     // Dense hot data is laid out now; an expert's hot data goes at the

@@ -324,7 +324,8 @@ pub fn verify_with(
             None => restore_file(&c, fi, opts.requantize, progress, &mut |_, _| Ok(()))?,
             Some(paths) => {
                 let sp = &paths[fi];
-                let sf = std::fs::File::open(sp).map_err(Error::io(sp, "cannot open source"))?;
+                let sf =
+                    crate::source::open_regular(sp).map_err(Error::io(sp, "cannot open source"))?;
                 let slen = sf
                     .metadata()
                     .map_err(Error::io(sp, "cannot read source"))?

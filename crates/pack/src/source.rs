@@ -171,8 +171,47 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
     Ok(())
 }
 
+/// Opens `path` to read, without blocking on what is not a regular file: a
+/// FIFO's `open` would wait for a writer forever, so the file is opened
+/// non-blocking, and anything but a regular file or a folder (a FIFO, a
+/// device, a socket) is refused before a byte is read. Folders are left to
+/// the caller, which names them in its own words.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let t = file.metadata()?.file_type();
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        // A regular file or a folder: reads block as usual from here on.
+        // SAFETY: plain `fcntl` calls on a descriptor `file` owns.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags < 0
+                || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        return Ok(file);
+    };
+    Err(std::io::Error::other(format!(
+        "not a regular file ({what})"
+    )))
+}
+
 fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
-    let file = File::open(path).map_err(Error::io(path, "cannot open"))?;
+    let file = open_regular(path).map_err(Error::io(path, "cannot open"))?;
     let meta = file.metadata().map_err(Error::io(path, "cannot read"))?;
     let len = meta.len();
     let kind =
@@ -193,6 +232,19 @@ fn open_file(path: &Path, rel: String) -> Result<SourceFile> {
         } else {
             SourceKind::Blob
         };
+    // The formats allow a tensor named "" (GGUF does; safetensors' JSON
+    // does); a container finds tensors by name, so it cannot hold one.
+    let names: Vec<&str> = match &kind {
+        SourceKind::Gguf { header, .. } => header.tensors.iter().map(|t| &*t.name).collect(),
+        SourceKind::Safetensors { header, .. } => header.tensors.iter().map(|t| &*t.name).collect(),
+        SourceKind::Blob => Vec::new(),
+    };
+    if let Some(i) = names.iter().position(|n| n.is_empty()) {
+        return Err(Error::input(
+            path,
+            format!("tensor {i} has an empty name, which a tpde container cannot hold"),
+        ));
+    }
     Ok(SourceFile {
         rel,
         path: path.to_path_buf(),
