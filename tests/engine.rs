@@ -199,6 +199,67 @@ fn models_the_engine_cannot_run_are_clean_errors() {
     assert_clean_error(&o, 2, "minilm.tpde", "not supported");
 }
 
+#[test]
+fn hostile_hyper_parameters_and_flags_are_clean_errors() {
+    // A copy of the Mixtral fixture with one value of its config.json
+    // changed: an expert count that wraps when multiplied by the router's
+    // size (it passed the shape check and then panicked or aborted), and a
+    // feed-forward width of 0.
+    for (key, value, phrase) in [
+        (
+            "num_local_experts",
+            "288230376151711748",
+            "sizes beyond any supported model",
+        ),
+        ("intermediate_size", "0", "a feed-forward width of 0"),
+    ] {
+        let d = tmp();
+        let src = d.path().join("model");
+        std::fs::create_dir(&src).unwrap();
+        let fx = fixture("moe-mixtral-tiny");
+        for e in std::fs::read_dir(&fx).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+        }
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+        config[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(src.join("config.json"), config.to_string()).unwrap();
+        let c = d.path().join("m.tpde");
+        let o = tpde(&[&"pack", &src, &"-o", &c]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        for args in [
+            vec!["run", "-p", "hi", "-n", "2"],
+            vec!["run", "-p", "hi", "-n", "2", "--ram", "15MiB"],
+            vec![
+                "bench",
+                "-p",
+                "4",
+                "-n",
+                "2",
+                "--reps",
+                "1",
+                "--stream-layers",
+            ],
+        ] {
+            let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&args[0], &c];
+            a.extend(args[1..].iter().map(|x| x as &dyn AsRef<std::ffi::OsStr>));
+            let o = tpde(&a);
+            assert_clean_error(&o, 2, "m.tpde", phrase);
+        }
+    }
+    // A prompt length from the command line that no context holds (it
+    // overflowed an allocation).
+    let c = smollm_container();
+    let o = tpde(&[&"bench", &c, &"-p", &"18446744073709551615", &"-n", &"2"]);
+    assert_clean_error(
+        &o,
+        2,
+        "smollm2.tpde",
+        "does not fit the model's context of 8192",
+    );
+}
+
 /// Full logits of the three synthetic MoE fixtures against transformers
 /// (`tests/reference/moe-tiny.json`): Mixtral (safetensors, BF16), Qwen2-MoE
 /// (shared expert with a sigmoid gate, q/k/v biases, no top-k

@@ -143,7 +143,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let started = SystemTime::now();
-    let ctx = opts.prompt.max(opts.gen) + 1;
+    let ctx = opts.prompt.max(opts.gen).saturating_add(1);
     let placing = Placing {
         ctx,
         stream: opts.stream_layers,
@@ -155,6 +155,14 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let err = |m: String| Error::input(path, m);
     let reps = opts.reps.max(1);
     let ctx = ctx.min(c.ctx_len);
+    // Checked before the prompt's tokens are made: `-p` comes from the
+    // command line and may be anything.
+    if opts.prompt > ctx {
+        return Err(err(format!(
+            "a prompt of {} tokens does not fit the model's context of {} positions",
+            opts.prompt, c.ctx_len
+        )));
+    }
     let streamed = model.is_streamed();
     let raw = || -> Result<f64> {
         tpde_loader::bench::raw_read(path, opts.load.direct, true)?

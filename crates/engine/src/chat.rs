@@ -17,10 +17,121 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
+use minijinja::value::{Enumerator, Kwargs, Object, StringInput, Value, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind};
 
 const NAME: &str = "chat_template";
+
+/// A template comes from the model's files, so its rendering is bounded:
+/// instructions (fuel; real templates take a few thousand for a
+/// conversation), and the strings that filters and methods build from
+/// sizes given in the template (indent widths, joins, replacements).
+/// minijinja itself caps string repetition (`'x' * n`) at 100 MB.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+const MAX_BUILT_STRING: usize = 16 << 20;
+const MAX_INDENT: usize = 1024;
+
+fn too_large(what: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!(
+            "{what}: the result would exceed {} MiB",
+            MAX_BUILT_STRING >> 20
+        ),
+    )
+}
+
+/// The `indent` filter, with a bounded width.
+fn indent(
+    value: StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let w = kwargs
+        .peek::<Option<usize>>("width")?
+        .or(width)
+        .unwrap_or(0);
+    if w > MAX_INDENT {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("indent: a width of {w} (at most {MAX_INDENT})"),
+        ));
+    }
+    let lines = value.as_str().lines().count().max(1);
+    if value.as_str().len().saturating_add(lines.saturating_mul(w)) > MAX_BUILT_STRING {
+        return Err(too_large("indent"));
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+/// The `join` filter, refusing results past [`MAX_BUILT_STRING`].
+fn join(
+    state: &minijinja::State,
+    value: &Value,
+    joiner: Option<StringInput<'_>>,
+) -> Result<Value, Error> {
+    let sep = joiner.as_ref().map_or(0, |j| j.as_str().len());
+    if let Ok(items) = value.try_iter() {
+        let mut total = 0usize;
+        for (i, item) in items.enumerate() {
+            let n = item
+                .as_str()
+                .map_or_else(|| item.to_string().len(), str::len);
+            total = total
+                .saturating_add(n)
+                .saturating_add(if i > 0 { sep } else { 0 });
+            if total > MAX_BUILT_STRING {
+                return Err(too_large("join"));
+            }
+        }
+    }
+    minijinja::filters::join(state, value, joiner)
+}
+
+/// Size of `s` with every `from` replaced by `to`.
+fn replaced_len(s: &str, from: &str, to: &str) -> usize {
+    let n = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
+    s.len()
+        .saturating_add(n.saturating_mul(to.len()))
+        .saturating_sub(n.saturating_mul(from.len()))
+}
+
+/// The `replace` filter, refusing results past [`MAX_BUILT_STRING`].
+fn replace(
+    state: &minijinja::State,
+    value: StringInput<'_>,
+    from: StringInput<'_>,
+    to: StringInput<'_>,
+) -> Result<Value, Error> {
+    if replaced_len(value.as_str(), from.as_str(), to.as_str()) > MAX_BUILT_STRING {
+        return Err(too_large("replace"));
+    }
+    minijinja::filters::replace(state, value, from, to)
+}
+
+/// Python's string methods (`minijinja_contrib::pycompat`), with
+/// `str.replace` refusing results past [`MAX_BUILT_STRING`].
+fn python_methods(
+    state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let ("replace", Some(s), [from, to, ..]) = (method, value.as_str(), args) {
+        if let (Some(from), Some(to)) = (from.as_str(), to.as_str()) {
+            if replaced_len(s, from, to) > MAX_BUILT_STRING {
+                return Err(too_large("replace"));
+            }
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
 
 /// A parsed chat template.
 pub struct ChatTemplate {
@@ -74,10 +185,14 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_formatter(python_formatter);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_methods);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        env.add_filter("indent", indent);
+        env.add_filter("join", join);
+        env.add_filter("replace", replace);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| format!("chat template does not parse: {}", one_line(&e)))?;
         Ok(ChatTemplate { env })
@@ -327,7 +442,14 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
                         "tojson: indent must be an integer",
                     )
                 })?;
-                Some(" ".repeat(usize::try_from(n).unwrap_or(0)))
+                let n = usize::try_from(n).unwrap_or(0);
+                if n > MAX_INDENT {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: an indent of {n} (at most {MAX_INDENT})"),
+                    ));
+                }
+                Some(" ".repeat(n))
             }
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_owned()),
             _ => {
@@ -655,6 +777,40 @@ mod tests {
         );
         let year: i64 = render("{{ strftime_now('%Y') }}").unwrap().parse().unwrap();
         assert!(year >= 2024, "{year}");
+    }
+
+    #[test]
+    fn hostile_templates_end_with_an_error() {
+        // Each of these ran for minutes or asked for terabytes before the
+        // limits (found by an audit of model files).
+        for (src, phrase) in [
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                "fuel",
+            ),
+            ("{{ messages | tojson(indent=1000000000000) }}", "indent"),
+            ("{{ 'a\nb' | indent(1000000000000) }}", "indent"),
+            ("{{ 'a\nb' | indent(width=1000000000000) }}", "indent"),
+            ("{{ range(100000) | join('x' * 100000) | length }}", "join"),
+            (
+                "{{ ('x' * 100000).replace('x', 'y' * 100000) | length }}",
+                "replace",
+            ),
+            (
+                "{{ ('x' * 100000) | replace('x', 'y' * 100000) | length }}",
+                "replace",
+            ),
+        ] {
+            let t = ChatTemplate::new(src).unwrap();
+            let e = t.render(&[("user", "hi")], true, "", "").unwrap_err();
+            assert!(e.contains(phrase), "{src}: {e}");
+        }
+        // Within the limits they work as before.
+        let t = ChatTemplate::new(
+            "{{ 'a\nb' | indent(2, true) }}|{{ [1, 2] | join('-') }}|{{ 'ab'.replace('b', 'c') }}",
+        )
+        .unwrap();
+        assert_eq!(t.render(&[], false, "", "").unwrap(), "  a\n  b|1-2|ac");
     }
 
     #[test]

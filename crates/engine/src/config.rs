@@ -228,7 +228,16 @@ impl Config {
         {
             return bad("experts used per token must be between 1 and the expert count");
         }
-        if self.n_layers > 4096 || self.d_model > 1 << 16 || self.vocab > 1 << 24 {
+        if self.d_ff == 0 {
+            return bad("a feed-forward width of 0");
+        }
+        if self.n_layers > 4096
+            || self.d_model > 1 << 16
+            || self.vocab > 1 << 24
+            || self.d_ff > 1 << 20
+            || self.head_dim > 1 << 12
+            || self.n_experts > 1 << 12
+        {
             return bad("sizes beyond any supported model");
         }
         Ok(self)

@@ -202,10 +202,20 @@ impl Raw {
         rows: usize,
         cols: usize,
     ) -> std::result::Result<Vec<Matrix>, String> {
-        let numel: u64 = self.shape.iter().product();
-        if numel != (count * rows * cols) as u64 || self.shape.last() != Some(&(cols as u64)) {
+        // Sizes come from the model's metadata: checked, so that a count
+        // that wraps cannot pass for the tensor's size, and a matrix with
+        // no elements is refused rather than cut into empty pieces.
+        let want = count
+            .checked_mul(rows)
+            .and_then(|n| n.checked_mul(cols))
+            .filter(|&n| n > 0);
+        let numel = self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        if want.is_none()
+            || numel != want.map(|n| n as u64)
+            || self.shape.last() != Some(&(cols as u64))
+        {
             return Err(format!(
-                "{name}: shape {:?}, expected {count} × {rows} × {cols}",
+                "{name}: shape {:?}, expected {count} × {rows} × {cols} (and not empty)",
                 self.shape
             ));
         }

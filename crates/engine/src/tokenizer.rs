@@ -166,9 +166,18 @@ enum PreStep {
     Regex(Box<Regex>),
 }
 
+/// Backtracking allowed to a pre-tokenizer pattern at one position.
+const PATTERN_BACKTRACK_LIMIT: usize = 10_000;
+
 impl PreStep {
     fn regex(pattern: &str) -> Result<PreStep, String> {
-        Regex::new(pattern)
+        // The pattern comes from the model's files: its backtracking is
+        // bounded per match (the library's default allows a million steps,
+        // about 13 ms at each position of a crafted pattern); the patterns
+        // in use backtrack a handful of times.
+        fancy_regex::RegexBuilder::new(pattern)
+            .backtrack_limit(PATTERN_BACKTRACK_LIMIT)
+            .build()
             .map(|r| PreStep::Regex(Box::new(r)))
             .map_err(|e| format!("pre-tokenizer pattern {pattern:?} does not compile: {e}"))
     }
@@ -193,9 +202,18 @@ impl PreStep {
             PreStep::Regex(re) => {
                 let mut last = 0;
                 for m in re.find_iter(piece) {
-                    // A matching error (backtracking limit) leaves the rest of
-                    // the piece whole; the patterns in use never reach it.
-                    let Ok(m) = m else { break };
+                    // A matching error (the backtracking limit, which the
+                    // patterns in use never reach) cuts the rest of the
+                    // piece into characters: bounded work, and small pieces
+                    // for the merges.
+                    let Ok(m) = m else {
+                        out.extend(
+                            piece[last..]
+                                .char_indices()
+                                .map(|(i, c)| &piece[last + i..last + i + c.len_utf8()]),
+                        );
+                        return;
+                    };
                     if m.start() > last {
                         out.push(&piece[last..m.start()]);
                     }
@@ -1289,6 +1307,24 @@ pub(crate) mod tests {
     use std::sync::OnceLock;
     use std::time::Instant;
     use tpde_ingest::gguf::{KeyValue, ValueType};
+
+    #[test]
+    fn a_pattern_that_backtracks_without_end_splits_in_bounded_time() {
+        // At every position this pattern tries 2^18 ways before `.`; under
+        // the library's default limit that was 13 ms a character.
+        let step = PreStep::regex("(?:(?=a)a|a){0,18}x|.").unwrap();
+        let text = "a".repeat(10_000) + "x";
+        let t = Instant::now();
+        let mut out = Vec::new();
+        step.split(&text, &mut out);
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+        assert_eq!(out.concat(), text, "the pieces tile the text");
+        // A pattern in use still splits as before.
+        let step = PreStep::regex(r"\s+(?!\S)|\s+|\S+").unwrap();
+        let mut out = Vec::new();
+        step.split("a  b", &mut out);
+        assert_eq!(out, ["a", " ", " ", "b"]);
+    }
 
     // ---- fixtures ---------------------------------------------------------
 
