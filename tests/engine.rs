@@ -26,17 +26,18 @@ fn reference() -> Value {
     serde_json::from_slice(&std::fs::read(p).expect("committed reference")).unwrap()
 }
 
-/// SmolLM2 packed once for the tests of this module.
+/// SmolLM2 packed once for the tests of this module, in Cargo's scratch
+/// folder for integration tests (a static's temporary folder is never
+/// dropped, so it left 93 MB in the system's temp folder every run). Packed
+/// anew by each run, which replaces the last run's file.
 fn smollm_container() -> &'static std::path::Path {
-    static C: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
-    let (_, p) = C.get_or_init(|| {
-        let dir = tmp();
-        let out = dir.path().join("smollm2.tpde");
+    static C: OnceLock<std::path::PathBuf> = OnceLock::new();
+    C.get_or_init(|| {
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2.tpde");
         let o = tpde(&[&"pack", &fixture(SMOLLM), &"-o", &out]);
         assert!(o.status.success(), "pack: {}", stderr(&o));
-        (dir, out)
-    });
-    p
+        out
+    })
 }
 
 fn ids(v: &Value) -> Vec<u32> {
