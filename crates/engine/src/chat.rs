@@ -221,14 +221,42 @@ impl ChatTemplate {
                 })
             })
             .collect();
+        // Rendered into a writer that refuses output past
+        // [`MAX_BUILT_STRING`]: a loop printing large strings ends there.
+        let mut out = Capped(Vec::new());
         template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos,
-                eos_token => eos,
-            })
-            .map_err(|e| format!("chat template: {}", one_line(&e)))
+            .render_captured_to(
+                context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos,
+                    eos_token => eos,
+                },
+                &mut out,
+            )
+            .map(drop)
+            .map_err(|e| format!("chat template: {}", one_line(&e)))?;
+        String::from_utf8(out.0).map_err(|_| "chat template: output is not UTF-8".to_string())
+    }
+}
+
+/// A buffer that refuses to grow past [`MAX_BUILT_STRING`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len().saturating_add(b.len()) > MAX_BUILT_STRING {
+            return Err(std::io::Error::other(format!(
+                "output past {} MiB",
+                MAX_BUILT_STRING >> 20
+            )));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -799,6 +827,10 @@ mod tests {
             (
                 "{{ ('x' * 100000) | replace('x', 'y' * 100000) | length }}",
                 "replace",
+            ),
+            (
+                "{% for i in range(20000) %}{{ 'x' * 100000000 }}{% endfor %}",
+                "output past 16 MiB",
             ),
         ] {
             let t = ChatTemplate::new(src).unwrap();

@@ -162,24 +162,40 @@ enum PreStep {
     /// else runs of them.
     Digits { individual: bool },
     /// A regular expression whose matches, and the text between them, are the
-    /// pieces (Hugging Face `Split` with behaviour `Isolated`).
-    Regex(Box<Regex>),
+    /// pieces (Hugging Face `Split` with behaviour `Isolated`): compiled
+    /// twice, with a small and with the library's usual backtracking limit
+    /// (see [`PreStep::split`]).
+    Regex(Box<(Regex, Regex)>),
 }
 
-/// Backtracking allowed to a pre-tokenizer pattern at one position.
+/// Backtracking allowed to one search of a pre-tokenizer pattern, first.
+/// The patterns in use need about one backtrack per character of a run of
+/// whitespace (Llama 3's `\s*[\r\n]+`), so a longer run, and a crafted
+/// pattern at every position (one took 2^18 at each), exceed it.
 const PATTERN_BACKTRACK_LIMIT: usize = 10_000;
+/// Then: the library's default, for a few searches a piece.
+const PATIENT_BACKTRACK_LIMIT: usize = 1_000_000;
+/// Searches with the patient limit allowed in one piece, in runs of
+/// [`PATIENT_MATCHES`] matches: a long whitespace run costs one; a crafted
+/// pattern costs at most 64 searches (about 1 s) before the rest of the
+/// piece is cut into characters.
+const PATIENT_RUNS: usize = 16;
+const PATIENT_MATCHES: usize = 4;
 
 impl PreStep {
     fn regex(pattern: &str) -> Result<PreStep, String> {
         // The pattern comes from the model's files: its backtracking is
-        // bounded per match (the library's default allows a million steps,
-        // about 13 ms at each position of a crafted pattern); the patterns
-        // in use backtrack a handful of times.
-        fancy_regex::RegexBuilder::new(pattern)
-            .backtrack_limit(PATTERN_BACKTRACK_LIMIT)
-            .build()
-            .map(|r| PreStep::Regex(Box::new(r)))
-            .map_err(|e| format!("pre-tokenizer pattern {pattern:?} does not compile: {e}"))
+        // bounded.
+        let build = |limit| {
+            fancy_regex::RegexBuilder::new(pattern)
+                .backtrack_limit(limit)
+                .build()
+                .map_err(|e| format!("pre-tokenizer pattern {pattern:?} does not compile: {e}"))
+        };
+        Ok(PreStep::Regex(Box::new((
+            build(PATTERN_BACKTRACK_LIMIT)?,
+            build(PATIENT_BACKTRACK_LIMIT)?,
+        ))))
     }
 
     fn split<'t>(&self, piece: &'t str, out: &mut Vec<&'t str>) {
@@ -199,28 +215,57 @@ impl PreStep {
                     out.push(&piece[start..]);
                 }
             }
-            PreStep::Regex(re) => {
-                let mut last = 0;
-                for m in re.find_iter(piece) {
-                    // A matching error (the backtracking limit, which the
-                    // patterns in use never reach) cuts the rest of the
-                    // piece into characters: bounded work, and small pieces
-                    // for the merges.
-                    let Ok(m) = m else {
-                        out.extend(
-                            piece[last..]
-                                .char_indices()
-                                .map(|(i, c)| &piece[last + i..last + i + c.len_utf8()]),
-                        );
-                        return;
-                    };
-                    if m.start() > last {
-                        out.push(&piece[last..m.start()]);
+            PreStep::Regex(res) => {
+                let (quick, patient) = (&res.0, &res.1);
+                // Matches are searched with the small limit; a search that
+                // exceeds it resumes from the last match with the patient
+                // one for a few matches, then with the small one again. When
+                // the patient searches are spent, the rest of the piece is
+                // cut into characters: bounded work, small pieces to merge.
+                // Resuming at the end of a match is what the iterator does
+                // itself (the patterns in use have no look-behind).
+                let (mut last, mut at, mut patient_left, mut with_patient) =
+                    (0, 0, PATIENT_RUNS, false);
+                loop {
+                    let re = if with_patient { patient } else { quick };
+                    let mut resume = None;
+                    let mut found = 0;
+                    for m in re.find_iter(&piece[at..]) {
+                        match m {
+                            Ok(m) => {
+                                let (start, end) = (at + m.start(), at + m.end());
+                                if start > last {
+                                    out.push(&piece[last..start]);
+                                }
+                                if end > start {
+                                    out.push(&piece[start..end]);
+                                }
+                                last = end;
+                                found += 1;
+                                if with_patient && found == PATIENT_MATCHES {
+                                    resume = Some((last, false));
+                                    break;
+                                }
+                            }
+                            Err(_) if !with_patient && patient_left > 0 => {
+                                patient_left -= 1;
+                                resume = Some((last, true));
+                                break;
+                            }
+                            Err(_) => {
+                                out.extend(
+                                    piece[last..]
+                                        .char_indices()
+                                        .map(|(i, c)| &piece[last + i..last + i + c.len_utf8()]),
+                                );
+                                return;
+                            }
+                        }
                     }
-                    if m.end() > m.start() {
-                        out.push(m.as_str());
+                    match resume {
+                        Some((next, patient)) => (at, with_patient) = (next, patient),
+                        None => break,
                     }
-                    last = m.end();
                 }
                 if last < piece.len() {
                     out.push(&piece[last..]);
@@ -1319,6 +1364,36 @@ pub(crate) mod tests {
         step.split(&text, &mut out);
         assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
         assert_eq!(out.concat(), text, "the pieces tile the text");
+        // Llama 3's and Qwen 2's patterns on runs of whitespace far longer
+        // than the small limit allows: the same pieces as with the
+        // library's default limit.
+        for pattern in [LLAMA3_PATTERN, QWEN2_PATTERN] {
+            let step = PreStep::regex(pattern).unwrap();
+            let reference = Regex::new(pattern).unwrap();
+            for text in [
+                " ".repeat(20_000) + "a",
+                format!("x{}y\t{}z", " ".repeat(30_000), "\u{a0}".repeat(15_000)),
+            ] {
+                let mut out = Vec::new();
+                step.split(&text, &mut out);
+                let mut want = Vec::new();
+                let mut last = 0;
+                for m in reference.find_iter(&text) {
+                    let m = m.unwrap();
+                    if m.start() > last {
+                        want.push(&text[last..m.start()]);
+                    }
+                    if m.end() > m.start() {
+                        want.push(m.as_str());
+                    }
+                    last = m.end();
+                }
+                if last < text.len() {
+                    want.push(&text[last..]);
+                }
+                assert_eq!(out, want, "{pattern}");
+            }
+        }
         // A pattern in use still splits as before.
         let step = PreStep::regex(r"\s+(?!\S)|\s+|\S+").unwrap();
         let mut out = Vec::new();
