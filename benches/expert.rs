@@ -302,9 +302,11 @@ fn read_source_direct(
         let a0 = a - a % BLOCK;
         let len = (end - a0).div_ceil(BLOCK) * BLOCK;
         if (buf.capacity() as u64) < len {
-            // At least one huge page, as tpde's kept buffer is.
+            // Whole huge pages, at least one, as tpde's kept buffer is.
             let huge = tpde_pack::container::HUGE_PAGE as u64;
-            *buf = tpde_pack::container::AlignedBuf::new(len.max(huge));
+            *buf = tpde_pack::container::AlignedBuf::new(tpde_pack::container::whole_huge_pages(
+                len.max(huge),
+            ));
         }
         let b = buf.get_mut(len as usize);
         let mut got = 0usize;

@@ -303,7 +303,19 @@ fn the_memory_budget_is_enforced_before_anything_big_is_allocated() {
     // whole process stays within the budget.
     // The decode threads and the calling thread, which decodes too.
     let threads = (n("decode_threads") + 1) * n("per_thread_bytes");
-    let b = base + hot + slot + out + threads + slot / 2;
+    // The hot buffer and the read pool are whole huge pages.
+    let whole = tpde_pack::container::whole_huge_pages;
+    assert_eq!(
+        n("huge_page_slack"),
+        whole(hot) - hot + whole(2 * slot) - 2 * slot,
+        "{plan}"
+    );
+    assert_eq!(
+        n("total"),
+        base + hot + 2 * slot + out + threads + n("huge_page_slack"),
+        "{plan}"
+    );
+    let b = base + whole(hot) + whole(slot) + out + threads + slot / 2;
     let one = bench_json(&c, &["--ram", &budget(b)]).unwrap();
     let r = &one["results"];
     assert_eq!(r["memory"]["pool_buffers"], 1, "{}", r["memory"]);

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 pub use tpde_codecs::residual::Stores;
 use tpde_codecs::{residual, xxh3, FloatDtype};
 use tpde_format::{Extent, Section, SectionKind, Storage, SECTION_ALIGN};
-use tpde_pack::container::AlignedBuf;
+use tpde_pack::container::{whole_huge_pages, AlignedBuf};
 use tpde_pack::{Container, Error, Fidelity, Result};
 
 /// How to stream.
@@ -176,8 +176,13 @@ pub struct MemoryPlan {
     pub per_thread_bytes: u64,
     /// Of `per_thread_bytes`, that buffer: the most one job streams.
     pub job_read_bytes: u64,
+    /// Bytes added to the hot buffer and to the read pool to make each a
+    /// whole number of huge pages, where it is one or more
+    /// ([`tpde_pack::container::whole_huge_pages`]): the disk reads into
+    /// small pages at about half the speed.
+    pub huge_page_slack: u64,
     /// `baseline_rss + hot + pool_buffers × pool_buffer_bytes + output_bytes
-    /// + (decode_threads + 1) × per_thread_bytes`.
+    /// + (decode_threads + 1) × per_thread_bytes + huge_page_slack`.
     pub total: u64,
 }
 
@@ -840,11 +845,11 @@ impl Loader {
             memory,
             steps,
             file,
-            hot: Shared::committed(hot_len),
+            hot: Shared::committed(whole_huge_pages(hot_len)),
             hot_at,
             hot_len,
             hot_loaded: false,
-            pool: Shared::committed(buffers as u64 * slot),
+            pool: Shared::committed(whole_huge_pages(buffers as u64 * slot)),
             decoders: rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(|i| format!("tpde-decode-{i}"))
@@ -1539,17 +1544,20 @@ fn plan(
             }
             Fidelity::Base => 0,
         };
+    // The buffers the disk reads into, in whole huge pages.
+    let hot_buf = whole_huge_pages(hot_len);
+    let pool = |n: u64| whole_huge_pages(n * slot);
     // The decode threads and the calling thread, which decodes too.
-    let fixed = baseline_rss + hot_len + out + (threads as u64 + 1) * per_thread;
-    let need = |n: u64| fixed + n * slot;
+    let fixed = baseline_rss + hot_buf + out + (threads as u64 + 1) * per_thread;
+    let need = |n: u64| fixed + pool(n);
     let mut buffers = options.prefetch.max(1);
     if let Some(budget) = options.ram_budget {
-        if baseline_rss + hot_len > budget {
+        if baseline_rss + hot_buf > budget {
             return Err(Error::input(
                 path,
                 format!(
-                    "memory budget of {budget} bytes cannot hold the hot tier ({hot_len} bytes) \
-                     besides the process itself ({baseline_rss} bytes resident)"
+                    "memory budget of {budget} bytes cannot hold the hot tier ({hot_buf} bytes \
+                     in memory) besides the process itself ({baseline_rss} bytes resident)"
                 ),
             ));
         }
@@ -1561,10 +1569,11 @@ fn plan(
                 path,
                 format!(
                     "memory budget of {budget} bytes is too small to stream: it needs {} bytes \
-                     (process {baseline_rss}, hot tier {hot_len}, one read buffer {slot}, \
+                     (process {baseline_rss}, hot tier {hot_buf}, one read buffer {}, \
                      the largest step's tensors {out}, {threads} decode threads and the \
                      calling thread × {per_thread})",
-                    need(1)
+                    need(1),
+                    pool(1)
                 ),
             ));
         }
@@ -1578,6 +1587,7 @@ fn plan(
         decode_threads: threads,
         per_thread_bytes: per_thread,
         job_read_bytes: job_bytes,
+        huge_page_slack: hot_buf - hot_len + pool(buffers as u64) - buffers as u64 * slot,
         total: need(buffers as u64),
     };
     Ok((steps, memory, (hot_at, hot_len)))

@@ -14,7 +14,7 @@
 //! the expert's slice (its shape without that dimension); `pack` cuts such
 //! tensors so that no chunk spans two experts, so nothing else is read.
 
-use crate::container::{align_down, AlignedBuf, Container};
+use crate::container::{align_down, whole_huge_pages, AlignedBuf, Container, HUGE_PAGE};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -95,11 +95,12 @@ pub struct ExpertReader<'c> {
     aligned: std::sync::Mutex<AlignedBuf>,
 }
 
-/// The size of a kept `O_DIRECT` buffer for reads of `len` bytes: at least
-/// one huge page, so that it is backed by one (see [`AlignedBuf`]) and
-/// every later fetch reads into it.
+/// The size of a kept `O_DIRECT` buffer for reads of `len` bytes: whole
+/// huge pages, at least one, so that all of it is backed by them (see
+/// [`AlignedBuf`] and [`whole_huge_pages`]) and every later fetch reads
+/// into it.
 fn kept_len(len: usize) -> u64 {
-    len.max(crate::container::HUGE_PAGE) as u64
+    whole_huge_pages(len.max(HUGE_PAGE) as u64)
 }
 
 /// One chunk (or the part of it that belongs to the expert) of an output tensor.
@@ -178,7 +179,7 @@ impl<'c> ExpertReader<'c> {
         if direct {
             // A block before the shard's start and one past its end, at most.
             let blocks = largest.next_multiple_of(SECTION_ALIGN) + 2 * SECTION_ALIGN;
-            blocks.max(kept_len(0))
+            kept_len(usize::try_from(blocks).unwrap_or(usize::MAX))
         } else {
             largest
         }
@@ -457,7 +458,9 @@ impl<'c> ExpertReader<'c> {
                                 *b = AlignedBuf::new(kept_len(len));
                                 b
                             }
-                            None => own_aligned.insert(AlignedBuf::new(len as u64)),
+                            None => {
+                                own_aligned.insert(AlignedBuf::new(whole_huge_pages(len as u64)))
+                            }
                         };
                         let mut rest = buf.get_mut(len);
                         for &(a, b, gi, _) in &by_offset {
@@ -487,7 +490,9 @@ impl<'c> ExpertReader<'c> {
                                 *b = AlignedBuf::new(kept_len(len));
                                 b
                             }
-                            None => own_aligned.insert(AlignedBuf::new(len as u64)),
+                            None => {
+                                own_aligned.insert(AlignedBuf::new(whole_huge_pages(len as u64)))
+                            }
                         };
                         let buf = buf.get_mut(len);
                         c.read_direct(direct, a0, buf, need, || s.name.clone())?;
