@@ -23,7 +23,7 @@ fn main() {
     let rounds: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(7);
     let mib: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(64);
     let piece_kib: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(1024);
-    let piece = piece_kib.max(4) / 4 * 4 << 10;
+    let piece = (piece_kib.max(4) / 4 * 4) << 10;
     let (file, len) = common::open_direct(path, mib);
 
     // 4 KiB pages: an aligned region of a heap buffer asked not to be huge.
