@@ -812,3 +812,72 @@ fn damaged_split_streams_are_refused_by_both_decoders() {
     residual::decode(dtype, &layout, &hot, &cold, &mut out, residual::Kind::V2).unwrap();
     assert!(out == src);
 }
+
+#[test]
+fn the_gather_skips_top_planes_only_where_they_are_zero() {
+    // BF16 and F32 weight-like values against their own base leave the
+    // top byte plane of every class but 0 zero (F16's longer mantissa does
+    // not); values on their base's grid leave every plane zero; values
+    // against the base of other values (the residual then carries the
+    // whole difference) leave none. The fast decode must be bit-exact every
+    // way, and both answers must occur for each type.
+    let layout = BaseLayout {
+        codec: BaseCodec::Q4,
+        group: 64,
+        cols: 256,
+    };
+    let rows = 64;
+    let n = rows * layout.cols;
+    let values = |dtype: FloatDtype, rng: &mut SplitMix, scale: f64| {
+        let mut out = vec![0u8; n * dtype.width()];
+        for i in 0..n {
+            let v = rng.normal_ish() * scale;
+            let bits = match dtype {
+                FloatDtype::F16 => half::f16::from_f64(v).to_bits() as u64,
+                FloatDtype::BF16 => half::bf16::from_f64(v).to_bits() as u64,
+                _ => (v as f32).to_bits() as u64,
+            };
+            dtype.store_bits(&mut out, i, bits);
+        }
+        out
+    };
+    for dtype in [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32] {
+        let mut seen = [false; 2];
+        for seed in 0..6u64 {
+            let mut rng = SplitMix(seed);
+            let mut src = values(dtype, &mut rng, 1.0);
+            let of = if seed % 3 == 1 {
+                values(dtype, &mut rng, 4.0)
+            } else {
+                src.clone()
+            };
+            let mut hot = vec![0u8; rows * layout.row_bytes()];
+            base::quantize(dtype, &layout, &of, &mut hot);
+            if seed % 3 == 2 {
+                residual::base_values_reference(dtype, &layout, &hot, &mut src).unwrap();
+            }
+            let cold = residual::encode(dtype, &layout, &src, &hot, 3, K).unwrap();
+            let zero = residual::top_planes_zero(dtype, &layout, rows, &cold, K).unwrap();
+            seen[usize::from(zero)] = true;
+            let want = match seed % 3 {
+                0 => dtype != FloatDtype::F16,
+                1 => false,
+                _ => true,
+            };
+            assert_eq!(zero, want, "{dtype:?} seed {seed}: top planes zero");
+            let mut out = vec![0u8; src.len()];
+            residual::decode(dtype, &layout, &hot, &cold, &mut out, K).unwrap();
+            assert!(
+                out == src,
+                "{dtype:?} seed {seed}: not bit-exact (top planes zero: {zero})"
+            );
+            let mut out_ref = vec![0u8; src.len()];
+            residual::decode_reference(dtype, &layout, &hot, &cold, &mut out_ref, K).unwrap();
+            assert!(
+                out_ref == src,
+                "{dtype:?} seed {seed}: reference not bit-exact"
+            );
+        }
+        assert_eq!(seen, [true, true], "{dtype:?}: [not zero, zero] both seen");
+    }
+}
