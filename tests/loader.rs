@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use std::path::Path;
-use tpde_loader::{LoadOptions, Loader, ReadPath, Stores};
+use tpde_loader::{LoadOptions, Loader, ReadPath, StepStores};
 use tpde_pack::Fidelity;
 
 /// A delivered tensor: manifest index, name, bytes.
@@ -133,13 +133,25 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
     for (_d, path) in containers() {
         let c = tpde_pack::Container::open(&path).unwrap();
         let m = &c.manifest;
+        // The smallest step's size: the larger steps are stored past the
+        // cache, the smallest not, in the same pass.
+        let mut sizes: Vec<u64> = Loader::open(&path, LoadOptions::default())
+            .unwrap()
+            .steps()
+            .iter()
+            .map(|s| s.out_bytes)
+            .collect();
+        sizes.sort_unstable();
+        let mid = sizes[0];
+        assert!(mid < sizes[sizes.len() - 1], "{sizes:?}");
         let ways = [
-            (false, ReadPath::Readers, Stores::PastCache),
-            (false, ReadPath::Jobs, Stores::PastCache),
-            (false, ReadPath::Auto, Stores::PastCache),
-            (false, ReadPath::Auto, Stores::Cached),
-            (true, ReadPath::Auto, Stores::PastCache),
-            (true, ReadPath::Jobs, Stores::Cached),
+            (false, ReadPath::Readers, StepStores::PastCache),
+            (false, ReadPath::Jobs, StepStores::PastCache),
+            (false, ReadPath::Auto, StepStores::BySize),
+            (false, ReadPath::Readers, StepStores::Above(mid)),
+            (false, ReadPath::Auto, StepStores::Cached),
+            (true, ReadPath::Auto, StepStores::PastCache),
+            (true, ReadPath::Jobs, StepStores::Cached),
         ];
         for (direct, reads, stores) in ways {
             let opts = LoadOptions {
@@ -195,9 +207,10 @@ fn every_tensor_arrives_once_in_execution_order_with_its_exact_bytes() {
         // however the values are stored.
         let mut first: Option<Vec<Vec<u8>>> = None;
         for (reads, stores) in [
-            (ReadPath::Readers, Stores::PastCache),
-            (ReadPath::Jobs, Stores::PastCache),
-            (ReadPath::Auto, Stores::Cached),
+            (ReadPath::Readers, StepStores::PastCache),
+            (ReadPath::Jobs, StepStores::BySize),
+            (ReadPath::Auto, StepStores::Cached),
+            (ReadPath::Readers, StepStores::Above(mid)),
         ] {
             let base = stream_all(
                 &path,

@@ -663,7 +663,7 @@ impl Model {
             prefetch: options.prefetch.max(4),
             // Each layer is computed on as soon as it arrives: its values
             // stay in the cache.
-            stores: tpde_loader::Stores::Cached,
+            stores: tpde_loader::StepStores::Cached,
             ..outside.clone()
         };
         let shards = if has_shards {

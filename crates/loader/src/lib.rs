@@ -10,5 +10,5 @@ pub mod telemetry;
 
 pub use stream::{
     LoadOptions, LoadedStep, LoadedTensor, Loader, MemoryPlan, ReadPath, StageSeconds, Step,
-    StepSet, Stores, StreamReport,
+    StepSet, StepStores, Stores, StreamReport,
 };

@@ -76,12 +76,37 @@ pub struct LoadOptions {
     /// Who reads the streamed sections.
     pub reads: ReadPath,
     /// How the decode threads store the values they rebuild into a step's
-    /// buffer. [`Stores::PastCache`] (the default) stores whole cache lines
-    /// past the cache, for a consumer that reads a step later than it is
-    /// decoded, or hands it on (each tensor starts on a cache line);
-    /// [`Stores::Cached`] leaves the values in the cache, for a consumer
+    /// buffer (see [`StepStores`]).
+    pub stores: StepStores,
+}
+
+/// How the decode threads store the values they rebuild into a step's
+/// buffer ([`Stores`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStores {
+    /// Past the cache for a step whose values are more than half the
+    /// last-level cache ([`telemetry::last_level_cache_bytes`]; 32 MiB
+    /// where the kernel does not say): they could not stay in it, and each
+    /// plain store would first read its line in. Plain stores for a smaller
+    /// step: the buffer the consumer gives back, reused for the next step,
+    /// is still in the cache, and nothing goes to memory. MiniLM F32, base
+    /// fidelity, two threads, an AMD EPYC VM with 32 MiB of L3, four
+    /// alternating rounds: warm 20.8–21.4 GB/s against 16.7–18.9 with every
+    /// step past the cache and 18.2–20.6 with none; cold (`O_DIRECT`)
+    /// 0.64–0.70 × the disk bound against 0.59–0.64 and 0.66–0.78 (memory
+    /// writes slow this VM's disk, `benches/RESULTS.md`).
+    #[default]
+    BySize,
+    /// Past the cache for a step with more than this many bytes of values,
+    /// plain stores for the others.
+    Above(u64),
+    /// Plain stores for every step ([`Stores::Cached`]): for a consumer
     /// that computes on each step as soon as it arrives.
-    pub stores: Stores,
+    Cached,
+    /// Past the cache for every step ([`Stores::PastCache`]; each tensor
+    /// starts on a cache line).
+    PastCache,
 }
 
 /// Who reads a pass's streamed sections.
@@ -144,7 +169,7 @@ impl Default for LoadOptions {
             steps: StepSet::All,
             base_blocks: false,
             reads: ReadPath::Auto,
-            stores: Stores::PastCache,
+            stores: StepStores::BySize,
         }
     }
 }
@@ -462,6 +487,9 @@ pub struct Loader {
     /// ([`ReadPath::Jobs`]; `memory.job_read_bytes` each, none with
     /// `O_DIRECT`), indexed by the thread's index in `decoders`.
     job_buffers: Vec<Shared>,
+    /// With [`StepStores::BySize`]: a step with more bytes of values than
+    /// this stores them past the cache.
+    past_cache_above: u64,
 }
 
 fn align_down(x: u64) -> u64 {
@@ -867,6 +895,7 @@ impl Loader {
                 .filter(|_| !direct && job_bytes > 0)
                 .map(|_| Shared::committed(job_bytes))
                 .collect(),
+            past_cache_above: telemetry::last_level_cache_bytes().unwrap_or(32 << 20) / 2,
         })
     }
 
@@ -1246,6 +1275,17 @@ impl Loader {
         small_tail(reads, TAIL_BYTES, TAIL_PIECE_BYTES)
     }
 
+    /// How the decode threads store `step`'s values.
+    fn stores(&self, step: &Step) -> Stores {
+        match self.options.stores {
+            StepStores::Cached => Stores::Cached,
+            StepStores::PastCache => Stores::PastCache,
+            StepStores::BySize if step.out_bytes > self.past_cache_above => Stores::PastCache,
+            StepStores::Above(n) if step.out_bytes > n => Stores::PastCache,
+            StepStores::BySize | StepStores::Above(_) => Stores::Cached,
+        }
+    }
+
     /// Whether tensor `t` is delivered as its base blocks.
     fn blocks(&self, t: &tpde_format::Tensor) -> bool {
         self.options.base_blocks
@@ -1478,7 +1518,7 @@ impl Loader {
                     timers.add(&timers.reconstruct, t0);
                 } else if self.options.fidelity == Fidelity::Exact {
                     let cold = get(&ch.cold, " (cold residual)")?;
-                    let stores = self.options.stores;
+                    let stores = self.stores(step);
                     let (z, g) =
                         residual::decode_timed(dtype, &layout, base, cold, out, kind, stores)
                             .map_err(bad)?;
@@ -1486,7 +1526,7 @@ impl Loader {
                     timers.reconstruct.fetch_add(g.as_nanos() as u64, Relaxed);
                 } else {
                     let t0 = Instant::now();
-                    residual::base_values_with(dtype, &layout, base, out, self.options.stores)
+                    residual::base_values_with(dtype, &layout, base, out, self.stores(step))
                         .map_err(bad)?;
                     timers.add(&timers.reconstruct, t0);
                 }

@@ -139,6 +139,7 @@ pub fn utc_rfc3339(t: SystemTime) -> String {
 ///   the CPUs this process may use (affinity, cgroup quota) and the
 ///   "processor" lines of /proc/cpuinfo;
 /// - `ram_bytes`: MemTotal of /proc/meminfo;
+/// - `last_level_cache_bytes`: [`last_level_cache_bytes`];
 /// - `gpu`: `null`, or `{"driver": "550.54.15"}` from
 ///   /proc/driver/nvidia/version when that file exists;
 /// - `hostname`: /proc/sys/kernel/hostname.
@@ -172,9 +173,44 @@ pub fn environment() -> Value {
             "cpuinfo_processors": cpuinfo.as_ref().and_then(|c| c.processors),
         },
         "ram_bytes": read("/proc/meminfo").and_then(|t| parse_meminfo(&t)),
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "gpu": gpu,
         "hostname": or_unknown(hostname),
     })
+}
+
+/// Bytes of CPU 0's last-level cache: the largest data or unified cache
+/// the kernel lists in /sys/devices/system/cpu/cpu0/cache (its `size`,
+/// such as "32768K"); `None` where it lists none.
+pub fn last_level_cache_bytes() -> Option<u64> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let p = e.ok()?.path();
+        let kind = std::fs::read_to_string(p.join("type")).ok()?;
+        if kind.trim() == "Instruction" {
+            return None;
+        }
+        parse_cache_size(&std::fs::read_to_string(p.join("size")).ok()?)
+    })
+    .max()
+}
+
+/// A sysfs cache size ("32K", "1024K", "32M", "512") in bytes.
+fn parse_cache_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
 }
 
 /// Splits a Linux `dev_t` into (major, minor), as glibc's `major()` /
@@ -668,6 +704,17 @@ VmJunk:\t abc kB
     }
 
     #[test]
+    fn cache_sizes() {
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        for bad in ["", "K", "12Q", "-4K", "99999999999999999999G"] {
+            assert_eq!(parse_cache_size(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn meminfo_total() {
         let text = "MemTotal:       16318412 kB\nMemFree:         1234 kB\n";
         assert_eq!(parse_meminfo(text), Some(16_318_412 * 1024));
@@ -833,12 +880,13 @@ VmJunk:\t abc kB
             "cpu_flags",
             "logical_cores",
             "ram_bytes",
+            "last_level_cache_bytes",
             "gpu",
             "hostname",
         ] {
             assert!(obj.contains_key(key), "environment() lacks {key}: {env}");
         }
-        assert_eq!(obj.len(), 12, "{env}");
+        assert_eq!(obj.len(), 13, "{env}");
         assert!(env["logical_cores"]["available_parallelism"].is_u64());
         assert!(env["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
         assert!(env["rustc"].as_str().is_some_and(|s| !s.is_empty()));
