@@ -447,7 +447,9 @@ fn frame_streams_with<S: AsRef<[u8]>>(
             continue;
         }
         let at = body.len();
-        let plan = if s.len() < SPLIT_MIN_BYTES {
+        let plan = if all_zero(s) {
+            Plane::Zeros
+        } else if s.len() < SPLIT_MIN_BYTES {
             Plane::Zstd
         } else {
             plane_plan(s)
@@ -466,6 +468,8 @@ fn frame_streams_with<S: AsRef<[u8]>>(
             })?;
         } else if plan == Plane::Stored {
             push_stored_frame(&mut body, s);
+        } else if plan == Plane::Zeros {
+            push_zeros_frame(&mut body, s.len());
         } else {
             compress_frame_into(&mut body, s, residual_frames(level))?;
         }
@@ -492,6 +496,12 @@ enum Plane {
     /// [`NOISE_BITS`] bits each), which zstd would store as they are
     /// after looking for matches and sizing a Huffman table in vain.
     Stored,
+    /// One zstd frame of run-length blocks of the byte 0: the plane holds
+    /// zeros only (the top plane of every class but 0, in BF16 and F32
+    /// weights). Decoders tell such a frame from its headers
+    /// ([`zstd_frame_is_zeros`]) and need not run zstd over it; zstd's own
+    /// frame for zeros is a compressed block, which they cannot tell.
+    Zeros,
 }
 
 /// Sampled entropy, in bits per byte, above which a plane is stored. Under
@@ -563,11 +573,45 @@ fn plane_plan(plane: &[u8]) -> Plane {
 /// then blocks of at most 128 KiB, each a 3-byte header and the bytes.
 fn push_stored_frame(out: &mut Vec<u8>, data: &[u8]) {
     debug_assert!(!data.is_empty());
-    const BLOCK: usize = 128 << 10;
+    push_frame_header(out, data.len() as u64);
+    out.reserve(data.len() + data.len().div_ceil(BLOCK) * 3);
+    let mut blocks = data.chunks(BLOCK).peekable();
+    while let Some(b) = blocks.next() {
+        // Last_Block (bit 0), Block_Type 0 = raw (bits 2-1), Block_Size.
+        let last = u32::from(blocks.peek().is_none());
+        let header = last | ((b.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(b);
+    }
+}
+
+/// The largest block of a zstd frame (RFC 8878 §3.1.1.2.3).
+const BLOCK: usize = 128 << 10;
+
+/// Appends `n` (not 0) zeros to `out` as one zstd frame of run-length
+/// blocks (RFC 8878 §3.1.1.2.2, `Block_Type` 1): a single-segment header
+/// declaring the content size, then blocks of at most 128 KiB, each a
+/// 3-byte header and the byte 0.
+fn push_zeros_frame(out: &mut Vec<u8>, n: usize) {
+    debug_assert!(n > 0);
+    push_frame_header(out, n as u64);
+    let mut left = n;
+    while left > 0 {
+        let b = left.min(BLOCK);
+        left -= b;
+        // Last_Block (bit 0), Block_Type 1 = RLE (bits 2-1), Block_Size.
+        let header = u32::from(left == 0) | 2 | ((b as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.push(0);
+    }
+}
+
+/// Appends the header of a single-segment zstd frame of `n` bytes: the
+/// magic number, then the descriptor (Single_Segment, bit 5, and the size
+/// of the Frame_Content_Size field, bits 7-6; no checksum, no dictionary)
+/// and that field.
+fn push_frame_header(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
-    let n = data.len() as u64;
-    // Frame header descriptor: Single_Segment (bit 5) and the size of the
-    // Frame_Content_Size field (bits 7-6); no checksum, no dictionary.
     match n {
         0..=255 => out.extend_from_slice(&[0x20, n as u8]),
         256..=65_791 => {
@@ -583,15 +627,14 @@ fn push_stored_frame(out: &mut Vec<u8>, data: &[u8]) {
             out.extend_from_slice(&n.to_le_bytes());
         }
     }
-    out.reserve(data.len() + data.len().div_ceil(BLOCK) * 3);
-    let mut blocks = data.chunks(BLOCK).peekable();
-    while let Some(b) = blocks.next() {
-        // Last_Block (bit 0), Block_Type 0 = raw (bits 2-1), Block_Size.
-        let last = u32::from(blocks.peek().is_none());
-        let header = last | ((b.len() as u32) << 3);
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
-        out.extend_from_slice(b);
-    }
+}
+
+/// Whether `b` holds zeros only (wide ORs, which the compiler vectorizes;
+/// a plane with a byte other than 0 usually ends the scan in its first
+/// 256 bytes).
+fn all_zero(b: &[u8]) -> bool {
+    b.chunks(256)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// A plane's high nibbles and its low nibbles, two to a byte (element
@@ -1248,6 +1291,11 @@ fn decompress_planes(
 /// are the base's counts is checked by [`gather`], which consumes exactly
 /// the base's elements of each class and refuses to read past a class's
 /// planes: together the same rule as counting the base first.
+///
+/// With `skip_tops`, when the top plane of every class but 0 is empty or a
+/// frame of zeros ([`zstd_frame_is_zeros`]), those planes are left as the
+/// buffer had them (the fast gather skips them), and the answer's third
+/// part is true.
 fn decompress_planes_by_frames(
     dtype: FloatDtype,
     layout: &BaseLayout,
@@ -1255,7 +1303,8 @@ fn decompress_planes_by_frames(
     chunk: &[u8],
     planes: &mut Vec<u8>,
     kind: Kind,
-) -> Result<(Vec<usize>, Vec<usize>), CodecError> {
+    skip_tops: bool,
+) -> Result<(Vec<usize>, Vec<usize>, bool), CodecError> {
     let w = dtype.width();
     let classes = class_count(layout.codec);
     let n_streams = classes * w;
@@ -1268,6 +1317,10 @@ fn decompress_planes_by_frames(
     }
     let mut counts = vec![0usize; classes];
     let mut at = table_len;
+    // Streams that are frames of zeros, and whether every top plane of
+    // classes 1 and up is one (or empty).
+    let mut zeros = vec![false; n_streams];
+    let mut tops = true;
     for (c, count) in counts.iter_mut().enumerate() {
         for j in 0..w {
             let i = c * w + j;
@@ -1292,6 +1345,10 @@ fn decompress_planes_by_frames(
                     }
                 }
             };
+            zeros[i] = !split && n > 0 && zstd_frame_is_zeros(&chunk[at..end], n);
+            if c > 0 && j == w - 1 {
+                tops &= n == 0 || zeros[i];
+            }
             if j == 0 {
                 *count = n;
             } else if n != *count {
@@ -1328,16 +1385,21 @@ fn decompress_planes_by_frames(
     if planes.len() < len {
         planes.resize(len, 0);
     }
+    let skip = skip_tops && tops;
     let mut at = table_len;
     for (i, &off) in offsets.iter().enumerate() {
         let (len, split) = table_entry(chunk, i, kind)?;
         let n = counts[i / w];
-        if n > 0 {
+        if zeros[i] {
+            if !(skip && i / w > 0 && i % w == w - 1) {
+                planes[off..off + n].fill(0);
+            }
+        } else if n > 0 {
             decode_stream_into(&chunk[at..at + len], split, i, &mut planes[off..], n)?;
         }
         at += len;
     }
-    Ok((offsets, counts))
+    Ok((offsets, counts, skip))
 }
 
 /// Whether the top byte plane of every class but 0 holds zeros only in
@@ -1355,8 +1417,8 @@ pub fn top_planes_zero(
     kind: Kind,
 ) -> Result<bool, CodecError> {
     let mut planes = Vec::new();
-    let (offsets, counts) =
-        decompress_planes_by_frames(dtype, layout, rows, chunk, &mut planes, kind)?;
+    let (offsets, counts, _) =
+        decompress_planes_by_frames(dtype, layout, rows, chunk, &mut planes, kind, false)?;
     Ok(top_zero(dtype.width(), &offsets, &counts, &planes))
 }
 
@@ -1371,6 +1433,54 @@ fn top_zero(w: usize, offsets: &[usize], counts: &[usize], planes: &[u8]) -> boo
             .chunks(256)
             .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
     })
+}
+
+/// Whether the zstd frame `f` is a frame of `n` zeros as
+/// [`push_zeros_frame`] writes them, read from its headers alone: a
+/// single-segment frame declaring `n` bytes, with neither dictionary nor
+/// checksum, whose blocks are all run-length blocks of the byte 0 of at
+/// most 128 KiB, adding up to `n`, and which ends after the last of them
+/// (RFC 8878 §3.1.1). Such a frame decodes to `n` zeros, so zstd need not
+/// run over it. Anything else is `false`, and zstd decodes and judges it.
+fn zstd_frame_is_zeros(f: &[u8], n: usize) -> bool {
+    if n == 0 || f.len() < 6 || f[..4] != 0xFD2F_B528u32.to_le_bytes() {
+        return false;
+    }
+    let fhd = f[4];
+    // Single_Segment (bit 5) set; reserved bit 3, Content_Checksum (bit 2)
+    // and Dictionary_ID (bits 1-0) clear; bit 4 is unused, ignored.
+    if fhd & 0x2F != 0x20 {
+        return false;
+    }
+    let le = |a: usize, k: usize| -> Option<u64> {
+        let b = f.get(a..a + k)?;
+        Some(b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x)))
+    };
+    let (declared, mut at) = match fhd >> 6 {
+        0 => (le(5, 1), 6),
+        1 => (le(5, 2).map(|v| v + 256), 7),
+        2 => (le(5, 4), 9),
+        _ => (le(5, 8), 13),
+    };
+    if declared != Some(n as u64) {
+        return false;
+    }
+    let mut total = 0u64;
+    loop {
+        let Some(h) = le(at, 3) else {
+            return false;
+        };
+        let size = h >> 3;
+        // Block_Type 1 (bits 2-1): run-length, its one byte 0.
+        if (h >> 1) & 3 != 1 || size > BLOCK as u64 || f.get(at + 3) != Some(&0) {
+            return false;
+        }
+        total += size;
+        at += 4;
+        if h & 1 == 1 {
+            return total == n as u64 && at == f.len();
+        }
+    }
 }
 
 /// Bytes after the last plane that the fast gather may read (never use):
@@ -1465,9 +1575,13 @@ pub fn decode_timed(
     PLANES.with(|p| {
         let planes = &mut *p.borrow_mut();
         let t0 = std::time::Instant::now();
-        let (offsets, counts) =
-            decompress_planes_by_frames(dtype, layout, rows, chunk, planes, kind)?;
-        let top_zero = top_zero(dtype.width(), &offsets, &counts, planes);
+        // The fast gather over whole q4 blocks skips the top planes of
+        // classes 1 and up where they hold zeros only: those stored as
+        // frames of zeros are then not even written, others are checked.
+        let blocks = blocks_path(dtype, layout);
+        let (offsets, counts, skipped) =
+            decompress_planes_by_frames(dtype, layout, rows, chunk, planes, kind, blocks)?;
+        let top_zero = blocks && (skipped || top_zero(dtype.width(), &offsets, &counts, planes));
         let t1 = std::time::Instant::now();
         let (o, c) = (&offsets[..], &counts[..]);
         let r = match dtype.width() {
@@ -1483,6 +1597,20 @@ pub fn decode_timed(
         r?;
         Ok((t1 - t0, t1.elapsed()))
     })
+}
+
+/// Whether [`gather`] rebuilds a chunk of `dtype` in `layout` with its
+/// AVX-512 loop over whole q4 blocks: rows of whole q4 groups of 64 BF16,
+/// F16 or F32 values (every weight matrix of the usual shapes), one loop
+/// over all their blocks, which rebuilds what the group-by-group path
+/// would (a block with a non-finite scale is skipped and flagged: the
+/// chunk is refused either way).
+fn blocks_path(dtype: FloatDtype, layout: &BaseLayout) -> bool {
+    layout.codec == BaseCodec::Q4
+        && layout.group == 64
+        && layout.cols.is_multiple_of(64)
+        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F16 | FloatDtype::F32)
+        && gather_avx512::available()
 }
 
 /// Byte at `at` of the plane buffer.
@@ -1570,15 +1698,12 @@ fn gather<const W: usize>(
     // Groups of 64 q4 codes of a 2-byte type go 64 elements at a time
     // through AVX-512 (byte expand-loads from each class's planes).
     let wide = (W == 2 || W == 4) && layout.codec == BaseCodec::Q4 && gather_avx512::available();
-    // Rows of whole q4 groups of 64 BF16 or F32 values (every weight
-    // matrix of the usual shapes): one AVX-512 loop over all their blocks,
-    // which rebuilds what the group-by-group path below would (a block
-    // with a non-finite scale is skipped and flagged: the chunk is refused
-    // either way).
-    let blocks = wide
-        && layout.group == 64
-        && layout.cols.is_multiple_of(64)
-        && matches!(dtype, FloatDtype::BF16 | FloatDtype::F16 | FloatDtype::F32);
+    let blocks = blocks_path(dtype, layout);
+    debug_assert!(wide || !blocks);
+    debug_assert!(
+        blocks || !top_zero,
+        "top planes skipped only by the block loop"
+    );
     if blocks {
         let (base, out) = (&base[..rows * rb], &mut out[..rows * layout.cols * W]);
         // SAFETY: the features are present; `base` is whole 34-byte blocks
@@ -3276,6 +3401,63 @@ mod tests {
             assert!(out == data, "{n} bytes");
             // And the library's own decoder agrees.
             assert!(zstd::bulk::decompress(f, n).expect("zstd") == data);
+        }
+    }
+
+    #[test]
+    fn zeros_frames_are_zstd_frames_of_zeros_and_recognized_from_their_headers() {
+        use super::{push_zeros_frame, zstd_frame_is_zeros, BLOCK};
+        for n in [
+            1,
+            255,
+            256,
+            4096,
+            65_791,
+            65_792,
+            BLOCK,
+            BLOCK + 1,
+            300_000,
+            1 << 22,
+        ] {
+            let mut f = vec![0xEE];
+            push_zeros_frame(&mut f, n);
+            let f = &f[1..];
+            assert!(
+                f.len() <= 13 + 4 * n.div_ceil(BLOCK),
+                "{n}: {} bytes",
+                f.len()
+            );
+            // The library's own decoder reads it as n zeros.
+            let out = zstd::bulk::decompress(f, n).expect("zstd decodes it");
+            assert!(out.len() == n && out.iter().all(|&b| b == 0), "{n}");
+            assert!(zstd_frame_is_zeros(f, n), "{n}");
+            assert!(!zstd_frame_is_zeros(f, n + 1), "{n}: declared size");
+            assert!(!zstd_frame_is_zeros(f, n - 1), "{n}: declared size");
+            assert!(!zstd_frame_is_zeros(&f[..f.len() - 1], n), "{n}: cut short");
+            let longer = [f, &[0u8][..]].concat();
+            assert!(!zstd_frame_is_zeros(&longer, n), "{n}: bytes after it");
+            // The last block's byte other than 0: n - 1 zeros and a 7 at the end.
+            let mut seven = f.to_vec();
+            *seven.last_mut().unwrap() = 7;
+            assert!(!zstd_frame_is_zeros(&seven, n), "{n}: a run of 7s");
+        }
+        let mut f = Vec::new();
+        push_zeros_frame(&mut f, 1000);
+        // A checksum, a dictionary or the reserved bit in the descriptor.
+        for bit in [0x04, 0x01, 0x08] {
+            let mut g = f.clone();
+            g[4] |= bit;
+            assert!(!zstd_frame_is_zeros(&g, 1000), "descriptor bit {bit:#x}");
+        }
+        // A raw block of zeros, and zstd's own frame for zeros: decoded, not
+        // recognized.
+        let mut raw = Vec::new();
+        super::push_stored_frame(&mut raw, &[0u8; 1000]);
+        assert!(!zstd_frame_is_zeros(&raw, 1000));
+        let own = zstd::bulk::compress(&[0u8; 1000], 3).unwrap();
+        assert!(!zstd_frame_is_zeros(&own, 1000));
+        for bad in [&[][..], &[0x28, 0xB5, 0x2F, 0xFD][..], &[0u8; 16][..]] {
+            assert!(!zstd_frame_is_zeros(bad, 1));
         }
     }
 
