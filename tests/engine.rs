@@ -259,6 +259,70 @@ fn hostile_hyper_parameters_and_flags_are_clean_errors() {
         "smollm2.tpde",
         "does not fit the model's context of 8192",
     );
+    // Before the weights load: a budget too small to load them is not
+    // what the error is about.
+    let o = tpde(&[&"bench", &c, &"-p", &"8193", &"-n", &"2", &"--ram", &"1MiB"]);
+    assert_clean_error(
+        &o,
+        2,
+        "smollm2.tpde",
+        "a prompt of 8193 tokens does not fit",
+    );
+}
+
+#[test]
+fn a_chat_template_that_exhausts_memory_ends_in_a_clean_error() {
+    // The Mixtral fixture with a byte-level tokenizer of 26 letters and a
+    // chat template of its own. minijinja's `~` has no bound: doubling a
+    // string through a namespace, or through a `{% set %}` block, asked
+    // for all the machine's memory; the rendering now has 256 MiB.
+    let d = tmp();
+    let src = d.path().join("model");
+    std::fs::create_dir(&src).unwrap();
+    let fx = fixture("moe-mixtral-tiny");
+    for e in std::fs::read_dir(&fx).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> = ('a'..='z')
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), Value::from(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(src.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let c = d.path().join("m.tpde");
+    for (template, fails) in [
+        ("{% for m in messages %}{{ m['content'] }}{% endfor %}", false),
+        (
+            "{% set ns = namespace(a='x') %}{% for i in range(64) %}{% set ns.a = ns.a ~ ns.a %}{% endfor %}{{ ns.a|length }}",
+            true,
+        ),
+        (
+            "{% set ns = namespace(a='xxxxxxxx') %}{% for i in range(48) %}{% set b %}{{ ns.a }}{{ ns.a }}{% endset %}{% set ns.a = b %}{% endfor %}{{ ns.a|length }}",
+            true,
+        ),
+    ] {
+        let config = serde_json::json!({ "chat_template": template });
+        std::fs::write(src.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let o = tpde(&[&"pack", &src, &"-o", &c]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let t = std::time::Instant::now();
+        let o = tpde(&[&"run", &c, &"-p", &"hi", &"-n", &"2"]);
+        if fails {
+            assert_clean_error(&o, 2, "m.tpde", "chat template: needs more than 256 MiB of memory");
+            assert!(t.elapsed().as_secs() < 30, "{template}: {:?}", t.elapsed());
+        } else {
+            assert!(o.status.success(), "{template}: {}", stderr(&o));
+        }
+    }
 }
 
 /// Full logits of the three synthetic MoE fixtures against transformers

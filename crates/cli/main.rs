@@ -1,6 +1,7 @@
 //! `tpde`: command-line definition and glue. All work happens in the
 //! library crates; this file parses flags, shows progress and prints results.
 
+mod budget;
 mod demo;
 mod run;
 
@@ -11,6 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tpde_loader::telemetry::peak_rss_bytes;
 use tpde_pack::{PackOptions, Progress};
+
+/// Counts the allocations of a thread whose work a model file can make
+/// unbounded (a chat template), to end it with an error ([`budget`]).
+#[global_allocator]
+static ALLOCATOR: budget::Budgeted = budget::Budgeted;
 
 /// Tiered, lossless, streamable containers for large language models.
 ///

@@ -7,6 +7,11 @@ use tpde_engine::model::Model;
 use tpde_engine::tokenizer::TextStream;
 use tpde_pack::Error;
 
+/// The most a chat template's rendering may allocate: real templates take
+/// kilobytes (its output is capped at 16 MiB, and so is each string a
+/// filter builds).
+const TEMPLATE_MEMORY: usize = 256 << 20;
+
 pub struct RunOptions {
     pub load: tpde_loader::LoadOptions,
     pub prompt: String,
@@ -43,12 +48,21 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<()> {
                 id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
                     .unwrap_or_default()
             };
-            t.render(
-                &[("user", &opts.prompt)],
-                true,
-                &piece(tok.bos()),
-                &piece(tok.eos()),
-            )
+            // The template comes from the model's files: its rendering is
+            // bounded in time (fuel) and, here, in memory.
+            let over = format!(
+                "{}: chat template: needs more than {} MiB of memory",
+                path.display(),
+                TEMPLATE_MEMORY >> 20
+            );
+            crate::budget::within(TEMPLATE_MEMORY, &over, || {
+                t.render(
+                    &[("user", &opts.prompt)],
+                    true,
+                    &piece(tok.bos()),
+                    &piece(tok.eos()),
+                )
+            })
             .map_err(|m| Error::input(path, format!("chat template: {m}")))?
         }
         _ => opts.prompt.clone(),

@@ -149,20 +149,23 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         stream: opts.stream_layers,
         expert_cache: opts.expert_cache,
     };
+    let err = |m: String| Error::input(path, m);
+    // `-p` comes from the command line and may be anything: checked
+    // against the model's context before its weights are loaded.
+    let ctx_len = crate::model::Metadata::read(&tpde_pack::Container::open(path)?)?
+        .config(path)?
+        .ctx_len;
+    if opts.prompt > ctx_len {
+        return Err(err(format!(
+            "a prompt of {} tokens does not fit the model's context of {ctx_len} positions",
+            opts.prompt
+        )));
+    }
     let (model, _meta, load): (Model, _, LoadReport) =
         Model::load_with(path, opts.load.clone(), &placing)?;
     let c = &model.config;
-    let err = |m: String| Error::input(path, m);
     let reps = opts.reps.max(1);
     let ctx = ctx.min(c.ctx_len);
-    // Checked before the prompt's tokens are made: `-p` comes from the
-    // command line and may be anything.
-    if opts.prompt > ctx {
-        return Err(err(format!(
-            "a prompt of {} tokens does not fit the model's context of {} positions",
-            opts.prompt, c.ctx_len
-        )));
-    }
     let streamed = model.is_streamed();
     let raw = || -> Result<f64> {
         tpde_loader::bench::raw_read(path, opts.load.direct, true)?
