@@ -200,6 +200,17 @@ fn models_the_engine_cannot_run_are_clean_errors() {
     assert_clean_error(&o, 2, "minilm.tpde", "not supported");
 }
 
+/// A copy of the fixture folder `name` in `dir`/model, to edit.
+fn copy_of_fixture(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("model");
+    std::fs::create_dir(&src).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    src
+}
+
 #[test]
 fn hostile_hyper_parameters_and_flags_are_clean_errors() {
     // A copy of the Mixtral fixture with one value of its config.json
@@ -215,13 +226,7 @@ fn hostile_hyper_parameters_and_flags_are_clean_errors() {
         ("intermediate_size", "0", "a feed-forward width of 0"),
     ] {
         let d = tmp();
-        let src = d.path().join("model");
-        std::fs::create_dir(&src).unwrap();
-        let fx = fixture("moe-mixtral-tiny");
-        for e in std::fs::read_dir(&fx).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
-        }
+        let src = copy_of_fixture("moe-mixtral-tiny", d.path());
         let mut config: Value =
             serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
         config[key] = serde_json::from_str(value).unwrap();
@@ -277,13 +282,7 @@ fn a_chat_template_that_exhausts_memory_ends_in_a_clean_error() {
     // string through a namespace, or through a `{% set %}` block, asked
     // for all the machine's memory; the rendering now has 256 MiB.
     let d = tmp();
-    let src = d.path().join("model");
-    std::fs::create_dir(&src).unwrap();
-    let fx = fixture("moe-mixtral-tiny");
-    for e in std::fs::read_dir(&fx).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
-    }
+    let src = copy_of_fixture("moe-mixtral-tiny", d.path());
     let vocab: serde_json::Map<String, Value> = ('a'..='z')
         .enumerate()
         .map(|(i, c)| (c.to_string(), Value::from(i)))

@@ -3366,21 +3366,25 @@ mod tests {
     use crate::{base, FloatDtype};
     use tpde_format::{BaseCodec, BaseLayout};
 
+    /// Frame sizes around the edges of the content-size field's widths
+    /// and of a block (128 KiB).
+    const FRAME_SIZES: [usize; 9] = [
+        1,
+        255,
+        256,
+        4096,
+        65_791,
+        65_792,
+        128 << 10,
+        (128 << 10) + 1,
+        300_000,
+    ];
+
     #[test]
     fn stored_frames_are_zstd_frames_of_their_bytes() {
         use super::{push_stored_frame, zstd_decompress_exact};
         let mut x = 7u64;
-        for n in [
-            1,
-            255,
-            256,
-            4096,
-            65_791,
-            65_792,
-            128 << 10,
-            (128 << 10) + 1,
-            300_000,
-        ] {
+        for n in FRAME_SIZES {
             let data: Vec<u8> = (0..n)
                 .map(|_| {
                     x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -3407,18 +3411,7 @@ mod tests {
     #[test]
     fn zeros_frames_are_zstd_frames_of_zeros_and_recognized_from_their_headers() {
         use super::{push_zeros_frame, zstd_frame_is_zeros, BLOCK};
-        for n in [
-            1,
-            255,
-            256,
-            4096,
-            65_791,
-            65_792,
-            BLOCK,
-            BLOCK + 1,
-            300_000,
-            1 << 22,
-        ] {
+        for n in FRAME_SIZES.into_iter().chain([1 << 22]) {
             let mut f = vec![0xEE];
             push_zeros_frame(&mut f, n);
             let f = &f[1..];
