@@ -336,6 +336,16 @@ fn the_memory_budget_is_enforced_before_anything_big_is_allocated() {
     let peak = r["peak_rss_bytes"].as_u64().unwrap();
     assert!(peak <= b, "peak RSS {peak} over the budget {b}");
     assert_eq!(r["tensors"], 6);
+    // A prefetch depth from the command line that no pool could have (its
+    // size overflowed): at most one segment more than there are steps.
+    let deep = bench_json(&c, &["--prefetch", "4611686018427387904"]).unwrap();
+    let r = &deep["results"];
+    let steps = r["steps"].as_u64().unwrap();
+    assert!(
+        (1..=steps + 1).contains(&r["memory"]["pool_buffers"].as_u64().unwrap()),
+        "{}",
+        r["memory"]
+    );
 }
 
 #[test]

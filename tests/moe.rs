@@ -449,6 +449,14 @@ fn direct_fetches(out: &Path) -> Option<Vec<(u64, u64, u64)>> {
                 let (bytes, calls) = (c.bytes_read(), c.reads());
                 let got = direct.fetch(l, e, fidelity).unwrap();
                 seen.push((c.reads() - calls, c.bytes_read() - bytes, part));
+                // What the engine's memory budget counts for the reader.
+                let kept = tpde_pack::ExpertReader::kept_bytes(&c, true);
+                assert!(
+                    direct.kept_capacity() <= kept,
+                    "l{l} e{e} {fidelity:?}: a kept buffer of {} bytes, {kept} counted",
+                    direct.kept_capacity()
+                );
+                assert!(buffered.kept_capacity() <= tpde_pack::ExpertReader::kept_bytes(&c, false));
                 assert_eq!(got.len(), want.len());
                 for (a, b) in got.iter().zip(&want) {
                     assert_eq!(a.name, b.name);

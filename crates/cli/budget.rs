@@ -47,8 +47,10 @@ fn charge(grow: usize) {
     });
 }
 
-/// Counts `shrink` bytes freed (never below 0: memory allocated before the
-/// budget began gives no credit).
+/// Counts `shrink` bytes freed (never below 0). Memory allocated before
+/// the budget began and freed inside it is credited while the count is
+/// above 0: the work it bounds (a template's rendering) frees only what it
+/// allocated, besides a few caches.
 fn refund(shrink: usize) {
     let _ = BUDGET.try_with(|b| {
         if let Some(mut budget) = b.get() {
@@ -101,8 +103,10 @@ unsafe impl GlobalAlloc for Budgeted {
 /// Past that, the process writes `message` (one line: "tpde: error: " and
 /// what it is given) to standard error and exits with status 2, at once.
 /// Only the thread that calls `within` is counted (the work must not hand
-/// allocations to other threads). Without [`Budgeted`] as the global
-/// allocator, `f` runs without a bound.
+/// allocations to other threads), and a `within` inside another replaces
+/// the outer budget until it returns (what it allocates is not charged to
+/// the outer one). Without [`Budgeted`] as the global allocator, `f` runs
+/// without a bound.
 pub fn within<T>(limit: usize, message: &str, f: impl FnOnce() -> T) -> T {
     // Built before the budget starts, and kept until it ends.
     let line = format!("tpde: error: {}\n", message.replace('\n', " "));

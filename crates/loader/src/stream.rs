@@ -1277,13 +1277,7 @@ impl Loader {
 
     /// How the decode threads store `step`'s values.
     fn stores(&self, step: &Step) -> Stores {
-        match self.options.stores {
-            StepStores::Cached => Stores::Cached,
-            StepStores::PastCache => Stores::PastCache,
-            StepStores::BySize if step.out_bytes > self.past_cache_above => Stores::PastCache,
-            StepStores::Above(n) if step.out_bytes > n => Stores::PastCache,
-            StepStores::BySize | StepStores::Above(_) => Stores::Cached,
-        }
+        stores_for(self.options.stores, step.out_bytes, self.past_cache_above)
     }
 
     /// Whether tensor `t` is delivered as its base blocks.
@@ -1590,7 +1584,9 @@ fn plan(
     // The decode threads and the calling thread, which decodes too.
     let fixed = baseline_rss + hot_buf + out + (threads as u64 + 1) * per_thread;
     let need = |n: u64| fixed + pool(n);
-    let mut buffers = options.prefetch.max(1);
+    // A count from the command line may be anything: at most one segment
+    // more than there are steps (more would never be used).
+    let mut buffers = options.prefetch.clamp(1, steps.len() + 1);
     if let Some(budget) = options.ram_budget {
         if baseline_rss + hot_buf > budget {
             return Err(Error::input(
@@ -1631,6 +1627,22 @@ fn plan(
         total: need(buffers as u64),
     };
     Ok((steps, memory, (hot_at, hot_len)))
+}
+
+/// How a step of `bytes` bytes of values is stored under `mode`, where
+/// [`StepStores::BySize`] stores past the cache above `by_size` bytes.
+fn stores_for(mode: StepStores, bytes: u64, by_size: u64) -> Stores {
+    let above = match mode {
+        StepStores::Cached => return Stores::Cached,
+        StepStores::PastCache => return Stores::PastCache,
+        StepStores::BySize => by_size,
+        StepStores::Above(n) => n,
+    };
+    if bytes > above {
+        Stores::PastCache
+    } else {
+        Stores::Cached
+    }
 }
 
 /// Where each delivered tensor starts in memory: a multiple of this.
@@ -1936,7 +1948,23 @@ fn plan_steps(
 
 #[cfg(test)]
 mod tests {
-    use super::{small_tail, Msg, Read, ReadOrder, Ring};
+
+    #[test]
+    fn steps_are_stored_past_the_cache_only_above_their_threshold() {
+        use Stores::{Cached, PastCache};
+        for (mode, bytes, want) in [
+            (StepStores::BySize, 16, Cached),
+            (StepStores::BySize, 17, PastCache),
+            (StepStores::Above(100), 100, Cached),
+            (StepStores::Above(100), 101, PastCache),
+            (StepStores::Above(0), 1, PastCache),
+            (StepStores::Cached, u64::MAX, Cached),
+            (StepStores::PastCache, 0, PastCache),
+        ] {
+            assert_eq!(stores_for(mode, bytes, 16), want, "{mode:?} {bytes}");
+        }
+    }
+    use super::{small_tail, stores_for, Msg, Read, ReadOrder, Ring, StepStores, Stores};
 
     #[test]
     fn reads_finished_out_of_order_are_announced_in_order_without_waiting() {

@@ -165,7 +165,8 @@ impl<'c> ExpertReader<'c> {
 
     /// The most memory a reader of `c` keeps between fetches: its read
     /// buffer, as large as the largest expert shard read whole (with
-    /// `O_DIRECT`, `direct`: in whole blocks, and at least one huge page).
+    /// `O_DIRECT`, `direct`: in whole blocks, each span of a large shard
+    /// rounded out to them, and whole huge pages, at least one).
     /// Fetching an expert also needs its output, which the caller owns.
     pub fn kept_bytes(c: &Container, direct: bool) -> u64 {
         let m = &c.manifest;
@@ -177,11 +178,31 @@ impl<'c> ExpertReader<'c> {
             .max()
             .unwrap_or(0);
         if direct {
-            // A block before the shard's start and one past its end, at most.
-            let blocks = largest.next_multiple_of(SECTION_ALIGN) + 2 * SECTION_ALIGN;
+            // A block before the shard's start and one past its end, at
+            // most; a shard read span by span (over `DIRECT_ONE_READ`)
+            // rounds each span out to blocks: two spans a group, and
+            // groups of at least an eighth of the shard (or of
+            // `GROUP_BYTES`' bounds), one more for the rest.
+            let target = (largest / 8).clamp(*GROUP_BYTES.start(), *GROUP_BYTES.end());
+            let spans = 2 * (largest / target + 2);
+            let blocks = largest
+                .next_multiple_of(SECTION_ALIGN)
+                .saturating_add(2 * spans * SECTION_ALIGN);
             kept_len(usize::try_from(blocks).unwrap_or(usize::MAX))
         } else {
             largest
+        }
+    }
+
+    /// Bytes of the read buffer this reader keeps now: never more than
+    /// [`ExpertReader::kept_bytes`] says.
+    pub fn kept_capacity(&self) -> u64 {
+        if self.direct.is_some() {
+            let b = self.aligned.lock().unwrap_or_else(|p| p.into_inner());
+            b.capacity() as u64
+        } else {
+            let b = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            b.len() as u64
         }
     }
 
