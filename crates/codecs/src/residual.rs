@@ -250,7 +250,7 @@ const RESIDUAL_MATCHES: [zstd_safe::CParameter; 6] = [
     zstd_safe::CParameter::LiteralCompressionMode(zstd_safe::ParamSwitch::Enable),
 ];
 
-/// Levels at which residual streams get [`RESIDUAL_MATCHES`]; above it
+/// Levels at which residual streams get `RESIDUAL_MATCHES`; above it
 /// (a user asking for a slower search), and at zstd's negative levels,
 /// the level's own settings apply.
 pub const TUNED_UP_TO_LEVEL: i32 = 3;
@@ -274,7 +274,7 @@ pub fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
     compress_frame(data, Frames::Level(level))
 }
 
-/// [`zstd_compress`] for a residual stream: with [`RESIDUAL_MATCHES`] at
+/// [`zstd_compress`] for a residual stream: with `RESIDUAL_MATCHES` at
 /// levels 1 to [`TUNED_UP_TO_LEVEL`].
 pub fn zstd_compress_residual(data: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
     compress_frame(data, residual_frames(level))

@@ -145,7 +145,7 @@ pub struct DiskFigures {
 /// Block size of the raw reads.
 const RAW_BLOCK: u64 = 8 << 20;
 
-/// Reads the whole file sequentially in [`RAW_BLOCK`] reads, GB/s; `None`
+/// Reads the whole file sequentially in 8 MiB reads, GB/s; `None`
 /// when the file cannot be opened with `O_DIRECT` (`direct`). `cold`: the
 /// file's pages are dropped from the page cache first.
 pub fn raw_read(path: &Path, direct: bool, cold: bool) -> Result<Option<f64>> {
