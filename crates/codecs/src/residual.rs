@@ -1428,10 +1428,7 @@ pub fn top_planes_zero(
 fn top_zero(w: usize, offsets: &[usize], counts: &[usize], planes: &[u8]) -> bool {
     (1..counts.len()).all(|c| {
         let at = offsets[c * w + w - 1];
-        // Wide ORs: the compiler turns each into vector instructions.
-        planes[at..at + counts[c]]
-            .chunks(256)
-            .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+        all_zero(&planes[at..at + counts[c]])
     })
 }
 
