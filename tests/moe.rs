@@ -358,7 +358,19 @@ fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
         &"-o",
         &d.path().join("x.safetensors"),
     ]);
-    assert_clean_error(&o, 2, "moe.tpde", "has 4 experts");
+    assert_clean_error(&o, 2, "moe.tpde", "has 4 experts (0 to 3), no expert 9");
+    // The largest number there is: named as given, no overflow.
+    let o = tpde(&[
+        &"extract",
+        &out,
+        &"--layer",
+        &"0",
+        &"--expert",
+        &"4294967295",
+        &"-o",
+        &d.path().join("x.safetensors"),
+    ]);
+    assert_clean_error(&o, 2, "moe.tpde", "no expert 4294967295");
     let (_d2, _s, dense) = packed(&mixed_model(1), &[]);
     let o = tpde(&[
         &"extract",

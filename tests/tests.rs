@@ -5,6 +5,7 @@ mod util;
 
 mod bad_container;
 mod bad_safetensors;
+mod cli;
 mod engine;
 mod faults;
 mod gguf;

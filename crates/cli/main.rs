@@ -24,12 +24,15 @@ static ALLOCATOR: budget::Budgeted = budget::Budgeted;
 #[derive(Parser)]
 #[command(name = "tpde", version, propagate_version = true)]
 struct Cli {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores; at most 1024).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The most worker threads `--threads` may ask for.
+const MAX_THREADS: usize = 1024;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Base {
@@ -235,6 +238,12 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     if let Some(n) = cli.threads {
+        // A thread that fails to start leaves the pool's builder waiting
+        // for it forever: numbers no machine needs are refused up front.
+        if n > MAX_THREADS {
+            eprintln!("tpde: error: --threads {n}: at most {MAX_THREADS}");
+            return ExitCode::from(2);
+        }
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
@@ -252,7 +261,10 @@ fn main() -> ExitCode {
             });
             // Library errors already carry their file and cause in one
             // sentence; the chain would repeat them.
-            eprintln!("tpde: error: {}", e.to_string().replace('\n', " "));
+            eprintln!(
+                "tpde: error: {}",
+                printable(&e.to_string().replace('\n', " "))
+            );
             ExitCode::from(if integrity { 1 } else { 2 })
         }
     }
@@ -557,7 +569,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let s = tpde_pack::pack::pack(&source, &output, &opts, &bar)?;
             bar.clear();
             for w in &s.warnings {
-                eprintln!("tpde: warning: {}: {w}", source.display());
+                eprintln!("tpde: warning: {}: {}", source.display(), printable(w));
             }
             if json {
                 print_json(&with_rss(serde_json::to_value(&s)?));
@@ -883,10 +895,32 @@ fn print_rss() {
     }
 }
 
+/// `s` with its control characters escaped (`\n`, `\u{1b}`, …): text
+/// from a file goes to the terminal as text, never as line breaks or
+/// terminal commands.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
+
 pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
     println!(
         "{}  (tpde format v{}, {})",
-        i.path, i.format_version, i.created_by
+        i.path,
+        i.format_version,
+        printable(&i.created_by)
     );
     println!(
         "  base {} group {}, cold chunks of {} elements, zstd level {}",
@@ -916,7 +950,12 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
         i.sections.len()
     );
     for f in &i.files {
-        println!("    {:<40} {:>12} bytes  {}", f.path, f.bytes, f.kind);
+        println!(
+            "    {:<40} {:>12} bytes  {}",
+            printable(&f.path),
+            f.bytes,
+            f.kind
+        );
         if let Some(g) = &f.gguf {
             let types: Vec<String> = g
                 .tensor_types
@@ -926,7 +965,7 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
             println!(
                 "      GGUF v{}, architecture {}, alignment {}, tensors: {}",
                 g.version,
-                g.architecture.as_deref().unwrap_or("(none)"),
+                printable(g.architecture.as_deref().unwrap_or("(none)")),
                 g.alignment,
                 types.join(", ")
             );
@@ -937,7 +976,7 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
                 .iter()
                 .filter(|(k, v)| k.starts_with(&prefix) && !v.is_object())
             {
-                println!("      {k} = {v}");
+                println!("      {} = {v}", printable(k));
             }
         }
     }
@@ -949,7 +988,12 @@ pub fn print_inspection(i: &tpde_pack::Inspection, tensors: bool) {
         for t in &i.tensors {
             println!(
                 "  {:<48} {:>6} {:>9} {:>12} {:>12} {:>12}",
-                t.name, t.dtype, t.storage, t.original_bytes, t.hot_bytes, t.cold_bytes
+                printable(&t.name),
+                printable(&t.dtype),
+                t.storage,
+                t.original_bytes,
+                t.hot_bytes,
+                t.cold_bytes
             );
         }
     }

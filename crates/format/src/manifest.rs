@@ -7,6 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 /// Largest group size of a quantized base.
 pub const MAX_GROUP_SIZE: u32 = 4096;
 
+/// The zstd levels a container may name: libzstd's own range (its
+/// fastest negative level to its strongest).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = -(1 << 17)..=22;
+
 /// The quantizer of a hot-tier base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -506,7 +510,7 @@ impl Manifest {
                 p.group_size, p.chunk_elems
             ));
         }
-        if !(-(1 << 17)..=22).contains(&p.zstd_level) {
+        if !ZSTD_LEVELS.contains(&p.zstd_level) {
             return bad(format!("params: zstd level {} out of range", p.zstd_level));
         }
 

@@ -157,6 +157,14 @@ pub struct AtomicDir {
 
 impl AtomicDir {
     pub fn create(dest: &Path) -> Result<AtomicDir> {
+        // Refused before any work: the rename at the end would fail on it
+        // (a link to a folder is not replaced by one).
+        if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Destination {
+                path: dest.to_path_buf(),
+                msg: "destination is a symbolic link (name the folder itself)".into(),
+            });
+        }
         if let Ok(mut rd) = std::fs::read_dir(dest) {
             if rd.next().is_some() {
                 return Err(Error::Destination {

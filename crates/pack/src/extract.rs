@@ -272,9 +272,9 @@ impl<'c> ExpertReader<'c> {
             return Err(Error::input(
                 &c.path,
                 format!(
-                    "layer {layer} has {} experts, not {}",
+                    "layer {layer} has {} experts (0 to {}), no expert {expert}",
                     l.experts,
-                    expert + 1
+                    l.experts.saturating_sub(1)
                 ),
             ));
         }

@@ -206,12 +206,41 @@ fn step_of(name: &str, layer: Option<u32>) -> (u8, u32, String) {
     }
 }
 
+/// An error unless a manifest of `len` bytes is within `limit` (the
+/// readers' [`tpde_format::MAX_MANIFEST_LEN`]): a container whose manifest
+/// no reader opens must not be written.
+fn manifest_fits(src: &Path, manifest: &Manifest, len: u64, limit: u64) -> Result<()> {
+    if len <= limit {
+        return Ok(());
+    }
+    Err(Error::input(
+        src,
+        format!(
+            "too many tensors or files for one container: its manifest would be {len} bytes, \
+             over the format's limit of {limit} ({} tensors, {} files)",
+            manifest.tensors.len(),
+            manifest.files.len()
+        ),
+    ))
+}
+
 /// Packs `src` (a `.safetensors` file or a model folder) into `dest`.
 pub fn pack(
     src: &Path,
     dest: &Path,
     opts: &PackOptions,
     progress: &dyn Progress,
+) -> Result<PackSummary> {
+    pack_within(src, dest, opts, progress, tpde_format::MAX_MANIFEST_LEN)
+}
+
+/// [`pack`], with a manifest of at most `manifest_limit` bytes.
+fn pack_within(
+    src: &Path,
+    dest: &Path,
+    opts: &PackOptions,
+    progress: &dyn Progress,
+    manifest_limit: u64,
 ) -> Result<PackSummary> {
     let start = Instant::now();
     if opts.group_size == 0 || opts.group_size > tpde_format::MAX_GROUP_SIZE {
@@ -222,6 +251,17 @@ pub fn pack(
     }
     if opts.chunk_elems == 0 {
         return Err(Error::input(src, "chunk size 0 (elements per chunk)"));
+    }
+    if !tpde_format::ZSTD_LEVELS.contains(&opts.zstd_level) {
+        return Err(Error::input(
+            src,
+            format!(
+                "zstd level {} out of range ({} to {})",
+                opts.zstd_level,
+                tpde_format::ZSTD_LEVELS.start(),
+                tpde_format::ZSTD_LEVELS.end()
+            ),
+        ));
     }
     let source = Source::open(src)?;
     crate::atomic::refuse_inputs(dest, source.files.iter().map(|f| f.path.as_path()))?;
@@ -525,6 +565,8 @@ pub fn pack(
         experts,
     };
     let bytes = manifest.to_bytes();
+    // A manifest no reader would open: refused before anything is committed.
+    manifest_fits(src, &manifest, bytes.len() as u64, manifest_limit)?;
     let manifest_offset = align_up(cursor).expect("small");
     let digest: [u8; 32] = *blake3::hash(&bytes).as_bytes();
     let file_len = manifest_offset + bytes.len() as u64 + FOOTER_LEN as u64;
@@ -1202,5 +1244,57 @@ mod file_digest_tests {
             read_at(&f, t.path(), 1_000, 5_000).expect("read"),
             &b[1_000..6_000]
         );
+    }
+}
+
+#[cfg(test)]
+mod manifest_limit_tests {
+    use super::*;
+
+    /// A safetensors file of `n` one-byte tensors.
+    fn many_tensors(n: usize) -> Vec<u8> {
+        let header: serde_json::Map<String, serde_json::Value> = (0..n)
+            .map(|i| {
+                let v =
+                    serde_json::json!({"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]});
+                (format!("t{i:05}"), v)
+            })
+            .collect();
+        let mut h = serde_json::to_vec(&header).expect("json");
+        h.resize(h.len().next_multiple_of(8), b' ');
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        out.extend(std::iter::repeat_n(7u8, n));
+        out
+    }
+
+    #[test]
+    fn a_manifest_over_the_limit_is_refused_and_nothing_is_written() {
+        let d = tempfile::tempdir().expect("temp dir");
+        let src = d.path().join("many.safetensors");
+        std::fs::write(&src, many_tensors(200)).expect("write");
+        let dest = d.path().join("many.tpde");
+        let opts = PackOptions::default();
+        // Within the limit the same model packs (and its manifest's size
+        // is what the refusal below is measured against).
+        let fits = pack_within(&src, &dest, &opts, &crate::NoProgress, u64::MAX).expect("packs");
+        let c = crate::Container::open(&dest).expect("opens");
+        let len = c.header.manifest_len;
+        assert!(fits.container_bytes > len && len > 200 * 40, "{len}");
+        std::fs::remove_file(&dest).expect("remove");
+
+        let e = pack_within(&src, &dest, &opts, &crate::NoProgress, len - 1)
+            .expect_err("a manifest one byte over the limit");
+        let msg = e.to_string();
+        assert!(msg.contains("many.safetensors"), "{msg}");
+        assert!(
+            msg.contains(&format!("manifest would be {len} bytes")) && msg.contains("200 tensors"),
+            "{msg}"
+        );
+        assert!(!dest.exists(), "nothing at the destination");
+        let left: Vec<_> = std::fs::read_dir(d.path()).expect("list").collect();
+        assert_eq!(left.len(), 1, "only the source is left: {left:?}");
+        // Exactly at the limit it packs.
+        pack_within(&src, &dest, &opts, &crate::NoProgress, len).expect("at the limit");
     }
 }
