@@ -332,11 +332,11 @@ fn wrong_shape_or_dtype() {
         &manifest_edit(|m| m["tensors"][0]["dtype"] = json!("Q9")),
         "unknown dtype",
     );
-    // Same width, different type: structurally valid, but the rebuilt bytes
-    // no longer match the recorded digest.
+    // Same width, different type: structurally valid, but not what the
+    // file's stored header says.
     rejects(
         &manifest_edit(|m| m["tensors"][0]["dtype"] = json!("F16")),
-        "digest",
+        "the file's header says \"model.embed_tokens.weight\" BF16",
     );
     rejects(
         &manifest_edit(|m| m["tensors"][0]["storage"]["residual"] = json!("exact-v9")),
@@ -346,6 +346,41 @@ fn wrong_shape_or_dtype() {
         &manifest_edit(|m| m["tensors"][0]["storage"]["group_size"] = json!(0)),
         "group size",
     );
+}
+
+/// A manifest edited and signed anew passes every digest; `verify` holds it
+/// to the header it restores (`extract`, `run` and `bench` go by the
+/// manifest's names and shapes).
+#[test]
+fn a_manifest_that_disagrees_with_the_stored_header_is_refused() {
+    let renamed = manifest_edit(|m| m["tensors"][0]["name"] = json!("x\n  fake line"));
+    let e = verify_err(&renamed);
+    assert!(
+        e.contains("the manifest's tensor 0 is \"x\\n  fake line\"")
+            && e.contains("the file's header says \"model.embed_tokens.weight\""),
+        "{e}"
+    );
+    // A stored tensor given another shape of as many elements.
+    let reshaped = manifest_edit(|m| {
+        let ts = m["tensors"].as_array_mut().expect("tensors");
+        let t = ts
+            .iter_mut()
+            .find(|t| {
+                t["storage"]["kind"] == "raw" && t["shape"].as_array().is_some_and(|s| s.len() == 1)
+            })
+            .expect("a stored 1-D tensor");
+        let n = t["shape"][0].as_u64().expect("n");
+        assert!(n % 2 == 0, "{n}");
+        t["shape"] = json!([2, n / 2]);
+    });
+    rejects(&reshaped, "the file's header says");
+    // unpack makes the same check, before writing anything.
+    let d = tmp();
+    let p = write(d.path(), "c.tpde", &renamed);
+    let dest = d.path().join("out");
+    let e = tpde_pack::unpack(&p, &dest, &NoProgress).expect_err("unpack refuses it");
+    assert!(e.to_string().contains("the file's header says"), "{e}");
+    assert_eq!(entries(d.path()), ["c.tpde"]);
 }
 
 #[test]

@@ -91,18 +91,18 @@ struct ExpertRole {
 }
 
 /// A tensor as a source file describes it.
-struct SourceTensor<'a> {
-    name: &'a str,
+pub(crate) struct SourceTensor<'a> {
+    pub(crate) name: &'a str,
     /// Container dtype name (safetensors name, or ggml type name).
-    dtype: &'static str,
+    pub(crate) dtype: &'static str,
     /// Row-major: slowest dimension first.
-    shape: Vec<u64>,
-    src_offset: u64,
-    byte_len: u64,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) src_offset: u64,
+    pub(crate) byte_len: u64,
 }
 
 /// The tensors of a source file, in file order.
-fn source_tensors(kind: &SourceKind) -> Vec<SourceTensor<'_>> {
+pub(crate) fn source_tensors(kind: &SourceKind) -> Vec<SourceTensor<'_>> {
     match kind {
         SourceKind::Safetensors { header, .. } => header
             .tensors

@@ -317,6 +317,9 @@ pub fn verify_with(
     let c = Container::open(path)?;
     c.check_padding()?;
     let m = &c.manifest;
+    for fi in 0..m.files.len() {
+        headers_agree(&c, fi)?;
+    }
     let sources: Option<Vec<PathBuf>> = source.map(|s| source_paths(&c, s)).transpose()?;
     progress.begin("verify", m.original_bytes());
     for fi in 0..m.files.len() {
@@ -370,6 +373,86 @@ pub fn verify_with(
     })
 }
 
+/// An integrity error unless the tensors the manifest lists for file `fi`
+/// are the ones its stored header describes, in the same order: names,
+/// dtypes, shapes, lengths and places in the file. `extract`, `run` and
+/// `bench` go by the manifest, `unpack` restores the header: a container
+/// whose two descriptions differ (a manifest edited and signed anew)
+/// passes every digest, but is not what it claims.
+fn headers_agree(c: &Container, fi: usize) -> Result<()> {
+    let f = &c.manifest.files[fi];
+    let (blob, tensors, pad_after): (_, &[u32], &[u64]) = match &f.content {
+        FileContent::Blob { .. } => return Ok(()),
+        FileContent::Safetensors { header, tensors } => (header, tensors, &[]),
+        FileContent::Gguf {
+            header,
+            tensors,
+            pad_after,
+            ..
+        } => (header, tensors, pad_after),
+    };
+    let bad = |what: String| Error::integrity(&c.path, format!("file {:?}: {what}", f.path));
+    let mut bytes = Vec::new();
+    for (i, chunk) in blob.chunks.iter().enumerate() {
+        bytes.extend(c.read_blob_chunk(chunk, || format!("file {:?} header chunk {i}", f.path))?);
+    }
+    let kind = match &f.content {
+        FileContent::Gguf { .. } => tpde_ingest::gguf::read_header(&bytes[..], f.len)
+            .map(|(header, raw_header)| crate::source::SourceKind::Gguf { header, raw_header })
+            .map_err(|e| bad(format!("its stored header does not parse: {e}")))?,
+        _ => tpde_ingest::safetensors::read_header(&bytes[..], f.len)
+            .map(
+                |(header, raw_header)| crate::source::SourceKind::Safetensors {
+                    header,
+                    raw_header,
+                },
+            )
+            .map_err(|e| bad(format!("its stored header does not parse: {e}")))?,
+    };
+    let listed = crate::pack::source_tensors(&kind);
+    if listed.len() != tensors.len() {
+        return Err(bad(format!(
+            "its header lists {} tensors, the manifest {}",
+            listed.len(),
+            tensors.len()
+        )));
+    }
+    // Where restoring puts each tensor: after the header, one after the
+    // other, with the padding the manifest keeps after each.
+    let mut at = bytes.len() as u64;
+    for (k, (s, &ti)) in listed.iter().zip(tensors).enumerate() {
+        let Some(t) = c.manifest.tensors.get(ti as usize) else {
+            return Err(bad(format!("tensor index {ti} out of range")));
+        };
+        if (
+            t.name.as_str(),
+            t.dtype.as_str(),
+            &t.shape[..],
+            t.byte_len,
+            at,
+        ) != (s.name, s.dtype, &s.shape[..], s.byte_len, s.src_offset)
+        {
+            return Err(bad(format!(
+                "the manifest's tensor {k} is {:?} {} {:?}, {} bytes at {at}; the file's header \
+                 says {:?} {} {:?}, {} bytes at {}",
+                t.name,
+                t.dtype,
+                t.shape,
+                t.byte_len,
+                s.name,
+                s.dtype,
+                s.shape,
+                s.byte_len,
+                s.src_offset
+            )));
+        }
+        at = at
+            .saturating_add(t.byte_len)
+            .saturating_add(pad_after.get(k).copied().unwrap_or(0));
+    }
+    Ok(())
+}
+
 /// Source path of each container file: `source` itself for a one-file
 /// container packed from a file, else `source/<path>`.
 fn source_paths(c: &Container, source: &Path) -> Result<Vec<PathBuf>> {
@@ -403,6 +486,9 @@ pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<Unpac
     let start = Instant::now();
     let c = Container::open(path)?;
     c.check_padding()?;
+    for fi in 0..c.manifest.files.len() {
+        headers_agree(&c, fi)?;
+    }
     let out = AtomicDir::create(dest)?;
     let mut dirs = Vec::new();
     progress.begin("unpack", c.manifest.original_bytes());
