@@ -413,3 +413,25 @@ fn argument_errors_are_one_line_with_the_usage_and_exit_code_2() {
         assert!(!o.stdout.is_empty(), "{flag}");
     }
 }
+
+#[test]
+fn a_fifo_inside_a_source_folder_is_left_out_with_a_warning() {
+    let d = tmp();
+    let folder = d.path().join("model");
+    std::fs::create_dir(&folder).unwrap();
+    write(&folder, "model.safetensors", &mixed_model(62));
+    mkfifo(&folder.join("pipe"));
+    let out = d.path().join("m.tpde");
+    let o = tpde(&[&"pack", &folder, &"-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.lines().any(|l| l.starts_with("tpde: warning: ")
+            && l.contains("pipe is a FIFO, not a file: left out")),
+        "{err}"
+    );
+    let un = d.path().join("un");
+    let o = tpde(&[&"unpack", &out, &"-o", &un]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(entries(&un), ["model.safetensors"]);
+}

@@ -270,7 +270,10 @@ fn pack_within(
     // Dense hot data is laid out now; an expert's hot data goes at the
     // start of its shard, whose size is known now and whose place is known
     // when the shard opens.
-    let (mut planned, warnings) = plan(&source, opts);
+    let (mut planned, mut warnings) = plan(&source, opts);
+    for (rel, what) in &source.skipped {
+        warnings.push(format!("{rel} is {what}, not a file: left out"));
+    }
     let mut hot_at = FIRST_SECTION_OFFSET;
     let mut shard_hot: std::collections::HashMap<(u32, u32), u64> = Default::default();
     for p in &mut planned {

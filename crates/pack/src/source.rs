@@ -57,6 +57,9 @@ impl SourceKind {
 pub struct Source {
     pub root: PathBuf,
     pub files: Vec<SourceFile>,
+    /// Entries of a folder that are neither files nor folders (FIFOs,
+    /// sockets, devices), left out: their paths and what they are.
+    pub skipped: Vec<(String, &'static str)>,
 }
 
 impl Source {
@@ -65,9 +68,10 @@ impl Source {
     pub fn open(path: &Path) -> Result<Source> {
         let meta = std::fs::metadata(path).map_err(Error::io(path, "cannot read"))?;
         let mut files = Vec::new();
+        let mut skipped = Vec::new();
         if meta.is_dir() {
             let mut rels = Vec::new();
-            walk(path, path, &mut rels)?;
+            walk(path, path, &mut rels, &mut skipped)?;
             rels.sort();
             for (rel, p) in rels {
                 files.push(open_file(&p, rel)?);
@@ -113,6 +117,7 @@ impl Source {
         Ok(Source {
             root: path.to_path_buf(),
             files,
+            skipped,
         })
     }
 
@@ -139,7 +144,12 @@ impl Source {
     }
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+    skipped: &mut Vec<(String, &'static str)>,
+) -> Result<()> {
     let rd = std::fs::read_dir(dir).map_err(Error::io(dir, "cannot list folder"))?;
     for entry in rd {
         let entry = entry.map_err(Error::io(dir, "cannot list folder"))?;
@@ -150,7 +160,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
             if entry.file_name() == ".git" {
                 continue;
             }
-            walk(root, &p, out)?;
+            walk(root, &p, out, skipped)?;
         } else if meta.is_file() {
             let rel = p
                 .strip_prefix(root)
@@ -166,6 +176,18 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
                     format!("more than {MAX_FOLDER_FILES} files"),
                 ));
             }
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            let what = if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy();
+            skipped.push((rel.into_owned(), what));
         }
     }
     Ok(())
