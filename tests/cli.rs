@@ -87,13 +87,16 @@ fn unpack_refuses_a_symbolic_link_as_destination_before_any_work() {
     let (d, _src, out) = packed(&mixed_model(6), &[]);
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    for (link, target) in [("dangling", d.path().join("nowhere")), ("to-empty", empty)] {
-        let link = d.path().join(link);
+    for (name, target) in [("dangling", d.path().join("nowhere")), ("to-empty", empty)] {
+        let link = d.path().join(name);
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let before = entries(d.path());
-        let o = tpde(&[&"unpack", &out, &"-o", &link]);
-        assert_clean_error(&o, 2, link.to_str().unwrap(), "symbolic link");
-        assert_eq!(entries(d.path()), before, "nothing new next to it");
-        assert_eq!(std::fs::read_link(&link).unwrap(), target);
+        // Named as it is, and with a trailing slash (which would follow it).
+        for dest in [link.clone(), d.path().join(format!("{name}/"))] {
+            let o = tpde(&[&"unpack", &out, &"-o", &dest]);
+            assert_clean_error(&o, 2, name, "symbolic link");
+            assert_eq!(entries(d.path()), before, "nothing new next to it");
+            assert_eq!(std::fs::read_link(&link).unwrap(), target);
+        }
     }
 }

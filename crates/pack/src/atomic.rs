@@ -158,8 +158,10 @@ pub struct AtomicDir {
 impl AtomicDir {
     pub fn create(dest: &Path) -> Result<AtomicDir> {
         // Refused before any work: the rename at the end would fail on it
-        // (a link to a folder is not replaced by one).
-        if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+        // (a link to a folder is not replaced by one). Without its
+        // trailing separators, so that `link/` is not followed.
+        let own = dest.components().as_path();
+        if std::fs::symlink_metadata(own).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(Error::Destination {
                 path: dest.to_path_buf(),
                 msg: "destination is a symbolic link (name the folder itself)".into(),

@@ -203,15 +203,16 @@ fn gguf_info(
     header: &tpde_format::Blob,
     f: &tpde_format::SourceFile,
 ) -> Result<GgufInfo> {
-    let mut bytes = Vec::new();
-    for (i, chunk) in header.chunks.iter().enumerate() {
-        bytes.extend(c.read_blob_chunk(chunk, || format!("file {:?} header chunk {i}", f.path))?);
+    // Chunk by chunk, as far as the parser reads.
+    let mut reader = crate::restore::BlobReader::new(c, header, &f.path);
+    let parsed = tpde_ingest::gguf::read_header(&mut reader, f.len);
+    if let Some(e) = reader.failed.take() {
+        return Err(e);
     }
-    let (h, _) =
-        tpde_ingest::gguf::read_header(&bytes[..], f.len).map_err(|source| crate::Error::Gguf {
-            path: c.path.join(&f.path),
-            source,
-        })?;
+    let (h, _) = parsed.map_err(|source| crate::Error::Gguf {
+        path: c.path.join(&f.path),
+        source,
+    })?;
     let mut metadata = serde_json::Map::new();
     for kv in &h.kv {
         metadata.insert(kv.key.clone(), value_json(&kv.value));

@@ -374,11 +374,14 @@ pub fn verify_with(
 }
 
 /// An integrity error unless the tensors the manifest lists for file `fi`
-/// are the ones its stored header describes, in the same order: names,
-/// dtypes, shapes, lengths and places in the file. `extract`, `run` and
-/// `bench` go by the manifest, `unpack` restores the header: a container
-/// whose two descriptions differ (a manifest edited and signed anew)
-/// passes every digest, but is not what it claims.
+/// are the ones its stored header describes: the same names, and for each
+/// the same dtype, shape, length and place in the rebuilt file (the places
+/// follow from the manifest's order, as restoring lays the file out; tensors
+/// are matched by name, and a zero-length one has no place to check, so
+/// that zero-length tensors sharing an offset may come in either order). `extract`, `run` and `bench` go by the manifest,
+/// `unpack` restores the header: a container whose two descriptions differ
+/// (a manifest edited and signed anew) passes every digest, but is not what
+/// it claims.
 fn headers_agree(c: &Container, fi: usize) -> Result<()> {
     let f = &c.manifest.files[fi];
     let (blob, tensors, pad_after): (_, &[u32], &[u64]) = match &f.content {
@@ -392,23 +395,25 @@ fn headers_agree(c: &Container, fi: usize) -> Result<()> {
         } => (header, tensors, pad_after),
     };
     let bad = |what: String| Error::integrity(&c.path, format!("file {:?}: {what}", f.path));
-    let mut bytes = Vec::new();
-    for (i, chunk) in blob.chunks.iter().enumerate() {
-        bytes.extend(c.read_blob_chunk(chunk, || format!("file {:?} header chunk {i}", f.path))?);
-    }
+    // The parsers read only the header's own bytes, chunk by chunk.
+    let mut reader = BlobReader::new(c, blob, &f.path);
     let kind = match &f.content {
-        FileContent::Gguf { .. } => tpde_ingest::gguf::read_header(&bytes[..], f.len)
+        FileContent::Gguf { .. } => tpde_ingest::gguf::read_header(&mut reader, f.len)
             .map(|(header, raw_header)| crate::source::SourceKind::Gguf { header, raw_header })
-            .map_err(|e| bad(format!("its stored header does not parse: {e}")))?,
-        _ => tpde_ingest::safetensors::read_header(&bytes[..], f.len)
+            .map_err(|e| e.to_string()),
+        _ => tpde_ingest::safetensors::read_header(&mut reader, f.len)
             .map(
                 |(header, raw_header)| crate::source::SourceKind::Safetensors {
                     header,
                     raw_header,
                 },
             )
-            .map_err(|e| bad(format!("its stored header does not parse: {e}")))?,
+            .map_err(|e| e.to_string()),
     };
+    if let Some(e) = reader.failed.take() {
+        return Err(e);
+    }
+    let kind = kind.map_err(|e| bad(format!("its stored header does not parse: {e}")))?;
     let listed = crate::pack::source_tensors(&kind);
     if listed.len() != tensors.len() {
         return Err(bad(format!(
@@ -417,33 +422,35 @@ fn headers_agree(c: &Container, fi: usize) -> Result<()> {
             tensors.len()
         )));
     }
+    let by_name: std::collections::HashMap<&str, &crate::pack::SourceTensor> =
+        listed.iter().map(|s| (s.name, s)).collect();
     // Where restoring puts each tensor: after the header, one after the
-    // other, with the padding the manifest keeps after each.
-    let mut at = bytes.len() as u64;
-    for (k, (s, &ti)) in listed.iter().zip(tensors).enumerate() {
+    // other in the manifest's order, with the padding kept after each.
+    let mut at: u64 = blob
+        .chunks
+        .iter()
+        .map(|ch| ch.raw_len)
+        .fold(0, u64::saturating_add);
+    for (k, &ti) in tensors.iter().enumerate() {
         let Some(t) = c.manifest.tensors.get(ti as usize) else {
             return Err(bad(format!("tensor index {ti} out of range")));
         };
-        if (
-            t.name.as_str(),
-            t.dtype.as_str(),
-            &t.shape[..],
-            t.byte_len,
-            at,
-        ) != (s.name, s.dtype, &s.shape[..], s.byte_len, s.src_offset)
+        let Some(s) = by_name.get(t.name.as_str()) else {
+            return Err(bad(format!(
+                "the manifest lists tensor {:?}, which its header does not",
+                t.name
+            )));
+        };
+        // A tensor of no bytes has no place of its own: the header may put
+        // it at either end of a neighbour.
+        let place = |x: u64| if s.byte_len == 0 { 0 } else { x };
+        if (t.dtype.as_str(), &t.shape[..], t.byte_len, place(at))
+            != (s.dtype, &s.shape[..], s.byte_len, place(s.src_offset))
         {
             return Err(bad(format!(
-                "the manifest's tensor {k} is {:?} {} {:?}, {} bytes at {at}; the file's header \
-                 says {:?} {} {:?}, {} bytes at {}",
-                t.name,
-                t.dtype,
-                t.shape,
-                t.byte_len,
-                s.name,
-                s.dtype,
-                s.shape,
-                s.byte_len,
-                s.src_offset
+                "tensor {:?}: the manifest says {} {:?}, {} bytes at {at}; the file's header \
+                 says {} {:?}, {} bytes at {}",
+                t.name, t.dtype, t.shape, t.byte_len, s.dtype, s.shape, s.byte_len, s.src_offset
             )));
         }
         at = at
@@ -451,6 +458,61 @@ fn headers_agree(c: &Container, fi: usize) -> Result<()> {
             .saturating_add(pad_after.get(k).copied().unwrap_or(0));
     }
     Ok(())
+}
+
+/// The content of a blob as a reader: each chunk checked and decompressed
+/// when the reading gets to it (a parser reads only what it needs). A
+/// failed chunk ends the reading, its error kept in `failed`.
+pub(crate) struct BlobReader<'a> {
+    c: &'a Container,
+    chunks: &'a [tpde_format::BlobChunk],
+    next: usize,
+    buf: Vec<u8>,
+    at: usize,
+    /// The file the blob belongs to, for errors.
+    who: &'a str,
+    pub(crate) failed: Option<Error>,
+}
+
+impl<'a> BlobReader<'a> {
+    pub(crate) fn new(c: &'a Container, blob: &'a tpde_format::Blob, who: &'a str) -> Self {
+        BlobReader {
+            c,
+            chunks: &blob.chunks,
+            next: 0,
+            buf: Vec::new(),
+            at: 0,
+            who,
+            failed: None,
+        }
+    }
+}
+
+impl std::io::Read for BlobReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            let Some(chunk) = self.chunks.get(self.next) else {
+                return Ok(0);
+            };
+            let i = self.next;
+            self.next += 1;
+            match self
+                .c
+                .read_blob_chunk(chunk, || format!("file {:?} header chunk {i}", self.who))
+            {
+                Ok(b) => (self.buf, self.at) = (b, 0),
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// Source path of each container file: `source` itself for a one-file
@@ -486,10 +548,10 @@ pub fn unpack(path: &Path, dest: &Path, progress: &dyn Progress) -> Result<Unpac
     let start = Instant::now();
     let c = Container::open(path)?;
     c.check_padding()?;
+    let out = AtomicDir::create(dest)?;
     for fi in 0..c.manifest.files.len() {
         headers_agree(&c, fi)?;
     }
-    let out = AtomicDir::create(dest)?;
     let mut dirs = Vec::new();
     progress.begin("unpack", c.manifest.original_bytes());
     for (fi, f) in c.manifest.files.iter().enumerate() {
