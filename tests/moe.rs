@@ -337,40 +337,33 @@ fn the_cli_writes_a_safetensors_file_and_refuses_what_is_not_there() {
             "model.layers.0.mlp.experts.1.up_proj.weight"
         ]
     );
-    let o = tpde(&[
-        &"extract",
-        &out,
-        &"--layer",
-        &"7",
-        &"--expert",
-        &"0",
-        &"-o",
-        &d.path().join("x.safetensors"),
-    ]);
-    assert_clean_error(&o, 2, "moe.tpde", "no experts in layer 7");
-    let o = tpde(&[
-        &"extract",
-        &out,
-        &"--layer",
-        &"0",
-        &"--expert",
-        &"9",
-        &"-o",
-        &d.path().join("x.safetensors"),
-    ]);
-    assert_clean_error(&o, 2, "moe.tpde", "has 4 experts (0 to 3), no expert 9");
+    let x = d.path().join("x.safetensors");
+    let extract = |layer: &str, expert: &str| {
+        tpde(&[
+            &"extract",
+            &out,
+            &"--layer",
+            &layer,
+            &"--expert",
+            &expert,
+            &"-o",
+            &x,
+        ])
+    };
+    assert_clean_error(&extract("7", "0"), 2, "moe.tpde", "no experts in layer 7");
+    assert_clean_error(
+        &extract("0", "9"),
+        2,
+        "moe.tpde",
+        "has 4 experts (0 to 3), no expert 9",
+    );
     // The largest number there is: named as given, no overflow.
-    let o = tpde(&[
-        &"extract",
-        &out,
-        &"--layer",
-        &"0",
-        &"--expert",
-        &"4294967295",
-        &"-o",
-        &d.path().join("x.safetensors"),
-    ]);
-    assert_clean_error(&o, 2, "moe.tpde", "no expert 4294967295");
+    assert_clean_error(
+        &extract("0", "4294967295"),
+        2,
+        "moe.tpde",
+        "no expert 4294967295",
+    );
     let (_d2, _s, dense) = packed(&mixed_model(1), &[]);
     let o = tpde(&[
         &"extract",
