@@ -115,7 +115,9 @@ impl Default for Stream {
         Stream {
             stack: Vec::new(),
             chunks: 0,
-            pending: Vec::with_capacity(CHUNK_LEN),
+            // Grown when bytes come: a pack holds one stream per tensor
+            // at once (1 KiB each up front was 51 MB for 50,000 tensors).
+            pending: Vec::new(),
             at: 0,
         }
     }
