@@ -83,7 +83,11 @@ fn main() {
         eprintln!("usage: read_rounds FILE [ROUNDS] [MIB]");
         std::process::exit(2);
     };
-    let rounds: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(11);
+    let rounds: usize = args
+        .get(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(11)
+        .max(1);
     let mib: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(12);
     let (file, len) = common::open_direct(path, mib.max(4));
     if len < 2 * MIB {
